@@ -1,0 +1,42 @@
+"""Shared fixtures. Tests marked ``sglang`` need a patched SGLang release.
+
+``python scripts/overlay.py matrix`` runs this suite once per supported release,
+inside that release's venv, with ``SGLANG_OVERLAY_RELEASE`` set. Outside the
+matrix those tests are skipped with a message saying how to run them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+RELEASE = os.environ.get("SGLANG_OVERLAY_RELEASE")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if RELEASE:
+        import sglang
+
+        if sglang.__version__ != RELEASE:
+            raise pytest.UsageError(
+                f"SGLANG_OVERLAY_RELEASE={RELEASE} but `import sglang` is {sglang.__version__} "
+                f"from {Path(sglang.__file__).parent}: run the tests with that release's venv python"
+            )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if RELEASE:
+        return
+    skip = pytest.mark.skip(reason="needs a patched SGLang release: run `python scripts/overlay.py matrix`")
+    for item in items:
+        if "sglang" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_opt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.support.runtime import make_tiny_opt
+
+    return make_tiny_opt(tmp_path_factory.mktemp("tiny_opt"))
