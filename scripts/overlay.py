@@ -746,16 +746,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("dest", type=Path)
     p = sub.add_parser("demo", help="build the venv of X and run the demo (native OPT vs HuggingFace)")
     p.add_argument("version", nargs="?")
-    p.add_argument("--venvs", type=Path, default=REPO / ".venvs")
+    p.add_argument("--venvs", type=Path, help="where the per-release venvs live (default: CACHE/venvs)")
     p = sub.add_parser("matrix", help="for each release: fetch, apply, byte-compile, run the CPU tests")
     p.add_argument("versions", nargs="*")
-    p.add_argument("--venvs", type=Path, default=REPO / ".venvs", help="where the per-release venvs live")
+    p.add_argument("--venvs", type=Path, help="where the per-release venvs live (default: CACHE/venvs)")
     p.add_argument("--pytest-args", default="-q", help="arguments for pytest (one string)")
     args = parser.parse_args(argv)
 
     try:
         overlay = Overlay.load(args.overlay_root)
         cache = Cache()
+        venvs = (getattr(args, "venvs", None) or cache.root / "venvs").resolve()
         if args.verb == "releases":
             for version in overlay.versions():
                 r = overlay.releases[version]
@@ -787,10 +788,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(make_venv(args.version, args.dest.resolve(), overlay, cache))
         elif args.verb == "demo":
             version = args.version or overlay.default
-            python = make_venv(version, args.venvs.resolve() / version, overlay, cache)
+            python = make_venv(version, venvs / version, overlay, cache)
             return subprocess.call([str(python), str(overlay.root / "scripts" / "demo.py")])
         elif args.verb == "matrix":
-            return matrix(args.versions or overlay.versions(), overlay, cache, args.venvs.resolve(),
+            return matrix(args.versions or overlay.versions(), overlay, cache, venvs,
                           args.pytest_args.split())
     except OverlayError as exc:
         print(f"error: {exc}", file=sys.stderr)
