@@ -463,9 +463,9 @@ def status(target_path: Path, overlay: Overlay, cache: Cache) -> tuple[str, str]
     states = {p.state for p in plans if p.patched != p.upstream}
     if MODIFIED in states:
         state = "modified"
-    elif states == {PATCHED}:
+    elif states <= {PATCHED}:
         state = "applied"
-    elif states == {PRISTINE} or not states:
+    elif states == {PRISTINE}:
         state = "not applied"
     else:
         state = "partly applied"
