@@ -373,9 +373,12 @@ def patched_files(overlay: Overlay, release: Release, upstream_tree: Path) -> di
     return result
 
 
-def plan_for(target: Target, overlay: Overlay, cache: Cache) -> tuple[Release, list[FilePlan]]:
+def plan_for(target: Target, overlay: Overlay, cache: Cache,
+             upstream: Optional[Path] = None) -> tuple[Release, list[FilePlan]]:
+    """What the overlay does to ``target``; ``upstream`` (a tree holding python/sglang)
+    defaults to the cached release."""
     release = overlay.release(target.version())
-    tree = cache.release_tree(release.version)
+    tree = upstream or cache.release_tree(release.version)
     plans = [
         FilePlan(rel, upstream, patched, read_bytes(target.file(rel)))
         for rel, (upstream, patched) in sorted(patched_files(overlay, release, tree).items())
@@ -418,9 +421,10 @@ def _drop_bytecode(path: Path) -> None:
 # --------------------------------------------------------------------------- verbs
 
 
-def apply(target_path: Path, overlay: Overlay, cache: Cache, check_only: bool = False) -> str:
+def apply(target_path: Path, overlay: Overlay, cache: Cache, check_only: bool = False,
+          upstream: Optional[Path] = None) -> str:
     target = Target.resolve(target_path)
-    release, plans = plan_for(target, overlay, cache)
+    release, plans = plan_for(target, overlay, cache, upstream)
     modified = [p.rel for p in plans if p.state == MODIFIED]
     if modified:
         raise OverlayError(
