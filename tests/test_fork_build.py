@@ -21,7 +21,7 @@ def test_pip_wheel_builds_the_patched_release(tmp_path: Path) -> None:
     release = os.environ["SGLANG_OVERLAY_RELEASE"]
     upstream_wheel = tool.Cache().wheel(release)
     env = {**os.environ, "SGLANG_OVERLAY_BUILD_RELEASE": release, "SGLANG_OVERLAY_UPSTREAM": str(upstream_wheel)}
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(REPO)],
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"), str(REPO)],
                    env=env, check=True)
     (wheel,) = (tmp_path / "dist").glob("sglang-*.whl")
     assert wheel.name.startswith(f"sglang-{release}+overlay.")
@@ -43,7 +43,7 @@ def test_pip_wheel_builds_the_patched_release(tmp_path: Path) -> None:
 
 def test_an_unsupported_release_is_refused(tmp_path: Path) -> None:
     env = {**os.environ, "SGLANG_OVERLAY_BUILD_RELEASE": "0.0.1"}
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(tmp_path), str(REPO)],
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(REPO)],
                           env=env, capture_output=True, text=True)
     assert proc.returncode != 0
     assert "0.0.1 is not a supported release" in proc.stdout + proc.stderr
