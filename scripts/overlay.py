@@ -13,6 +13,7 @@ Verbs (``python scripts/overlay.py VERB --help`` for each):
   venv X DIR          a CPU virtual environment with release X, patched
   demo [X]            set up the venv and run the demo (native OPT vs HuggingFace)
   matrix [X ...]      fetch, apply, byte-compile and test each release
+  export-pr UPSTREAM  an upstream PR branch from tag vX (git-filter-repo)
 
 Everything the tool knows about releases comes from patches/releases.toml.
 """
@@ -751,6 +752,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = sub.add_parser("demo", help="build the venv of X and run the demo (native OPT vs HuggingFace)")
     p.add_argument("version", nargs="?")
     p.add_argument("--venvs", type=Path, help="where the per-release venvs live (default: CACHE/venvs)")
+    import export_pr
+
+    p = sub.add_parser("export-pr", help="an upstream PR branch in UPSTREAM from tag vX (nothing is pushed)")
+    export_pr.add_arguments(p)
     p = sub.add_parser("matrix", help="for each release: fetch, apply, byte-compile, run the CPU tests")
     p.add_argument("versions", nargs="*")
     p.add_argument("--venvs", type=Path, help="where the per-release venvs live (default: CACHE/venvs)")
@@ -794,6 +799,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             version = args.version or overlay.default
             python = make_venv(version, venvs / version, overlay, cache)
             return subprocess.call([str(python), str(overlay.root / "scripts" / "demo.py")])
+        elif args.verb == "export-pr":
+            print(export_pr.export_pr_from_args(args, overlay, cache))
         elif args.verb == "matrix":
             return matrix(args.versions or overlay.versions(), overlay, cache, venvs,
                           args.pytest_args.split())
@@ -804,4 +811,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    # export_pr imports this module as "overlay": let it find this one, not a second copy.
+    sys.modules.setdefault("overlay", sys.modules[__name__])
     sys.exit(main())
