@@ -525,7 +525,8 @@ def export_patches(checkout_dir: Path, overlay: Overlay, out_dir: Optional[Path]
         raise OverlayError(f"{checkout_dir} has uncommitted changes: commit them (one commit per patch) and refresh again")
     base = f"v{release.version}"
     overlay_files = set(overlay.overlay_files())
-    for rel in sorted(overlay_files):
+    changed = set(git("diff", "--name-only", base, "HEAD", cwd=checkout_dir).split())
+    for rel in sorted(overlay_files & changed):
         if read_bytes(checkout_dir / rel) not in (None, (overlay.root / rel).read_bytes()):
             raise OverlayError(
                 f"{rel} in {checkout_dir} differs from the overlay's copy in {overlay.root}: overlay files are "

@@ -38,14 +38,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_tiny_opt(path: Path, seed: int = 0, safe_serialization: bool = True, **overrides: Any) -> Path:
+def make_tiny_opt(path: Path, seed: int = 0, **overrides: Any) -> Path:
     """Save a random OPTForCausalLM (HF ``save_pretrained``) and return its directory."""
     from transformers import OPTConfig, OPTForCausalLM
 
     torch.manual_seed(seed)
     config = OPTConfig(**{**TINY_OPT, **overrides})
     model = OPTForCausalLM(config).to(torch.float32)
-    model.save_pretrained(path, safe_serialization=safe_serialization)
+    model.save_pretrained(path)
     return Path(path)
 
 
