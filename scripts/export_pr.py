@@ -61,6 +61,14 @@ class Change:
 # no change covers is an error: add it here.
 CHANGES: tuple[Change, ...] = (
     Change(
+        "distributed-teardown",
+        "distributed: destroy the self-PP group in destroy_model_parallel()",
+        "destroy_model_parallel() left the self-PP group (and its process group, store and port)\n"
+        "alive, so the distributed setup could not be destroyed and rebuilt in one process.",
+        files=(),
+        keywords=("self-pp",),
+    ),
+    Change(
         "distributed-reuse",
         "distributed: opt-in reuse of an existing torch.distributed / model-parallel setup",
         "With SGLANG_ALLOW_REUSE_DISTRIBUTED=1, a ModelRunner created in a process that already has\n"
@@ -75,9 +83,9 @@ CHANGES: tuple[Change, ...] = (
     ),
     Change(
         "expert-location",
-        "eplb: reset the global expert-location metadata when a ModelRunner is rebuilt",
-        "A second ModelRunner in the same process must not inherit the expert-location metadata of\n"
-        "the first one.",
+        "eplb: allow replacing expert-location metadata when reusing distributed",
+        "With SGLANG_ALLOW_REUSE_DISTRIBUTED set, a second ModelRunner in the same process sets its own\n"
+        "expert-location metadata instead of tripping the once-per-process assertion.",
         files=("python/sglang/srt/eplb/",),
         hooks=("python/sglang/srt/eplb/",),
         keywords=("expert", "eplb"),
@@ -91,6 +99,14 @@ CHANGES: tuple[Change, ...] = (
         files=("python/sglang/srt/models/",),
         hooks=("python/sglang/srt/models/", "python/sglang/srt/configs/"),
         keywords=("opt",),
+    ),
+    Change(
+        "standalone",
+        "srt: an in-process runner API (build, score, destroy) without a server",
+        "sglang.srt.standalone builds a ModelRunner for a model path with defaults that work on CPU\n"
+        "and GPU, scores batches (logits at every position, per-token log-probs, mean NLL) from empty\n"
+        "KV pools, and tears it down; distributed='reuse' builds further runners in the same process.",
+        files=("python/sglang/srt/standalone.py",),
     ),
     Change(
         "tests",
@@ -113,7 +129,9 @@ UPSTREAM_REPO = "sgl-project/sglang"
 PR_TITLE_PARTS = {
     "distributed-reuse": "opt-in reuse of an existing distributed setup",
     "expert-location": "expert-location reset",
+    "distributed-teardown": "self-PP group teardown",
     "opt-model": "native OPT fixes",
+    "standalone": "in-process runner API",
 }
 
 

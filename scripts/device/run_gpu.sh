@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The one command run on the GPU device (the `run` tool), from the repository root, carrying
+# .stage/device (built here by `python3 scripts/device/stage.py`):
+#
+#   bash scripts/device/run_gpu.sh [all|tests|bench|smoke] [extra pytest / bench args...]
+#
+# Unpacks the staged site (patched sglang 0.5.17, transformers 5.12.1, ...) into /tmp/site once per
+# machine, then runs the GPU tests (tests/gpu) and/or the benchmark (benchmarks/bench_opt.py).
+# Logs and results go under $OUT (what the device tool brings back; /tmp/gpu-out elsewhere).
+# Knobs: OPT_GPU_SHAPES (tests), BENCH_SHAPES, BENCH_ARGS, TESTS_TIMEOUT, BENCH_TIMEOUT (seconds).
+set -o pipefail
+cd "$(dirname "$0")/../.." || exit 1
+REPO=$PWD
+MODE=${1:-all}; shift || true
+OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
+SITE=/tmp/site
+STAGE=$REPO/.stage/device
+
+stamp=$(cat "$STAGE"/MANIFEST.json 2>/dev/null | sha256sum | cut -c1-16)
+if [ "$(cat $SITE/.stage-stamp 2>/dev/null)" != "$stamp" ]; then
+  [ -f "$STAGE/core.tar.xz" ] || { echo "no $STAGE/core.tar.xz: run scripts/device/stage.py here and carry .stage/device"; exit 2; }
+  rm -rf "$SITE"; mkdir -p "$SITE"
+  t0=$(date +%s)
+  for a in "$STAGE"/*.tar.xz; do tar -xJf "$a" -C "$SITE" & done; wait
+  echo "$stamp" > $SITE/.stage-stamp
+  echo "unpacked $(du -sh $SITE | cut -f1) into $SITE in $(( $(date +%s) - t0 ))s"
+fi
+export PYTHONPATH=$SITE:$REPO PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# NVLink multicast stays off (the device's rule), also for subprocesses.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+
+{
+  date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 - <<'EOF'
+import torch, transformers, sglang, sglang.overlay as ov
+print("python", __import__("sys").version.split()[0], "torch", torch.__version__, "transformers", transformers.__version__,
+      "sglang", sglang.__version__, sglang.__file__)
+print("overlay module present:", ov.__file__)
+EOF
+} 2>&1 | tee "$OUT/env.txt"
+
+rc=0
+if [ "$MODE" = smoke ]; then
+  OPT_GPU_SHAPES=opt-125m OPT_GPU_REPORT=$OUT/parity.jsonl timeout 400 \
+    python3 -m pytest tests/gpu -v -s -rA -p no:cacheprovider -k "125m and float16 or reuse" "$@" 2>&1 | tee "$OUT/pytest.log" || rc=$?
+  timeout 300 python3 benchmarks/bench_opt.py --shapes opt-125m --iters 3 --decode-steps 16 --profile \
+    2>&1 | tee "$OUT/bench.log" || rc=$?
+fi
+if [ "$MODE" = all ] || [ "$MODE" = tests ]; then
+  OPT_GPU_REPORT=$OUT/parity.jsonl timeout "${TESTS_TIMEOUT:-560}" \
+    python3 -m pytest tests/gpu -v -s -rA -p no:cacheprovider "$@" 2>&1 | tee "$OUT/pytest.log" || rc=$?
+  python3 - "$OUT/parity.jsonl" <<'EOF' 2>&1 | tee "$OUT/parity.md"
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])] if __import__("os").path.exists(sys.argv[1]) else []
+print("| shape | dtype | tokens | rel vs HF | argmax vs HF | rel SGL vs fp32 | rel HF vs fp32 | argmax SGL vs fp32 | argmax HF vs fp32 |")
+print("|---|---|---|---|---|---|---|---|---|")
+for r in rows:
+    print(f"| {r['shape']} | {r['dtype']} | {r['tokens']} | {r['rel_vs_hf']:.2e} | {100*r['argmax_vs_hf']:.2f}% | "
+          f"{r['rel_sgl_vs_fp32']:.2e} | {r['rel_hf_vs_fp32']:.2e} | {100*r['argmax_sgl_vs_fp32']:.2f}% | {100*r['argmax_hf_vs_fp32']:.2f}% |")
+EOF
+fi
+if [ "$MODE" = all ] || [ "$MODE" = bench ]; then
+  timeout "${BENCH_TIMEOUT:-560}" python3 benchmarks/bench_opt.py --shapes "${BENCH_SHAPES:-opt-125m,opt-350m,opt-1.3b}" \
+    --json "$OUT/bench.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" || rc=$?
+fi
+echo "run_gpu.sh $MODE: exit $rc"
+exit $rc
