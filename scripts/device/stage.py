@@ -110,6 +110,7 @@ STRIP = [
     "cuda_tile",
     "cuda-tile",
     "nccl4py",
+    "xgrammar/lib",  # libxgrammar.a (65 MB static library; the bindings .so is what loads)
 ]
 PLATFORMS = [
     "manylinux_2_39_x86_64", "manylinux_2_35_x86_64", "manylinux_2_34_x86_64", "manylinux_2_31_x86_64",
