@@ -110,18 +110,22 @@ CHANGES: tuple[Change, ...] = (
     ),
     Change(
         "tests",
-        "test: CPU tests for distributed reuse and the native OPT model",
-        "CPU-only pytest tests (tiny random OPT checkpoints, no downloads): several ModelRunners in one\n"
-        "process with reused distributed state, the mismatch errors, and native OPT against\n"
-        "HuggingFace. Run with `python -m pytest {dest}`.",
+        "test: tests for distributed reuse, the native OPT model and the in-process runner",
+        "CPU pytest tests (tiny random OPT checkpoints, no downloads): several ModelRunners in one\n"
+        "process with reused distributed state, the mismatch errors, native OPT against HuggingFace\n"
+        "at every position, the in-process runner API. GPU tests (gpu/, skipped without CUDA):\n"
+        "parity at real OPT shapes in fp16/bf16 and three runners under NCCL. Run with\n"
+        "`python -m pytest {dest}`.",
         files=("test/",),
     ),
 )
 
 # Files of the overlay that are about the overlay itself (its marker module, the tests of the
-# tool and of the fork build), not SGLang: never exported. Path prefixes.
+# tool, of the fork build and of scripts/mezo.py, which stays outside the package), not SGLang:
+# never exported. Path prefixes.
 NOT_FOR_UPSTREAM = ("python/sglang/overlay.py", "tests/test_overlay_tool.py", "tests/test_export_pr.py",
-                    "tests/export_fixtures/", "tests/test_fork_build.py")
+                    "tests/export_fixtures/", "tests/test_fork_build.py",
+                    "tests/test_mezo.py", "tests/support/mezo_reference.py")
 # How the overlay's `tests/` imports its helpers, and what that becomes upstream.
 TEST_SUPPORT = ("tests/support/", "tests.support", "overlay_support")
 UPSTREAM_REPO = "sgl-project/sglang"

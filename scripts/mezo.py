@@ -1,0 +1,417 @@
+"""MeZO: zeroth-order SGD (Malladi et al. 2023) on SGLang's in-process runner.
+
+Algorithm. Each step takes a fresh step seed s and a batch, and uses forward
+passes only::
+
+    θ += ε·z(s);  L+ = loss(θ)          # z(s) ~ N(0, 1), one tensor per parameter
+    θ -= 2ε·z(s); L- = loss(θ)
+    θ += ε·z(s)                          # back to θ (up to rounding)
+    g = (L+ - L-) / (2ε)                 # the projected gradient
+    θ -= lr·(g·z(s) + wd·θ)              # wd only on weights: not biases, not layer norms
+
+z is never stored: each of the four passes regenerates it from s, one
+parameter at a time, so training needs the memory of inference plus the
+largest single parameter. ``loss`` is the runner's mean NLL over all target
+tokens of the batch (fp32).
+
+Determinism. Step k (0-based) of a trainer with ``MeZOConfig.seed`` S uses
+``derive_seed(S, "step", k)`` (63 bits of SHA-256). z is drawn from one
+``torch.Generator`` on the model's device seeded with it, parameter by
+parameter in HuggingFace ``OPTForCausalLM.named_parameters()`` order (a tied
+``lm_head`` is not repeated), each with the HF tensor's shape. The same seed
+gives the same z on the same device type (CPU and CUDA generators differ).
+:func:`hf_parameter_views` maps every HF parameter onto a view of the SGLang
+parameter that holds it: q/k/v are row thirds of the fused ``qkv_proj``;
+``embed_tokens`` and an untied ``lm_head`` are their first ``vocab_size`` rows
+(SGLang pads the vocabulary to a multiple of 64; padding rows are never read).
+Any SGLang parameter (or rows of one) left unmapped, and any shape mismatch,
+raises ``ValueError``. Tensor-parallel and pipeline-parallel size 1 only.
+
+LoRA (the paper's PEFT setting). With ``lora_rank`` r, each target projection
+(``q_proj`` and ``v_proj``) of every layer gets A (r × in, uniform in
+±1/sqrt(in), like peft's kaiming-uniform, drawn from ``derive_seed(S,
+"lora-init")`` on CPU, layer by layer, targets in config order) and B (out × r,
+zeros). Only A and B are perturbed and updated, in the order layer → target →
+A, B (names ``...self_attn.q_proj.lora_A.weight`` etc.); the base weights are
+never written. A forward hook on each layer's fused ``qkv_proj`` adds
+``(alpha/r)·(x Aᵀ) Bᵀ`` to the target's column slice of its output, which is
+peft's unmerged LoRA, and needs no copy of the base weights.
+``save_pretrained`` writes ``W0 + (alpha/r)·B A`` (merged).
+
+KV cache. Every scoring call of ``StandaloneRunner`` clears the request and
+KV pools before its prefill, and the runner is built with
+``disable_radix_cache=True``: the K/V of each perturbation pass are computed
+from the weights as they are at that pass. Reusing K/V across the passes would
+be wrong anyway, since every layer's K/V depends on the perturbed weights.
+
+Command line (a JSON Lines file of ``{"prompt": ..., "target": ...}``, each a
+list of token ids, or a string tokenized with the model directory's
+tokenizer)::
+
+    python scripts/mezo.py --model DIR --data train.jsonl --steps 1000 \\
+        --lr 1e-6 --eps 1e-3 --seed 0 --out DIR [--lora-rank 8 --lora-alpha 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Optional, Sequence
+
+import torch
+
+if TYPE_CHECKING:
+    from sglang.srt.standalone import StandaloneRunner
+
+LORA_TARGETS = ("q_proj", "v_proj")
+_QKV = ("q_proj", "k_proj", "v_proj")
+_VOCAB_PARAMS = ("model.decoder.embed_tokens.weight", "lm_head.weight")
+
+
+@dataclass(frozen=True)
+class MeZOConfig:
+    """Hyperparameters; ``validate`` says what is wrong. ``lora_rank`` None trains every weight."""
+
+    lr: float = 1e-6
+    eps: float = 1e-3
+    seed: int = 0
+    weight_decay: float = 0.0
+    lora_rank: Optional[int] = None
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+
+    def validate(self) -> None:
+        for name in ("lr", "eps", "lora_alpha"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if not (isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay)
+                and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+        if self.lora_rank is not None and (not isinstance(self.lora_rank, int) or self.lora_rank < 1):
+            raise ValueError(f"lora_rank must be an int >= 1, or None to train every weight; got {self.lora_rank!r}")
+        targets = tuple(self.lora_targets)
+        if not targets or len(set(targets)) != len(targets) or not set(targets) <= set(_QKV):
+            raise ValueError(f"lora_targets must be distinct names among {_QKV}, got {self.lora_targets!r}")
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One MeZO step: its index, z seed, both losses, g and the loss at θ, (L+ + L-) / 2."""
+
+    step: int
+    seed: int
+    loss_plus: float
+    loss_minus: float
+    projected_grad: float
+    loss: float
+
+
+class Batch(NamedTuple):
+    """Token ids: one prompt and one target per example; the loss is over the targets."""
+
+    prompts: list[list[int]]
+    targets: list[list[int]]
+
+
+def derive_seed(seed: int, *labels: object) -> int:
+    """A 63-bit seed from ``seed`` and labels: SHA-256 of ``"mezo:<seed>:<label>:..."``, first 8 bytes, >> 1."""
+    text = ":".join(str(part) for part in ("mezo", seed, *labels))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+
+
+def hf_parameter_shapes(hf_config: Any) -> list[tuple[str, torch.Size]]:
+    """HF ``OPTForCausalLM.named_parameters()`` names and shapes, in order (built on the meta device)."""
+    from transformers import OPTForCausalLM
+
+    with torch.device("meta"):
+        model = OPTForCausalLM(hf_config)
+    return [(name, param.shape) for name, param in model.named_parameters()]
+
+
+def _sglang_location(hf_name: str, shape: torch.Size) -> tuple[str, int, tuple[int, ...]]:
+    """The SGLang parameter holding HF parameter ``hf_name``, the row where it starts, and the shape
+    that parameter must have (the vocabulary parameters: before SGLang's padding)."""
+    for index, proj in enumerate(_QKV):
+        if f".self_attn.{proj}." in hf_name:
+            return hf_name.replace(f".{proj}.", ".qkv_proj."), index * shape[0], (3 * shape[0], *shape[1:])
+    return hf_name, 0, tuple(shape)
+
+
+def hf_parameter_views(model: torch.nn.Module, hf_config: Any) -> dict[str, torch.Tensor]:
+    """Every HF OPTForCausalLM parameter, in HF order, as a view of the SGLang ``model``'s parameter.
+
+    Raises ValueError naming an HF parameter SGLang lacks, a shape mismatch, or an
+    SGLang parameter whose rows no HF parameter covers (vocabulary padding aside).
+    """
+    params = dict(model.named_parameters())
+    covered = dict.fromkeys(params, 0)
+    views: dict[str, torch.Tensor] = {}
+    for hf_name, shape in hf_parameter_shapes(hf_config):
+        name, start, want = _sglang_location(hf_name, shape)
+        if name not in params:
+            raise ValueError(f"HF parameter {hf_name!r} has no SGLang parameter {name!r}: is this an OPT model?")
+        param = params[name]
+        have = (min(param.shape[0], want[0]), *param.shape[1:]) if name in _VOCAB_PARAMS else tuple(param.shape)
+        if have != want:
+            raise ValueError(
+                f"HF parameter {hf_name!r} {tuple(shape)} does not fit SGLang parameter {name!r} "
+                f"{tuple(param.shape)}: the checkpoint's config.json and the runner's model disagree"
+            )
+        views[hf_name] = param.data.narrow(0, start, shape[0])
+        covered[name] += shape[0]
+    for name, rows in covered.items():
+        want = hf_config.vocab_size if name in _VOCAB_PARAMS else params[name].shape[0]
+        if rows != want:
+            raise ValueError(
+                f"SGLang parameter {name!r} {tuple(params[name].shape)}: HF parameters cover {rows} of its "
+                f"{want} rows; MeZO would leave it untrained. Map it in scripts/mezo.py:hf_parameter_views"
+            )
+    return views
+
+
+def _decays(name: str) -> bool:
+    """MeZO's rule: weight decay applies to every parameter but biases and layer norms."""
+    return "bias" not in name and "layer_norm" not in name
+
+
+class _Progress:
+    """A tqdm bar with the loss, or a plain line per step where tqdm is missing."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.enabled, self.bar = total, enabled, None
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                return
+            self.bar = tqdm(total=total, desc="MeZO", unit="step")
+
+    def update(self, result: StepResult) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{result.loss:.4f}", refresh=False)
+            self.bar.update()
+        elif self.enabled:
+            print(f"MeZO step {result.step + 1}/{self.total} loss {result.loss:.4f}", file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class MeZO:
+    """MeZO on a :class:`StandaloneRunner`'s model, in place (see the module docstring)."""
+
+    def __init__(self, runner: StandaloneRunner, config: MeZOConfig) -> None:
+        from transformers import AutoConfig
+
+        config.validate()
+        sizes = {"tensor": runner.server_args.tp_size, "pipeline": runner.server_args.pp_size}
+        for kind, size in sizes.items():
+            if size != 1:
+                raise ValueError(f"MeZO runs on {kind}-parallel size 1 only, the runner has {size}: build it with size 1")
+        self.runner, self.config, self.steps_done = runner, config, 0
+        self.hf_config = AutoConfig.from_pretrained(runner.config.model_path)
+        if self.hf_config.model_type != "opt":
+            raise ValueError(f"MeZO here supports OPT checkpoints only, {runner.config.model_path} is "
+                             f"{self.hf_config.model_type!r}")
+        self.weights = hf_parameter_views(runner.model, self.hf_config)
+        self.device = next(iter(self.weights.values())).device
+        self.lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if config.lora_rank is None:
+            self.trainables = dict(self.weights)
+        else:
+            self.trainables = self._add_lora(config.lora_rank)
+
+    def _add_lora(self, rank: int) -> dict[str, torch.Tensor]:
+        """LoRA A/B for every target of every layer, and the qkv_proj hooks that apply them."""
+        if getattr(self.runner.model, "_mezo_lora", False):
+            raise ValueError("this runner's model already carries another MeZO trainer's LoRA hooks: "
+                             "build a new StandaloneRunner for each LoRA trainer")
+        self.runner.model._mezo_lora = True
+        generator = torch.Generator().manual_seed(derive_seed(self.config.seed, "lora-init"))
+        scale = self.config.lora_alpha / rank
+        trainables: dict[str, torch.Tensor] = {}
+        for layer in range(self.hf_config.num_hidden_layers):
+            adapters = []
+            for target in self.config.lora_targets:
+                prefix = f"model.decoder.layers.{layer}.self_attn.{target}"
+                out_features, in_features = self.weights[f"{prefix}.weight"].shape
+                bound = 1 / math.sqrt(in_features)
+                a = (torch.rand((rank, in_features), generator=generator) * 2 - 1) * bound
+                a = a.to(self.device, self.weights[f"{prefix}.weight"].dtype)
+                b = torch.zeros((out_features, rank), device=self.device, dtype=a.dtype)
+                self.lora[prefix] = (a, b)
+                trainables[f"{prefix}.lora_A.weight"], trainables[f"{prefix}.lora_B.weight"] = a, b
+                columns = slice(_QKV.index(target) * out_features, (_QKV.index(target) + 1) * out_features)
+                adapters.append((columns, a, b))
+            qkv = self.runner.model.get_submodule(f"model.decoder.layers.{layer}.self_attn.qkv_proj")
+            qkv.register_forward_hook(_lora_hook(adapters, scale))
+        return trainables
+
+    def _noise(self, seed: int) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        """(name, tensor, z) for every trainable tensor, z regenerated from ``seed``."""
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        for name, tensor in self.trainables.items():
+            yield name, tensor, torch.randn(tensor.shape, generator=generator, device=tensor.device, dtype=tensor.dtype)
+
+    def perturb(self, seed: int, scale: float) -> None:
+        """θ += scale·eps·z(seed), in place."""
+        for _, tensor, z in self._noise(seed):
+            tensor.add_(z, alpha=scale * self.config.eps)
+
+    def _update(self, seed: int, projected_grad: float) -> None:
+        lr, weight_decay = self.config.lr, self.config.weight_decay
+        for name, tensor, z in self._noise(seed):
+            if weight_decay and _decays(name):
+                tensor.sub_(lr * (projected_grad * z + weight_decay * tensor))
+            else:
+                tensor.add_(z, alpha=-lr * projected_grad)
+
+    def step(self, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) -> StepResult:
+        """One MeZO step on a batch; the weights are updated in place."""
+        step, eps = self.steps_done, self.config.eps
+        seed = derive_seed(self.config.seed, "step", step)
+        self.perturb(seed, 1.0)
+        loss_plus = self.runner.loss(prompts, targets).item()
+        self.perturb(seed, -2.0)
+        loss_minus = self.runner.loss(prompts, targets).item()
+        self.perturb(seed, 1.0)
+        if not (math.isfinite(loss_plus) and math.isfinite(loss_minus)):
+            raise FloatingPointError(f"step {step}: loss is not finite (L+={loss_plus}, L-={loss_minus}); "
+                                     "the weights are restored and not updated: lower lr or eps")
+        projected_grad = (loss_plus - loss_minus) / (2 * eps)
+        self._update(seed, projected_grad)
+        self.steps_done += 1
+        return StepResult(step, seed, loss_plus, loss_minus, projected_grad, (loss_plus + loss_minus) / 2)
+
+    def train(self, batches: Sequence[Batch], steps: int, progress: bool = True) -> list[StepResult]:
+        """``steps`` steps, step k on ``batches[k % len(batches)]``; a progress bar shows the loss."""
+        if steps < 0 or not batches:
+            raise ValueError(f"train needs steps >= 0 and at least one batch; got steps={steps}, "
+                             f"{len(batches)} batches")
+        bar = _Progress(steps, progress)
+        results = []
+        try:
+            for k in range(steps):
+                prompts, targets = batches[k % len(batches)]
+                results.append(self.step(prompts, targets))
+                bar.update(results[-1])
+        finally:
+            bar.close()
+        return results
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """HF OPTForCausalLM weights (CPU copies), LoRA merged: W0 + (alpha/r)·B A."""
+        state = {name: view.detach().to("cpu", copy=True) for name, view in self.weights.items()}
+        if self.config.lora_rank is not None:
+            scale = self.config.lora_alpha / self.config.lora_rank
+            for prefix, (a, b) in self.lora.items():
+                state[f"{prefix}.weight"] = (self.weights[f"{prefix}.weight"] + scale * (b @ a)).cpu()
+        return state
+
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        """An HF checkpoint (config.json, model.safetensors) that ``OPTForCausalLM.from_pretrained`` loads."""
+        from transformers import OPTForCausalLM
+
+        state = self.hf_state_dict()
+        with torch.device("meta"):
+            model = OPTForCausalLM(self.hf_config)
+        if self.hf_config.tie_word_embeddings:
+            state["lm_head.weight"] = state["model.decoder.embed_tokens.weight"]
+        model.load_state_dict(state, strict=True, assign=True)
+        model.tie_weights()
+        model.save_pretrained(out_dir)
+        return Path(out_dir)
+
+
+def _lora_hook(adapters: list[tuple[slice, torch.Tensor, torch.Tensor]], scale: float) -> Callable[..., None]:
+    """A forward hook on a fused qkv_proj: adds scale·(x Aᵀ) Bᵀ to each target's columns of its output."""
+
+    def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...], output: tuple[torch.Tensor, Any]) -> None:
+        x, out = args[0], output[0]
+        for columns, a, b in adapters:
+            out[..., columns].add_((x @ a.T) @ b.T, alpha=scale)
+
+    return hook
+
+
+def load_batches(path: Path, batch_size: int, model_dir: str) -> list[Batch]:
+    """Batches of ``batch_size`` from a JSON Lines file of {"prompt": ..., "target": ...}."""
+    tokenizer = None
+    examples: list[tuple[list[int], list[int]]] = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        if not isinstance(record, dict) or "prompt" not in record or "target" not in record:
+            raise ValueError(f"{path}:{number}: each line must be an object with 'prompt' and 'target'")
+        if isinstance(record["prompt"], str) or isinstance(record["target"], str):
+            if tokenizer is None:
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            prompt = tokenizer(record["prompt"])["input_ids"]
+            target = tokenizer(record["target"], add_special_tokens=False)["input_ids"]
+        else:
+            prompt, target = record["prompt"], record["target"]
+        if not prompt or not target or not all(isinstance(t, int) for t in [*prompt, *target]):
+            raise ValueError(f"{path}:{number}: prompt and target must be non-empty token id lists or strings")
+        examples.append((prompt, target))
+    if not examples:
+        raise ValueError(f"{path} has no examples")
+    return [Batch([p for p, _ in chunk], [t for _, t in chunk])
+            for chunk in (examples[i : i + batch_size] for i in range(0, len(examples), batch_size))]
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="MeZO (zeroth-order SGD) on SGLang's in-process OPT runner.")
+    parser.add_argument("--model", required=True, help="HF OPT model directory")
+    parser.add_argument("--data", required=True, type=Path, help='JSON Lines of {"prompt": ..., "target": ...}')
+    parser.add_argument("--steps", required=True, type=int)
+    parser.add_argument("--out", required=True, type=Path, help="where the trained HF checkpoint goes")
+    parser.add_argument("--lr", type=float, default=MeZOConfig.lr)
+    parser.add_argument("--eps", type=float, default=MeZOConfig.eps)
+    parser.add_argument("--seed", type=int, default=MeZOConfig.seed)
+    parser.add_argument("--weight-decay", type=float, default=MeZOConfig.weight_decay)
+    parser.add_argument("--lora-rank", type=int, default=None, help="train LoRA on q_proj/v_proj with this rank")
+    parser.add_argument("--lora-alpha", type=float, default=MeZOConfig.lora_alpha)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--dtype", default=None, choices=("auto", "float32", "float16", "bfloat16"))
+    parser.add_argument("--no-progress", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from sglang.srt.standalone import RunnerConfig, StandaloneRunner
+
+    args = parse_args(argv)
+    config = MeZOConfig(lr=args.lr, eps=args.eps, seed=args.seed, weight_decay=args.weight_decay,
+                        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha)
+    try:
+        config.validate()
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        batches = load_batches(args.data, args.batch_size, args.model)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    with StandaloneRunner(RunnerConfig(model_path=args.model, device=args.device, dtype=args.dtype)) as runner:
+        trainer = MeZO(runner, config)
+        results = trainer.train(batches, args.steps, progress=not args.no_progress)
+        out = trainer.save_pretrained(args.out)
+    (out / "mezo_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    (out / "mezo_log.jsonl").write_text("".join(json.dumps(asdict(r)) + "\n" for r in results))
+    print(f"saved {out} after {len(results)} steps; last loss {results[-1].loss:.4f}" if results else f"saved {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
