@@ -12,7 +12,7 @@ Verbs (``python scripts/overlay.py VERB --help`` for each):
   check [X ...]       fail when patches/ is stale or does not apply
   venv X DIR          a CPU virtual environment with release X, patched
   demo [X]            set up the venv and run the demo (native OPT vs HuggingFace)
-  matrix [X ...]      fetch, apply, byte-compile and test each release
+  matrix [X ...]      fetch, apply, byte-compile and test each release (--newest: PyPI's newest)
   export-pr UPSTREAM  an upstream PR branch from tag vX (git-filter-repo)
 
 Everything the tool knows about releases comes from patches/releases.toml.
@@ -666,6 +666,158 @@ def revert_to_upstream(package_dir: Path, version: str, cache: Cache) -> None:
 
 # --------------------------------------------------------------------------- matrix
 
+# What `matrix` does per release:
+# - full (the default release): the whole CPU suite, against the fork wheel that
+#   setup.py builds (`pip wheel --no-deps`, installed with `--no-deps --target`);
+# - release (every other release that runs on CPU): the tests whose outcome
+#   depends on the sglang release (RELEASE_TESTS), against its patched tree;
+#   the tool's own tests and the fork build do not, and run once, under full;
+# - compile: apply + byte-compile only (releases that do not run on CPU).
+FULL, RELEASE, COMPILE = "full", "release", "compile"
+RELEASE_TESTS = ["tests/test_opt.py", "tests/test_reuse_distributed.py", "tests/test_standalone.py",
+                 "tests/test_mezo.py"]
+PYPI_JSON = "https://pypi.org/pypi/sglang/json"
+
+
+def test_level(release: Release, overlay: Overlay) -> str:
+    """full on the default release, release on the other CPU releases, compile elsewhere."""
+    if not release.cpu:
+        return COMPILE
+    return FULL if release.version == overlay.default else RELEASE
+
+
+def runtime_deps(overlay: Overlay) -> dict:
+    """What every CPU test environment shares, whatever the release."""
+    runtime = overlay.runtime
+    return {
+        "torch": runtime["torch"],
+        "torchvision": runtime["torchvision"],
+        "packages": list(runtime["packages"]),
+        "shim": sha256((overlay.root / "scripts" / "venv_support" / "sglang_overlay_torchvision.py").read_bytes()),
+    }
+
+
+def _digest(value: object) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def dependency_groups(versions: Iterable[str], overlay: Overlay) -> dict[str, list[str]]:
+    """The releases that run tests, grouped by the environment they share (one per transformers pin).
+
+    sglang itself is never installed in these environments: each release's
+    patched tree goes first on PYTHONPATH, so releases whose pins agree share one.
+    """
+    groups: dict[str, list[str]] = {}
+    for version in versions:
+        release = overlay.release(version)
+        if test_level(release, overlay) != COMPILE:
+            groups.setdefault(release.transformers, []).append(version)
+    return groups
+
+
+def _ready(directory: Path, deps: dict) -> bool:
+    marker = directory / VENV_MARKER
+    try:
+        return json.loads(marker.read_text()).get("deps") == deps and venv_python(directory).exists()
+    except (OSError, ValueError):
+        return False
+
+
+def make_base_env(overlay: Overlay, envs: Path) -> Path:
+    """The venv every test environment builds on: CPU torch, torchvision, the runtime packages, the shim."""
+    deps = runtime_deps(overlay)
+    directory = envs / f"base-{_digest(deps)}"
+    python = venv_python(directory)
+    if _ready(directory, deps):
+        return python
+    if directory.exists():
+        shutil.rmtree(directory)
+    started = time.monotonic()
+    log(f"creating the shared base venv {directory} (CPU torch {deps['torch']})")
+    run([sys.executable, "-m", "venv", str(directory)], capture=False)
+    constraints = directory / "constraints.txt"
+    constraints.write_text(f"torch=={deps['torch']}\n")
+    pip = [str(python), "-m", "pip", "install", "--progress-bar", "off", "-c", str(constraints)]
+    run(pip + [f"torch=={deps['torch']}"], capture=False)
+    run(pip + [*deps["packages"], "setuptools", "wheel"], capture=False)
+    run(pip + ["--no-deps", f"torchvision=={deps['torchvision']}"], capture=False)
+    sp = site_packages(python)
+    shutil.copyfile(overlay.root / "scripts" / "venv_support" / "sglang_overlay_torchvision.py",
+                    sp / "sglang_overlay_torchvision.py")
+    (sp / "sglang_overlay_torchvision.pth").write_text(
+        "import sglang_overlay_torchvision; sglang_overlay_torchvision.install()\n")
+    (directory / VENV_MARKER).write_text(json.dumps({"deps": deps}, indent=1))
+    log(f"base venv built in {time.monotonic() - started:.0f} s")
+    return python
+
+
+def make_deps_env(transformers: str, overlay: Overlay, envs: Path) -> Path:
+    """A venv layered on the base venv (a .pth adds its site-packages) with ``transformers`` on top.
+
+    Its own site-packages comes first on sys.path, so the transformers pin and
+    what it needs (tokenizers, huggingface_hub, ...) shadow the base's copies;
+    torch and the rest come from the base, installed once.
+    """
+    base_python = make_base_env(overlay, envs)
+    deps = {**runtime_deps(overlay), "transformers": transformers, "base": str(base_python)}
+    directory = envs / f"transformers-{transformers}-{_digest(deps)}"
+    python = venv_python(directory)
+    if _ready(directory, deps):
+        return python
+    if directory.exists():
+        shutil.rmtree(directory)
+    started = time.monotonic()
+    log(f"creating {directory}: transformers {transformers} on the shared base venv")
+    run([sys.executable, "-m", "venv", str(directory)], capture=False)
+    (site_packages(python) / "sglang_overlay_base.pth").write_text(
+        f"import site; site.addsitedir({str(site_packages(base_python))!r})\n")
+    constraints = directory / "constraints.txt"
+    constraints.write_text(f"torch=={deps['torch']}\ntransformers=={transformers}\n")
+    run([str(python), "-m", "pip", "install", "--progress-bar", "off", "-c", str(constraints),
+         f"transformers=={transformers}"], capture=False)
+    (directory / VENV_MARKER).write_text(json.dumps({"deps": deps}, indent=1))
+    log(f"transformers {transformers} venv built in {time.monotonic() - started:.0f} s")
+    return python
+
+
+def patched_tree(version: str, dest: Path, overlay: Overlay, cache: Cache) -> Path:
+    """``dest/python/sglang``: release ``version`` with the overlay applied, importable from ``dest/python``.
+
+    Files are hard links into the release cache where possible; apply replaces
+    the files it writes (never writes through a link). A minimal dist-info says
+    which sglang this is, for code that reads its own metadata.
+    """
+    tree = cache.release_tree(version)
+    try:
+        shutil.copytree(tree / "python", dest / "python", ignore=shutil.ignore_patterns(".git"), copy_function=os.link)
+    except OSError:
+        shutil.rmtree(dest / "python", ignore_errors=True)
+        shutil.copytree(tree / "python", dest / "python", ignore=shutil.ignore_patterns(".git"))
+    apply(dest, overlay, cache)
+    if status(dest, overlay, cache)[0] != "applied":
+        raise OverlayError("apply did not leave the tree applied")
+    info = dest / "python" / f"sglang-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: sglang\nVersion: {version}\n")
+    (info / "INSTALLER").write_text("sglang-overlay\n")
+    return dest / "python"
+
+
+def fork_site(version: str, dest: Path, python: Path, overlay: Overlay, cache: Cache) -> Path:
+    """The fork as users get it: ``pip wheel --no-deps`` of this repository for ``version``
+    (setup.py, offline from the cached upstream wheel), installed with ``--no-deps --target``."""
+    env = {**os.environ, "SGLANG_OVERLAY_BUILD_RELEASE": version, "SGLANG_OVERLAY_UPSTREAM": str(cache.wheel(version))}
+    log(f"building the fork wheel of sglang {version} (pip wheel --no-deps .)")
+    run([str(python), "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dest / "dist"),
+         str(overlay.root)], env=env, capture=False)
+    (wheel,) = (dest / "dist").glob("sglang-*.whl")
+    run([str(python), "-m", "pip", "install", "--no-deps", "-q", "--target", str(dest / "site"), str(wheel)],
+        capture=False)
+    state, report = status(dest / "site" / "sglang", overlay, cache)
+    if state != "applied":
+        raise OverlayError(f"the fork wheel {wheel.name} does not hold the applied overlay:\n{report}")
+    return dest / "site"
+
 
 def byte_compile(version: str, overlay: Overlay, cache: Cache) -> None:
     release = overlay.release(version)
@@ -677,33 +829,68 @@ def byte_compile(version: str, overlay: Overlay, cache: Cache) -> None:
                 raise OverlayError(f"{rel} does not compile once patched for sglang {version}: {exc}") from None
 
 
-def matrix(versions: Sequence[str], overlay: Overlay, cache: Cache, venvs: Path, pytest_args: Sequence[str]) -> int:
+def newest_release(url: Optional[str] = None) -> str:
+    """The newest sglang release on PyPI (its JSON API; $SGLANG_OVERLAY_PYPI_JSON overrides the URL)."""
+    import urllib.request
+
+    url = url or os.environ.get("SGLANG_OVERLAY_PYPI_JSON") or PYPI_JSON
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return json.load(response)["info"]["version"]
+    except Exception as exc:  # noqa: BLE001 - any failure means: cannot tell
+        raise OverlayError(f"cannot ask PyPI for the newest sglang release ({url}): {exc}") from None
+
+
+def require_newest_supported(overlay: Overlay, newest: str) -> str:
+    if newest not in overlay.releases:
+        raise UnsupportedRelease(
+            f"sglang {newest} is the newest release on PyPI but patches/releases.toml does not list it "
+            f"(newest supported: {overlay.versions()[-1]}). Add it: find the variant whose patches apply "
+            f"(`scripts/overlay.py check {newest}` after listing it under that variant), or make a new variant "
+            f"(`scripts/overlay.py checkout {newest} DIR`, port the hooks, `refresh DIR`), then `check` and "
+            f"`matrix {newest}`, and record cpu/cpu_note in releases.toml and README."
+        )
+    return newest
+
+
+def matrix(versions: Sequence[str], overlay: Overlay, cache: Cache, venvs: Path, pytest_args: Sequence[str],
+           level: Optional[str] = None) -> int:
+    """Per release: fetch, apply, byte-compile, then its tests (see ``test_level``); prints a table."""
     rows = []
+    releases = [overlay.release(v) for v in versions]
+    versions = sorted(versions, key=lambda v: (overlay.release(v).transformers, version_key(v)))
+    envs: dict[str, Path] = {}
     for version in versions:
-        row = {"release": version, "apply": "-", "compile": "-", "tests": "-", "seconds": 0.0}
+        release = overlay.release(version)
+        lvl = test_level(release, overlay)
+        if level is not None and lvl != COMPILE:
+            lvl = level
+        row = {"release": version, "variant": release.variant, "level": lvl,
+               "apply": "-", "compile": "-", "tests": "-", "seconds": 0.0}
         started = time.monotonic()
         try:
-            release = overlay.release(version)
-            tree = cache.release_tree(version)
             with tempfile.TemporaryDirectory(prefix="sglang-overlay-matrix-") as tmp:
-                work = Path(tmp) / version
-                shutil.copytree(tree / "python", work / "python", ignore=shutil.ignore_patterns(".git"))
-                apply(work, overlay, cache)
-                if status(work, overlay, cache)[0] != "applied":
-                    raise OverlayError("apply did not leave the tree applied")
-            row["apply"] = "ok"
-            byte_compile(version, overlay, cache)
-            row["compile"] = "ok"
-            if not release.cpu:
-                row["tests"] = f"n/a: {release.cpu_note or 'does not import on CPU'}"
-            else:
-                python = make_venv(version, venvs / version, overlay, cache)
-                log(f"== tests against sglang {version}")
-                proc = subprocess.run(
-                    [str(python), "-m", "pytest", *pytest_args],
-                    cwd=overlay.root, env={**os.environ, "SGLANG_OVERLAY_RELEASE": version},
-                )
-                row["tests"] = "ok" if proc.returncode == 0 else f"FAILED (pytest exit {proc.returncode})"
+                path = patched_tree(version, Path(tmp) / version, overlay, cache)
+                row["apply"] = "ok"
+                byte_compile(version, overlay, cache)
+                row["compile"] = "ok"
+                if lvl == COMPILE:
+                    row["tests"] = f"n/a: {release.cpu_note or 'does not import on CPU'}"
+                else:
+                    if release.transformers not in envs:
+                        envs[release.transformers] = make_deps_env(release.transformers, overlay, venvs)
+                    python = envs[release.transformers]
+                    selection = RELEASE_TESTS if lvl == RELEASE else []
+                    if lvl == FULL:
+                        path = fork_site(version, Path(tmp) / "fork", python, overlay, cache)
+                    log(f"== {lvl} tests against sglang {version} from {path}")
+                    # The base venv's console scripts (git-filter-repo for export-pr) come after the layer's.
+                    bins = [str(python.parent), str(make_base_env(overlay, venvs).parent), os.environ.get("PATH", "")]
+                    env = {**os.environ, "SGLANG_OVERLAY_RELEASE": version, "PATH": os.pathsep.join(bins),
+                           "PYTHONPATH": os.pathsep.join([str(path), *filter(None, [os.environ.get("PYTHONPATH")])])}
+                    proc = subprocess.run([str(python), "-m", "pytest", *pytest_args, *selection],
+                                          cwd=overlay.root, env=env)
+                    row["tests"] = "ok" if proc.returncode == 0 else f"FAILED (pytest exit {proc.returncode})"
         except OverlayError as exc:
             log(f"sglang {version}: {exc}")
             for key in ("apply", "compile", "tests"):
@@ -712,13 +899,19 @@ def matrix(versions: Sequence[str], overlay: Overlay, cache: Cache, venvs: Path,
                     break
         row["seconds"] = time.monotonic() - started
         rows.append(row)
+    order = {r.version: i for i, r in enumerate(releases)}
+    rows.sort(key=lambda r: order[r["release"]])
     print(format_table(rows))
+    total = sum(r["seconds"] for r in rows)
+    print(f"{len(rows)} release(s) in {total / 60:.1f} min "
+          f"({sum(r['level'] == FULL for r in rows)} full, {sum(r['level'] == RELEASE for r in rows)} release, "
+          f"{sum(r['level'] == COMPILE for r in rows)} apply+compile only)")
     return 0 if all(r[k] == "ok" or r[k].startswith("n/a") for r in rows for k in ("apply", "compile", "tests")) else 1
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ["release", "apply", "compile", "tests", "seconds"]
-    cells = [[str(r[h]) if h != "seconds" else f"{r[h]:.0f}" for h in header] for r in rows]
+    header = ["release", "variant", "level", "apply", "compile", "tests", "seconds"]
+    cells = [[str(r.get(h, "")) if h != "seconds" else f"{r[h]:.0f}" for h in header] for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
     fmt = lambda values: "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths)) + " |"  # noqa: E731
     return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *(fmt(c) for c in cells)])
@@ -758,8 +951,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = sub.add_parser("export-pr", help="an upstream PR branch in UPSTREAM from tag vX (nothing is pushed)")
     export_pr.add_arguments(p)
     p = sub.add_parser("matrix", help="for each release: fetch, apply, byte-compile, run the CPU tests")
-    p.add_argument("versions", nargs="*")
-    p.add_argument("--venvs", type=Path, help="where the per-release venvs live (default: CACHE/venvs)")
+    p.add_argument("versions", nargs="*", help="releases (default: every supported release)")
+    p.add_argument("--all", action="store_true", help="every supported release (the default without versions)")
+    p.add_argument("--newest", action="store_true",
+                   help="ask PyPI for the newest sglang release; fail unless it is supported; test it "
+                        "(with versions or --all: check, then test those)")
+    p.add_argument("--level", choices=[FULL, RELEASE],
+                   help="run this test level on every CPU-capable release (default: full on the default "
+                        "release, release elsewhere)")
+    p.add_argument("--venvs", type=Path, help="where the shared test venvs live (default: CACHE/venvs)")
     p.add_argument("--pytest-args", default="-q", help="arguments for pytest (one string)")
     args = parser.parse_args(argv)
 
@@ -770,7 +970,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.verb == "releases":
             for version in overlay.versions():
                 r = overlay.releases[version]
-                cpu = "CPU tests" if r.cpu else f"apply+compile only ({r.cpu_note})"
+                cpu = f"CPU tests: {test_level(r, overlay)}" if r.cpu else f"apply+compile only ({r.cpu_note})"
                 default = " (default)" if version == overlay.default else ""
                 print(f"{version:12} variant {r.variant:16} transformers {r.transformers:8} {cpu}{default}")
         elif args.verb == "fetch":
@@ -803,8 +1003,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif args.verb == "export-pr":
             print(export_pr.export_pr_from_args(args, overlay, cache))
         elif args.verb == "matrix":
-            return matrix(args.versions or overlay.versions(), overlay, cache, venvs,
-                          args.pytest_args.split())
+            versions = list(args.versions)
+            if args.newest:
+                newest = require_newest_supported(overlay, newest_release())
+                log(f"sglang {newest}, the newest release on PyPI, is supported")
+                if not versions and not args.all:
+                    versions = [newest]
+            versions = versions or overlay.versions()
+            for version in versions:
+                overlay.release(version)
+            return matrix(versions, overlay, cache, venvs, args.pytest_args.split(), level=args.level)
     except OverlayError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

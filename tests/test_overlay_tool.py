@@ -8,6 +8,7 @@ release cache (downloaded once from PyPI).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -223,3 +224,84 @@ def test_refresh_refuses_uncommitted_changes(overlay, cache, release, tmp_path) 
 
 def test_the_repository_patches_are_up_to_date(cache, release) -> None:
     assert tool.check([release.version], tool.Overlay.load(REPO), cache) == []
+
+
+# --------------------------------------------------------------------------- the supported set
+
+
+def test_every_release_names_a_variant_with_patches_whose_base_is_its_own() -> None:
+    real = tool.Overlay.load(REPO)
+    for version, r in real.releases.items():
+        assert real.patches(r), f"{version}: patches/{r.variant}/ holds no patch"
+        base = real.variants[r.variant].base
+        assert real.releases[base].variant == r.variant, f"variant {r.variant}'s base {base} is in another variant"
+        assert r.cpu or r.cpu_note, f"{version}: cpu = false needs a cpu_note saying why"
+    # Each variant covers one contiguous run of releases (an API era).
+    versions = real.versions()
+    seen: list[str] = []
+    for version in versions:
+        variant = real.releases[version].variant
+        if not seen or seen[-1] != variant:
+            assert variant not in seen, f"variant {variant} is not contiguous at {version}"
+            seen.append(variant)
+    assert set(seen) == set(real.variants)
+
+
+def fake_overlay(tmp_path: Path, releases: dict[str, dict], variants: dict[str, str], default: str) -> tool.Overlay:
+    lines = [f'default = "{default}"', "[runtime]", 'torch = "2.13.0"', 'torchvision = "0.28.0"', 'packages = ["numpy"]']
+    for name, base in variants.items():
+        lines += [f"[variants.{name}]", f'base = "{base}"']
+    for version, r in releases.items():
+        lines += [f'[releases."{version}"]'] + [f"{k} = {v!r}".replace("True", "true").replace("False", "false")
+                                               for k, v in r.items()]
+    (tmp_path / "patches").mkdir()
+    (tmp_path / "patches" / "releases.toml").write_text("\n".join(lines) + "\n")
+    (tmp_path / "scripts" / "venv_support").mkdir(parents=True)
+    (tmp_path / "scripts" / "venv_support" / "sglang_overlay_torchvision.py").write_text("")
+    return tool.Overlay.load(tmp_path)
+
+
+def test_levels_and_shared_dependency_groups(tmp_path: Path) -> None:
+    overlay = fake_overlay(tmp_path, {
+        "1.0": dict(variant="a", transformers="4.0", cpu=False, cpu_note="imports sgl_kernel"),
+        "1.1": dict(variant="a", transformers="4.0", cpu=True),
+        "1.2": dict(variant="a", transformers="5.0", cpu=True),
+        "2.0": dict(variant="b", transformers="5.0", cpu=True),
+        "2.1": dict(variant="b", transformers="5.0", cpu=True),
+        "2.2": dict(variant="b", transformers="6.0", cpu=True),
+        "3.0": dict(variant="c", transformers="6.0", cpu=True),
+    }, {"a": "1.1", "b": "2.0", "c": "3.0"}, default="2.2")
+    levels = {v: tool.test_level(overlay.releases[v], overlay) for v in overlay.versions()}
+    assert levels == {"1.0": "compile", "1.1": "release", "1.2": "release", "2.0": "release", "2.1": "release",
+                      "2.2": "full", "3.0": "release"}
+    # One environment per transformers pin, shared across variants; compile-only releases need none.
+    assert tool.dependency_groups(overlay.versions(), overlay) == {"4.0": ["1.1"], "5.0": ["1.2", "2.0", "2.1"],
+                                                                  "6.0": ["2.2", "3.0"]}
+
+
+def _pypi_answer(tmp_path: Path, version: str) -> str:
+    answer = tmp_path / "pypi.json"
+    answer.write_text(json.dumps({"info": {"name": "sglang", "version": version}}))
+    return answer.as_uri()
+
+
+def test_newest_unsupported_release_is_refused_naming_it(tmp_path: Path) -> None:
+    env = {**os.environ, "SGLANG_OVERLAY_PYPI_JSON": _pypi_answer(tmp_path, "9.9.9")}
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "overlay.py"), "matrix", "--newest"],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 2
+    assert "sglang 9.9.9 is the newest release on PyPI but patches/releases.toml does not list it" in proc.stderr
+    assert "refresh" in proc.stderr and "matrix 9.9.9" in proc.stderr
+    assert "| release" not in proc.stdout, "nothing may run when the newest release is not supported"
+
+
+def test_newest_supported_release_is_accepted(tmp_path: Path) -> None:
+    real = tool.Overlay.load(REPO)
+    newest = real.versions()[-1]
+    assert tool.newest_release(_pypi_answer(tmp_path, newest)) == newest
+    assert tool.require_newest_supported(real, newest) == newest
+
+
+def test_newest_without_an_answer_from_pypi_fails_clearly(tmp_path: Path) -> None:
+    with pytest.raises(tool.OverlayError, match="cannot ask PyPI for the newest sglang release"):
+        tool.newest_release((tmp_path / "missing.json").as_uri())

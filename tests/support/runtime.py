@@ -43,8 +43,10 @@ def make_tiny_opt(path: Path, seed: int = 0, **overrides: Any) -> Path:
 
 
 def is_runtime_context_era() -> bool:
-    from sglang.srt.distributed import bootstrap
-
+    try:
+        from sglang.srt.distributed import bootstrap
+    except ImportError:  # up to 0.5.15: ModelRunner initializes distributed itself
+        return False
     return hasattr(bootstrap, "init_parallel_runtime")
 
 

@@ -162,7 +162,13 @@ def _distributed_exists() -> bool:
 
 def _build_runtime_context_era(sa, port: int):
     """0.5.21+: publish ServerArgs, the caller initializes the parallel runtime."""
-    from sglang.benchmark.one_batch import _init_process_global_configs
+    try:
+        from sglang.benchmark.one_batch import _init_process_global_configs
+    except ImportError:  # 0.5.21: the benchmark sets no process-global configs before loading
+
+        def _init_process_global_configs() -> None:
+            pass
+
     from sglang.srt.arg_groups.overrides import resolving_view
     from sglang.srt.configs.model_config import ModelConfig
     from sglang.srt.distributed import bootstrap
@@ -185,20 +191,24 @@ def _build_runtime_context_era(sa, port: int):
 
 
 def _build_bootstrap_era(sa, port: int):
-    """0.5.17-0.5.19: the ModelRunner takes a ParallelState and initializes distributed."""
+    """0.5.16-0.5.20: the ModelRunner takes a ParallelState and initializes distributed."""
     from sglang.srt.configs.model_config import ModelConfig
     from sglang.srt.distributed.parallel_state_wrapper import ParallelState
     from sglang.srt.layers.dp_attention import compute_dp_attention_world_info
     from sglang.srt.model_executor.model_runner import ModelRunner
 
+    publish = getattr(_bench_module(), "publish", None)
+    if publish is not None:  # 0.5.19-0.5.20: the process entry publishes ServerArgs first, as the benchmark does
+        publish(sa, role="scheduler")
     attn_tp_rank, attn_tp_size, attn_dp_rank, attn_dp_size = compute_dp_attention_world_info(
         sa.enable_dp_attention, 0, sa.tp_size, sa.dp_size, sa.attn_cp_size
     )
-    ps = ParallelState(
-        tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, dp_rank=None, dp_size=1,
-        attn_tp_rank=attn_tp_rank, attn_tp_size=attn_tp_size, attn_cp_rank=0, attn_cp_size=1,
-        attn_dp_rank=attn_dp_rank, attn_dp_size=attn_dp_size, moe_ep_rank=0, moe_ep_size=1,
-        moe_dp_rank=None, moe_dp_size=1, dcp_size=1, gpu_id=0,
+    # ParallelState's fields differ between these releases (dcp_size, then
+    # attn_dcp_rank/size); trivial() fills every field of a single-rank layout.
+    ps = ParallelState.trivial(
+        dp_rank=None, moe_dp_rank=None,
+        attn_tp_rank=attn_tp_rank, attn_tp_size=attn_tp_size,
+        attn_dp_rank=attn_dp_rank, attn_dp_size=attn_dp_size,
     )
     return ModelRunner(
         model_config=ModelConfig.from_server_args(sa),
@@ -210,22 +220,46 @@ def _build_bootstrap_era(sa, port: int):
     )
 
 
+def _build_model_runner_era(sa, port: int):
+    """Up to 0.5.15: the ModelRunner takes its ranks as arguments and initializes distributed."""
+    import inspect
+
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.model_executor.model_runner import ModelRunner
+
+    kwargs = dict(
+        model_config=ModelConfig.from_server_args(sa),
+        mem_fraction_static=sa.mem_fraction_static,
+        gpu_id=0, tp_rank=0, tp_size=1, moe_ep_rank=0, moe_ep_size=1, pp_rank=0, pp_size=1,
+        nccl_port=port,
+        server_args=sa,
+    )
+    accepted = inspect.signature(ModelRunner.__init__).parameters
+    return ModelRunner(**{k: v for k, v in kwargs.items() if k in accepted})
+
+
 def build_model_runner(server_args):
     """A ready ModelRunner (memory pools, attention backend) for ``server_args``.
 
     The lower-level entry: no validation, no check of what distributed state
     exists; :class:`StandaloneRunner` is the checked one.
     """
-    from sglang.srt.distributed import bootstrap
-
     port = _free_port()
-    if hasattr(bootstrap, "init_parallel_runtime"):
-        runner = _build_runtime_context_era(server_args, port)
+    try:
+        from sglang.srt.distributed import bootstrap
+    except ImportError:  # up to 0.5.15
+        runner = _build_model_runner_era(server_args, port)
     else:
-        runner = _build_bootstrap_era(server_args, port)
-    runner.alloc_memory_pool()
-    runner.init_attention_backends()
-    runner.init_cuda_graphs()
+        if hasattr(bootstrap, "init_parallel_runtime"):
+            runner = _build_runtime_context_era(server_args, port)
+        else:
+            runner = _build_bootstrap_era(server_args, port)
+    # Where ModelRunner has alloc_memory_pool, the caller allocates the pools and
+    # backends; older ModelRunners did it in __init__.
+    if hasattr(runner, "alloc_memory_pool") and getattr(runner, "req_to_token_pool", None) is None:
+        runner.alloc_memory_pool()
+        runner.init_attention_backends()
+        runner.init_cuda_graphs()
     return runner
 
 
@@ -260,10 +294,43 @@ class Forward:
         return list(torch.split(logits, self.lengths))
 
 
+def _bench_module():
+    """SGLang's one-batch benchmark module (sglang/bench_one_batch.py up to 0.5.14)."""
+    try:
+        from sglang.benchmark import one_batch
+    except ImportError:
+        from sglang import bench_one_batch as one_batch
+    return one_batch
+
+
+def _new_req(index: int, ids: Sequence[int], params):
+    """A Req to prefill ``ids`` from position 0, in the release's own way (cf. its one-batch benchmark)."""
+    from sglang.srt.managers.schedule_batch import Req
+
+    n = len(ids)
+    req = Req(rid=str(index), origin_input_text="", origin_input_ids=array("q", ids), sampling_params=params)
+    if hasattr(req, "fill_ids"):  # up to 0.5.12: list token ids, fill_ids
+        req = Req(rid=str(index), origin_input_text="", origin_input_ids=list(ids), sampling_params=params)
+        req.fill_ids = req.origin_input_ids
+    else:
+        req.full_untruncated_fill_ids = req.origin_input_ids
+    req.logprob_start_len = -1
+    if hasattr(req, "set_extend_range"):  # 0.5.15-0.5.20
+        req.set_extend_range(0, n)
+    elif hasattr(req, "set_extend_input_len"):  # 0.5.8-0.5.14
+        if not hasattr(req, "fill_ids"):
+            req.fill_len = n
+        req.set_extend_input_len(n - len(req.prefix_indices))
+    elif hasattr(req, "fill_ids"):  # up to 0.5.7
+        req.extend_input_len = n - len(req.prefix_indices)
+    else:  # 0.5.21+
+        req.extend_end = n
+    return req
+
+
 def prefill(model_runner, seqs: Sequence[Sequence[int]], *, all_positions: bool = False) -> Forward:
     """Prefill ``seqs`` in one EXTEND forward, from empty KV pools (what was there is freed)."""
-    from sglang.benchmark.one_batch import TreeCacheNamespace
-    from sglang.srt.managers.schedule_batch import Req, ScheduleBatch
+    from sglang.srt.managers.schedule_batch import ScheduleBatch
     from sglang.srt.sampling.sampling_params import SamplingParams
     from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 
@@ -272,21 +339,13 @@ def prefill(model_runner, seqs: Sequence[Sequence[int]], *, all_positions: bool 
     model_runner.req_to_token_pool.clear()
     model_runner.token_to_kv_pool_allocator.clear()
     params = SamplingParams(temperature=0, max_new_tokens=1 << 20)
-    reqs = []
-    for i, ids in enumerate(seqs):
-        req = Req(rid=str(i), origin_input_text="", origin_input_ids=array("q", ids), sampling_params=params)
-        req.full_untruncated_fill_ids = req.origin_input_ids
-        req.logprob_start_len = -1
-        if hasattr(req, "set_extend_range"):
-            req.set_extend_range(0, len(ids))
-        else:
-            req.extend_end = len(ids)
-        reqs.append(req)
+    reqs = [_new_req(i, ids, params) for i, ids in enumerate(seqs)]
+    tree_cache_namespace = getattr(_bench_module(), "TreeCacheNamespace", None)  # 0.5.8+
     batch = ScheduleBatch.init_new(
         reqs=reqs,
         req_to_token_pool=model_runner.req_to_token_pool,
         token_to_kv_pool_allocator=model_runner.token_to_kv_pool_allocator,
-        tree_cache=TreeCacheNamespace(
+        tree_cache=None if tree_cache_namespace is None else tree_cache_namespace(
             page_size=_page_size(model_runner),
             device=model_runner.device,
             token_to_kv_pool_allocator=model_runner.token_to_kv_pool_allocator,
@@ -299,16 +358,27 @@ def prefill(model_runner, seqs: Sequence[Sequence[int]], *, all_positions: bool 
     return run_batch(model_runner, batch, all_positions=all_positions, lengths=[len(s) for s in seqs])
 
 
-def run_batch(model_runner, batch, *, all_positions: bool = False, lengths: Optional[list[int]] = None) -> Forward:
-    """Run ``batch`` (prepared for extend or decode) through the model."""
-    from sglang.benchmark.one_batch import _maybe_prepare_mlp_sync_batch
+def _forward_batch(batch, model_runner):
+    import inspect
+
     from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 
-    _maybe_prepare_mlp_sync_batch(batch, model_runner)
+    params = inspect.signature(ForwardBatch.init_new).parameters
+    if "return_hidden_states_before_norm" in params:
+        return ForwardBatch.init_new(batch, model_runner, return_hidden_states_before_norm=False)
+    first = next(iter(params.values()))
+    if "ModelWorkerBatch" in str(first.annotation):  # up to 0.5.13
+        return ForwardBatch.init_new(batch.get_model_worker_batch(), model_runner)
+    return ForwardBatch.init_new(batch, model_runner)
+
+
+def run_batch(model_runner, batch, *, all_positions: bool = False, lengths: Optional[list[int]] = None) -> Forward:
+    """Run ``batch`` (prepared for extend or decode) through the model."""
+    _bench_module()._maybe_prepare_mlp_sync_batch(batch, model_runner)
     if batch.input_ids is None and getattr(batch, "prefill_input_ids_cpu", None) is not None:
         batch.input_ids = batch.prefill_input_ids_cpu.to(batch.device)
         batch.prefill_input_ids_cpu = None
-    forward_batch = ForwardBatch.init_new(batch, model_runner, return_hidden_states_before_norm=False)
+    forward_batch = _forward_batch(batch, model_runner)
     seen: dict[str, Any] = {}
 
     def record(module, args, kwargs):
@@ -322,7 +392,8 @@ def run_batch(model_runner, batch, *, all_positions: bool = False, lengths: Opti
     finally:
         if handle is not None:
             handle.remove()
-    return Forward(batch, out.logits_output, lengths or [1] * len(batch.reqs),
+    logits_output = out[0] if isinstance(out, tuple) else out.logits_output  # a tuple up to 0.5.7
+    return Forward(batch, logits_output, lengths or [1] * len(batch.reqs),
                    seen.get("hidden_states"), seen.get("lm_head"))
 
 

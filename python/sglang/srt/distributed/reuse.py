@@ -29,7 +29,10 @@ from typing import Dict, List, Optional, Set
 import torch
 import torch.distributed
 
-from sglang.srt.utils.common import get_bool_env_var
+try:
+    from sglang.srt.utils.common import get_bool_env_var
+except ImportError:  # releases up to 0.5.2: sglang/srt/utils.py is a module
+    from sglang.srt.utils import get_bool_env_var
 
 logger = logging.getLogger(__name__)
 
@@ -153,8 +156,11 @@ def _restamp_groups() -> None:
     ``clear_stamp``/``reset_context``; write it again. No-op on older releases.
     """
     from sglang.srt.distributed import parallel_state as ps
-    from sglang.srt.runtime_context import get_parallel
 
+    try:
+        from sglang.srt.runtime_context import get_parallel
+    except ImportError:  # releases before 0.5.14 have no runtime context
+        return
     parallel = get_parallel()
     if not hasattr(parallel, "override_permanently"):
         return

@@ -49,7 +49,7 @@ from sglang.srt.model_loader.weight_utils import (
     default_weight_loader,
     kv_cache_scales_loader,
 )
-from sglang.srt.runtime_context import get_parallel
+from sglang.srt.models.opt_compat import get_parallel
 from sglang.srt.utils import add_prefix
 
 # Release compatibility: each API that differs between the supported SGLang
