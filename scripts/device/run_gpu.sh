@@ -2,12 +2,13 @@
 # The one command run on the GPU device (the `run` tool), from the repository root, carrying
 # .stage/device (built here by `python3 scripts/device/stage.py`):
 #
-#   bash scripts/device/run_gpu.sh [all|tests|bench|smoke] [extra pytest / bench args...]
+#   bash scripts/device/run_gpu.sh [all|tests|bench|smoke|mezo] [extra pytest args...]
 #
 # Unpacks the staged site (patched sglang 0.5.17, transformers 5.12.1, ...) into /tmp/site once per
 # machine, then runs the GPU tests (tests/gpu) and/or the benchmark (benchmarks/bench_opt.py).
 # Logs and results go under $OUT (what the device tool brings back; /tmp/gpu-out elsewhere).
-# Knobs: OPT_GPU_SHAPES (tests), BENCH_SHAPES, BENCH_ARGS, TESTS_TIMEOUT, BENCH_TIMEOUT (seconds).
+# Knobs: OPT_GPU_SHAPES (tests), GATE=0 (skip the DensePrefill gate), BENCH_SHAPES, BENCH_ARGS (e.g.
+# --ab --profile), MEZO_ARGS, TESTS_TIMEOUT, BENCH_TIMEOUT, MEZO_TIMEOUT (seconds).
 set -o pipefail
 cd "$(dirname "$0")/../.." || exit 1
 REPO=$PWD
@@ -25,6 +26,10 @@ if [ "$(cat $SITE/.stage-stamp 2>/dev/null)" != "$stamp" ]; then
   echo "$stamp" > $SITE/.stage-stamp
   echo "unpacked $(du -sh $SITE | cut -f1) into $SITE in $(( $(date +%s) - t0 ))s"
 fi
+# The overlay's own files (python/sglang/...: whole new files, no patches) come from this working tree
+# on every run, so a change to opt.py needs no restaging; the archives carry the patched upstream files.
+(cd "$REPO/python" && find sglang -name '*.py' -exec cp {} "$SITE/{}" \; -print) | tr '\n' ' ' \
+  | sed 's/^/overlay files from the working tree: /'; echo
 export PYTHONPATH=$SITE:$REPO PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 # NVLink multicast stays off (the device's rule), also for subprocesses.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -41,27 +46,37 @@ EOF
 
 rc=0
 if [ "$MODE" = smoke ]; then
-  OPT_GPU_SHAPES=opt-125m OPT_GPU_REPORT=$OUT/parity.jsonl timeout 400 \
-    python3 -m pytest tests/gpu -v -s -rA -p no:cacheprovider -k "125m and float16 or reuse" "$@" 2>&1 | tee "$OUT/pytest.log" || rc=$?
-  timeout 300 python3 benchmarks/bench_opt.py --shapes opt-125m --iters 3 --decode-steps 16 --profile \
-    2>&1 | tee "$OUT/bench.log" || rc=$?
+  OPT_GPU_SHAPES=opt-125m OPT_GPU_REPORT=$OUT/parity.jsonl timeout "${TESTS_TIMEOUT:-300}" \
+    python3 -m pytest tests/gpu -q -s -rA -p no:cacheprovider "$@" 2>&1 | tee "$OUT/pytest.log" || rc=$?
+  timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/bench_opt.py --shapes "${BENCH_SHAPES:-opt-125m}" --iters 5 \
+    --decode-steps 16 --json "$OUT/bench.json" ${BENCH_ARGS:---profile} 2>&1 | tee "$OUT/bench.log" || rc=$?
 fi
 if [ "$MODE" = all ] || [ "$MODE" = tests ]; then
-  OPT_GPU_REPORT=$OUT/parity.jsonl timeout "${TESTS_TIMEOUT:-560}" \
-    python3 -m pytest tests/gpu -v -s -rA -p no:cacheprovider "$@" 2>&1 | tee "$OUT/pytest.log" || rc=$?
+  if [ "${GATE:-1}" = 1 ]; then  # opt.py's GPU fast path against the backend's path first: stop early if broken
+    timeout 240 python3 -m pytest tests/gpu -q -s -rA -p no:cacheprovider -k dense_prefill 2>&1 \
+      | tee "$OUT/pytest.log" || { echo "run_gpu.sh: DensePrefill gate failed"; exit 3; }
+  fi
+  OPT_GPU_REPORT=$OUT/parity.jsonl timeout "${TESTS_TIMEOUT:-560}" python3 -m pytest tests/gpu -v -s -rA \
+    -p no:cacheprovider -k "not dense_prefill" "$@" 2>&1 | tee -a "$OUT/pytest.log" || rc=$?
   python3 - "$OUT/parity.jsonl" <<'EOF' 2>&1 | tee "$OUT/parity.md"
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])] if __import__("os").path.exists(sys.argv[1]) else []
-print("| shape | dtype | tokens | rel vs HF | argmax vs HF | rel SGL vs fp32 | rel HF vs fp32 | argmax SGL vs fp32 | argmax HF vs fp32 |")
-print("|---|---|---|---|---|---|---|---|---|")
+print("| shape | dtype | rel vs HF | argmax vs HF (all) | argmax vs HF (clear, % clear) | rel SGL / HF vs fp32 | argmax SGL / HF vs fp32 |")
+print("|---|---|---|---|---|---|---|")
 for r in rows:
-    print(f"| {r['shape']} | {r['dtype']} | {r['tokens']} | {r['rel_vs_hf']:.2e} | {100*r['argmax_vs_hf']:.2f}% | "
-          f"{r['rel_sgl_vs_fp32']:.2e} | {r['rel_hf_vs_fp32']:.2e} | {100*r['argmax_sgl_vs_fp32']:.2f}% | {100*r['argmax_hf_vs_fp32']:.2f}% |")
+    print(f"| {r['shape']} | {r['dtype']} | {r['rel_vs_hf']:.2e} | {100*r['argmax_vs_hf']:.2f}% | "
+          f"{100*r['argmax_vs_hf_clear']:.2f}% ({100*r['clear_positions']:.0f}%) | "
+          f"{r['rel_sgl_vs_fp32']:.2e} / {r['rel_hf_vs_fp32']:.2e} | "
+          f"{100*r['argmax_sgl_vs_fp32']:.2f}% / {100*r['argmax_hf_vs_fp32']:.2f}% |")
 EOF
 fi
 if [ "$MODE" = all ] || [ "$MODE" = bench ]; then
   timeout "${BENCH_TIMEOUT:-560}" python3 benchmarks/bench_opt.py --shapes "${BENCH_SHAPES:-opt-125m,opt-350m,opt-1.3b}" \
     --json "$OUT/bench.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" || rc=$?
+fi
+if [ "$MODE" = mezo ]; then
+  timeout "${MEZO_TIMEOUT:-400}" python3 benchmarks/mezo_gpu.py --json "$OUT/mezo.json" ${MEZO_ARGS:-} 2>&1 \
+    | tee "$OUT/mezo.log" || rc=$?
 fi
 echo "run_gpu.sh $MODE: exit $rc"
 exit $rc

@@ -226,11 +226,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=OUT_DIR, help="where the archives go (default .stage/device)")
     ap.add_argument("--no-overlay", action="store_true", help="pack pristine upstream sglang (for A/B runs)")
+    ap.add_argument("--groups", default="core,deps", help="which archives to (re)build (default: core,deps)")
     args = ap.parse_args()
     cache = wheel_cache()
     cache.mkdir(parents=True, exist_ok=True)
 
-    groups = {"core": list(CORE), "deps": list(DEPS)}
+    groups = {g: s for g, s in {"core": list(CORE), "deps": list(DEPS)}.items() if g in args.groups.split(",")}
     wheels: dict[str, list[Path]] = {}
     for group, specs in groups.items():
         wheels[group] = []
@@ -242,6 +243,10 @@ def main() -> None:
             wheels[group].append(download(cache, spec))
 
     manifest = {"release": RELEASE, "overlay": not args.no_overlay, "archives": {}}
+    old = args.out / "MANIFEST.json"
+    if old.is_file():  # keep the entries of archives not rebuilt now
+        manifest["archives"] = {k: v for k, v in json.loads(old.read_text()).get("archives", {}).items()
+                                if k.split(".")[0] not in groups and (args.out / k).is_file()}
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="stage-") as tmp:
         for group, ws in wheels.items():

@@ -1,7 +1,7 @@
 """Shared pieces of the GPU tests and benchmarks: OPT shapes, random checkpoints, runners.
 
-Nothing here imports sglang at module level; torch is imported lazily too so that CPU
-collection of tests/gpu never depends on it.
+Runners come from the overlay's public in-process API (``sglang.srt.standalone``). Nothing here
+imports torch or sglang at module level, so CPU collection of tests/gpu never depends on them.
 """
 
 from __future__ import annotations
@@ -35,10 +35,8 @@ def checkpoint(name: str, seed: int = 0) -> Path:
     if (path / "config.json").is_file():
         return path
     torch.manual_seed(seed)
-    torch.cuda.manual_seed_all(seed)
-    config = OPTConfig(**COMMON, **SHAPES[name])
     with torch.device("cuda"):
-        model = OPTForCausalLM(config)  # HF init (normal, std=config.init_std) in fp32, then cast
+        model = OPTForCausalLM(OPTConfig(**COMMON, **SHAPES[name]))  # HF init (std 0.02) in fp32
     model.to(torch.float16).save_pretrained(path)
     del model
     free_cuda()
@@ -52,31 +50,50 @@ def free_cuda() -> None:
     torch.cuda.empty_cache()
 
 
-def gpu_overrides(dtype: str, **extra: Any) -> Dict[str, Any]:
-    """ServerArgs overrides for tests.support.runtime.build_runner on the GPU."""
-    kw = dict(device="cuda", attention_backend="triton", dtype=dtype, disable_cuda_graph=True,
-              max_total_tokens=8192, max_running_requests=64, mem_fraction_static=0.5)
-    kw.update(extra)
-    return kw
+def runner(path, dtype: str, *, distributed: str = "fresh", max_total_tokens: int = 8192,
+           mem_fraction_static: float = 0.5, **server_args: Any):
+    """A StandaloneRunner on the GPU (triton attention; CUDA graphs off unless ``server_args`` turn them on)."""
+    from sglang.srt.standalone import RunnerConfig, StandaloneRunner
+
+    return StandaloneRunner(RunnerConfig(
+        model_path=str(path), device="cuda", dtype=dtype, attention_backend="triton",
+        max_total_tokens=max_total_tokens, mem_fraction_static=mem_fraction_static,
+        distributed=distributed, server_args=server_args,
+    ))
 
 
-def destroy_distributed_if_any() -> None:
-    from sglang.srt.distributed import parallel_state as ps
+def hf_model(path, dtype: str):
+    import torch
+    from transformers import OPTForCausalLM
 
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
-    ps.destroy_distributed_environment()
+    return OPTForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).cuda().eval()
 
 
-def hf_hidden(model, ids):
-    """HF OPT's final hidden states (what its lm_head sees) for one sequence, [len, hidden]."""
+def fp32_head(hidden, weight, vocab: int):
+    """Logits in fp32 from final hidden states: the head arithmetic both sides of the parity test share,
+    so the comparison sees the decoders' differences, not the rounding of logits to fp16/bf16."""
+    return hidden.float() @ weight[:vocab].float().T
+
+
+def hf_logits(model, seqs):
+    """HF's fp32-head logits at every position of each sequence, ``[sum(len), vocab]`` on the CPU."""
     import torch
 
+    out = []
     with torch.no_grad():
-        out = model.model.decoder(input_ids=torch.tensor([ids], device="cuda"), use_cache=False)
-    return out[0][0]
+        for ids in seqs:
+            hidden = model.model.decoder(input_ids=torch.tensor([ids], device="cuda"), use_cache=False)[0][0]
+            out.append(fp32_head(hidden, model.lm_head.weight, model.config.vocab_size).cpu())
+    return torch.cat(out)
 
 
-def head(hidden, weight, vocab_size: int):
-    """Logits in fp32 from final hidden states, as tests.support.logits.prefill applies the head."""
-    return hidden.float() @ weight[:vocab_size].float().T
+def sgl_logits(standalone_runner, seqs):
+    """SGLang's fp32-head logits at every position (one EXTEND of all ``seqs``), ``[sum(len), vocab]``
+    on the CPU, and its LogitsProcessor's own last-position logits ``[len(seqs), vocab]`` (fp32)."""
+    from sglang.srt.standalone import prefill
+
+    vocab = standalone_runner.vocab_size
+    fwd = prefill(standalone_runner.runner, seqs, all_positions=True)
+    assert fwd.hidden_states is not None and fwd.hidden_states.shape[0] == sum(map(len, seqs))
+    return (fp32_head(fwd.hidden_states, fwd.lm_head.weight, vocab).cpu(),
+            fwd.next_token_logits[:, :vocab].float().cpu())

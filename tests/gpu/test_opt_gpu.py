@@ -1,19 +1,30 @@
 """Native OPT on the GPU: parity with HuggingFace at real OPT shapes, and runner reuse under NCCL.
 
 Parity: random weights (HF init) at the opt-125m / 350m / 1.3b / 6.7b shapes, fp16 and bf16.
-SGLang's logits at EVERY position (tests.support.logits.prefill: a forward pre-hook on the
-model's logits_processor captures the final hidden states, the head is applied in fp32) are
-compared with HF's at every position (HF's final hidden states, the same fp32 head), over ~2k
-tokens in 7 sequences of mixed lengths prefilled in one EXTEND batch:
-relative error ||sgl - hf|| / ||hf|| <= 2e-3 and argmax agreement >= 99.9%.
-An fp32 HF forward is measured as well and reported (not asserted) to show how far each side
-is from the exact result.
+SGLang's final hidden states at EVERY position (``sglang.srt.standalone.prefill(all_positions=True)``)
+of 7 sequences of mixed lengths (2048 tokens) prefilled in one EXTEND batch, and HF's for the same
+sequences, go through the same fp32 head. An fp32 HF forward is the exact reference. Each row is
+appended to $OPT_GPU_REPORT (JSON lines). Asserted:
 
-Set OPT_GPU_SHAPES (comma-separated) to restrict the shapes.
+- fp16: relative error ||sgl - hf|| / ||hf|| <= 2e-3;
+- both dtypes: SGLang at least as close to the fp32 result as HF is (relative error <= 1.1x HF's,
+  argmax agreement with fp32 >= HF's - 0.5%);
+- argmax agreement with HF >= 99.9% at every position whose fp32 top-2 margin exceeds 6x the
+  rms logit error of HF's own half-precision forward there (the "clear" positions).
+
+Why not 2e-3 / 99.9% everywhere: random-weight OPTs have near-flat logits (std ~0.5 over 50k
+tokens, so the top-2 gap is often below half-precision noise), and bf16 keeps 8 bits of
+mantissa. Measured at opt-125m: HF's own fp16 forward agrees with fp32 on 99.5% of the argmaxes
+and its bf16 forward is 1.05e-2 from fp32 (97.8% argmax), so those bounds fail for HF itself.
+The all-position numbers are reported in every row.
+
+OPT_GPU_SHAPES (comma-separated) restricts the shapes.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import os
 import subprocess
@@ -30,8 +41,6 @@ DTYPES = ["float16", "bfloat16"]
 REL_TOL = 2e-3
 ARGMAX_MIN = 0.999
 LENGTHS = [512, 300, 128, 37, 5, 1000, 66]  # 2048 tokens
-
-_REF32: dict = {}  # shape -> fp32 HF logits (CPU), for the report
 REPORT = Path(os.environ.get("OPT_GPU_REPORT", "/tmp/opt_gpu_parity.jsonl"))
 
 
@@ -42,17 +51,18 @@ def _seqs():
     return [[2] + torch.randint(3, 50000, (n - 1,), generator=g).tolist() for n in LENGTHS]
 
 
-def _hf_logits(path, dtype, seqs):
-    import torch
-    from transformers import OPTForCausalLM
-
-    model = OPTForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).cuda().eval()
-    vocab = model.config.vocab_size
+def _hf(path, dtype, seqs):
+    model = common.hf_model(path, dtype)
     try:
-        return torch.cat([common.head(common.hf_hidden(model, s), model.lm_head.weight, vocab) for s in seqs]).cpu()
+        return common.hf_logits(model, seqs)
     finally:
         del model
         common.free_cuda()
+
+
+@functools.lru_cache(maxsize=1)  # one shape's fp32 reference (~0.4 GB on the CPU) at a time
+def _fp32_reference(shape):
+    return _hf(common.checkpoint(shape), "float32", _seqs())
 
 
 def _metrics(out, ref):
@@ -64,67 +74,83 @@ def _metrics(out, ref):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_parity_all_positions(shape, dtype):
-    import torch
-
-    from tests.support import logits as L
-    from tests.support.runtime import build_runner
-
     path = common.checkpoint(shape)
     seqs = _seqs()
-    common.destroy_distributed_if_any()
-    runner = build_runner(path, **common.gpu_overrides(dtype))
-    try:
-        assert type(runner.model).__module__ == "sglang.srt.models.opt", type(runner.model).__module__
-        pf = L.prefill(runner, seqs)
-        sgl = torch.cat(pf.logits).cpu()
-        last_sgl = pf.next_token_logits.cpu()
-    finally:
-        del runner
-        common.destroy_distributed_if_any()
-        common.free_cuda()
-    hf = _hf_logits(path, dtype, seqs)
-    if shape not in _REF32:
-        _REF32.clear()
-        _REF32[shape] = _hf_logits(path, "float32", seqs)
-    ref32 = _REF32[shape]
+    with common.runner(path, dtype) as r:
+        assert type(r.model).__module__ == "sglang.srt.models.opt", type(r.model).__module__
+        sgl, last_sgl = common.sgl_logits(r, seqs)
+    common.free_cuda()
+    hf = _hf(path, dtype, seqs)
+    ref32 = _fp32_reference(shape)
 
     rel, agree = _metrics(sgl, hf)
     rel32_sgl, agree32_sgl = _metrics(sgl, ref32)
     rel32_hf, agree32_hf = _metrics(hf, ref32)
-    ends = torch.tensor(L_cumsum(LENGTHS)) - 1
-    last_rel = ((last_sgl - sgl[ends]).norm() / sgl[ends].norm()).item()
+    ends = [n - 1 for n in itertools.accumulate(LENGTHS)]
+    last_rel, _ = _metrics(last_sgl, sgl[ends])
+    top2 = ref32.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 6 * (hf - ref32).pow(2).mean(-1).sqrt()
+    agree_clear = (sgl.argmax(-1) == hf.argmax(-1))[clear].float().mean().item()
     row = dict(shape=shape, dtype=dtype, tokens=sum(LENGTHS), rel_vs_hf=rel, argmax_vs_hf=agree,
                rel_sgl_vs_fp32=rel32_sgl, argmax_sgl_vs_fp32=agree32_sgl,
-               rel_hf_vs_fp32=rel32_hf, argmax_hf_vs_fp32=agree32_hf, last_token_path_rel=last_rel)
+               rel_hf_vs_fp32=rel32_hf, argmax_hf_vs_fp32=agree32_hf, last_token_path_rel=last_rel,
+               clear_positions=clear.float().mean().item(), argmax_vs_hf_clear=agree_clear)
     print("PARITY " + json.dumps(row), flush=True)
     with REPORT.open("a") as f:
         f.write(json.dumps(row) + "\n")
-    # The LogitsProcessor's own last-position logits agree with the all-position capture.
+    # The LogitsProcessor's own last-position logits (model-dtype head) match the all-position capture.
     assert last_rel < 1e-2, row
-    assert rel <= REL_TOL, row
-    assert agree >= ARGMAX_MIN, row
+    if dtype == "float16":
+        assert rel <= REL_TOL, row
+    assert rel32_sgl <= 1.1 * rel32_hf, row
+    assert agree32_sgl >= agree32_hf - 0.005, row
+    assert agree_clear >= ARGMAX_MIN, row
 
 
-def L_cumsum(xs):
-    out, s = [], 0
-    for x in xs:
-        s += x
-        out.append(s)
-    return out
+@pytest.mark.parametrize("lengths", [[256] * 4, [300, 7, 128, 1]], ids=["equal", "ragged"])
+def test_dense_prefill_matches_backend(lengths):
+    """opt.py's DensePrefill (torch SDPA for equal lengths, flash varlen otherwise) gives the logits
+    of the configured backend's RadixAttention path, and writes the same K/V to the pool."""
+    import torch
+
+    from sglang.srt.models import opt
+
+    path = common.checkpoint("opt-125m")
+    g = torch.Generator().manual_seed(5)
+    seqs = [[2] + torch.randint(3, 50000, (n - 1,), generator=g).tolist() if n > 1 else [2] for n in lengths]
+    plan = opt.DensePrefill.__dict__["plan"]
+    calls = []
+    with common.runner(path, "float16") as r:
+        pool = r.runner.token_to_kv_pool
+        opt.DensePrefill.plan = classmethod(lambda cls, h, fb: calls.append(plan.__func__(cls, h, fb)) or calls[-1])
+        try:
+            fast, _ = common.sgl_logits(r, seqs)
+            kv_fast = [b.clone() for b in pool.get_kv_buffer(0)]  # layer 0: same inputs on both paths
+            opt.DensePrefill.plan = classmethod(lambda cls, h, fb: None)
+            slow, _ = common.sgl_logits(r, seqs)
+            kv_slow = [b.clone() for b in pool.get_kv_buffer(0)]
+        finally:
+            opt.DensePrefill.plan = plan
+    assert calls and calls[0] is not None, "the fast path was not taken"
+    rel, agree = _metrics(fast, slow)
+    kv_equal = all(torch.equal(a, b) for a, b in zip(kv_fast, kv_slow))
+    print(f"DENSE_PREFILL {lengths}: rel {rel:.2e} argmax {agree:.4f} kv_equal {kv_equal}", flush=True)
+    assert kv_equal
+    assert rel < 2e-3, rel
 
 
 def test_three_runners_reuse_nccl():
-    """Three ModelRunners in one process under NCCL with SGLANG_ALLOW_REUSE_DISTRIBUTED=1:
-    identical logits (all positions and last-token path), NCCL backend, one world."""
+    """Three runners alive in one process under NCCL with SGLANG_ALLOW_REUSE_DISTRIBUTED=1: one
+    world, NCCL backend, identical logits (all positions and the last-token path). A fresh
+    interpreter (tests/gpu/reuse_gpu.py), since distributed state is process-global."""
     path = common.checkpoint("opt-125m")
     env = dict(os.environ, SGLANG_ALLOW_REUSE_DISTRIBUTED="1")
     proc = subprocess.run([sys.executable, "-m", "tests.gpu.reuse_gpu", str(path), "3"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
     res = json.loads(lines[-1][len("RESULT "):])
     print("REUSE " + json.dumps(res), flush=True)
-    assert res["backend"] == "nccl", res
+    assert res["alive"] == 3 and res["backend"] == "nccl" and res["world_size"] == 1, res
     assert res["equal_all_positions"] == [True, True], res
     assert res["equal_last"] == [True, True], res
-    assert res["alive"] == 3, res
