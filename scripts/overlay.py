@@ -723,18 +723,25 @@ def _ready(directory: Path, deps: dict) -> bool:
         return False
 
 
+def _new_venv(directory: Path, deps: dict, what: str) -> Optional[Path]:
+    """None when ``directory`` is a ready venv for ``deps``; else an empty venv there, and its python."""
+    if _ready(directory, deps):
+        return None
+    if directory.exists():
+        shutil.rmtree(directory)
+    log(f"creating {directory}: {what}")
+    run([sys.executable, "-m", "venv", str(directory)], capture=False)
+    return venv_python(directory)
+
+
 def make_base_env(overlay: Overlay, envs: Path) -> Path:
     """The venv every test environment builds on: CPU torch, torchvision, the runtime packages, the shim."""
     deps = runtime_deps(overlay)
     directory = envs / f"base-{_digest(deps)}"
-    python = venv_python(directory)
-    if _ready(directory, deps):
-        return python
-    if directory.exists():
-        shutil.rmtree(directory)
     started = time.monotonic()
-    log(f"creating the shared base venv {directory} (CPU torch {deps['torch']})")
-    run([sys.executable, "-m", "venv", str(directory)], capture=False)
+    python = _new_venv(directory, deps, f"the shared base venv (CPU torch {deps['torch']})")
+    if python is None:
+        return venv_python(directory)
     constraints = directory / "constraints.txt"
     constraints.write_text(f"torch=={deps['torch']}\n")
     pip = [str(python), "-m", "pip", "install", "--progress-bar", "off", "-c", str(constraints)]
@@ -761,14 +768,10 @@ def make_deps_env(transformers: str, overlay: Overlay, envs: Path) -> Path:
     base_python = make_base_env(overlay, envs)
     deps = {**runtime_deps(overlay), "transformers": transformers, "base": str(base_python)}
     directory = envs / f"transformers-{transformers}-{_digest(deps)}"
-    python = venv_python(directory)
-    if _ready(directory, deps):
-        return python
-    if directory.exists():
-        shutil.rmtree(directory)
     started = time.monotonic()
-    log(f"creating {directory}: transformers {transformers} on the shared base venv")
-    run([sys.executable, "-m", "venv", str(directory)], capture=False)
+    python = _new_venv(directory, deps, f"transformers {transformers} on the shared base venv")
+    if python is None:
+        return venv_python(directory)
     (site_packages(python) / "sglang_overlay_base.pth").write_text(
         f"import site; site.addsitedir({str(site_packages(base_python))!r})\n")
     constraints = directory / "constraints.txt"
