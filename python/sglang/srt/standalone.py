@@ -24,6 +24,7 @@ Runners do not share KV pools; each holds its own weights and pools.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import socket
@@ -222,8 +223,6 @@ def _build_bootstrap_era(sa, port: int):
 
 def _build_model_runner_era(sa, port: int):
     """Up to 0.5.15: the ModelRunner takes its ranks as arguments and initializes distributed."""
-    import inspect
-
     from sglang.srt.configs.model_config import ModelConfig
     from sglang.srt.model_executor.model_runner import ModelRunner
 
@@ -359,8 +358,6 @@ def prefill(model_runner, seqs: Sequence[Sequence[int]], *, all_positions: bool 
 
 
 def _forward_batch(batch, model_runner):
-    import inspect
-
     from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 
     params = inspect.signature(ForwardBatch.init_new).parameters
