@@ -49,28 +49,8 @@ from sglang.srt.model_loader.weight_utils import (
     default_weight_loader,
     kv_cache_scales_loader,
 )
-from sglang.srt.models.opt_compat import get_parallel
+from sglang.srt.models.opt_compat import get_parallel, make_pp_layers
 from sglang.srt.utils import add_prefix
-
-# Release compatibility: each API that differs between the supported SGLang
-# releases gets one name here, defined for the newer releases first and
-# rebuilt from the older API in the ImportError branch. Supporting an older
-# release means adding a branch here, not touching the model below.
-try:
-    from sglang.srt.utils import make_pp_layers
-except ImportError:  # releases whose make_layers takes the pipeline rank
-    from sglang.srt.utils import make_layers
-
-    def make_pp_layers(num_hidden_layers: int, layer_fn, prefix: str = ""):
-        parallel = get_parallel()
-        return make_layers(
-            num_hidden_layers,
-            layer_fn,
-            pp_rank=parallel.pp_rank,
-            pp_size=parallel.pp_size,
-            prefix=prefix,
-        )
-
 
 # HF's ``ACT2FN`` names that OPT configs may use, each with the module that
 # computes it: SGLang's activation layer where it has one, else torch's.

@@ -1,8 +1,13 @@
 """Release compatibility for the native OPT model (sglang/srt/models/opt.py).
 
+Each API that differs between the supported SGLang releases gets one name
+here, taken from the newer releases first and rebuilt from the older API in
+the ImportError branch, so the model code stays one version. Supporting an
+older release means adding a branch here, not touching the model.
+
 ``get_parallel()`` is SGLang's runtime-context view of the parallel layout
-(0.5.14+). Older releases keep the same facts in ``parallel_state``; this module
-gives them the same view, read when used, so the model code stays one version.
+(0.5.14+); older releases keep the same facts in ``parallel_state``.
+``make_pp_layers`` builds the decoder layers of this pipeline rank.
 """
 
 try:
@@ -43,4 +48,20 @@ except ImportError:  # up to 0.5.13: no runtime context
         return _VIEW
 
 
-__all__ = ["get_parallel"]
+try:
+    from sglang.srt.utils import make_pp_layers
+except ImportError:  # releases whose make_layers takes the pipeline rank
+    from sglang.srt.utils import make_layers
+
+    def make_pp_layers(num_hidden_layers: int, layer_fn, prefix: str = ""):
+        parallel = get_parallel()
+        return make_layers(
+            num_hidden_layers,
+            layer_fn,
+            pp_rank=parallel.pp_rank,
+            pp_size=parallel.pp_size,
+            prefix=prefix,
+        )
+
+
+__all__ = ["get_parallel", "make_pp_layers"]
