@@ -605,19 +605,22 @@ def site_packages(python: Path) -> Path:
     return Path(out.strip())
 
 
+TORCHVISION_SHIM = "sglang_overlay_torchvision"
+
+
+def install_torchvision_shim(python: Path, overlay: Overlay) -> None:
+    """scripts/venv_support's torchvision shim in the venv, loaded by a .pth line (README, Troubleshooting)."""
+    sp = site_packages(python)
+    shutil.copyfile(overlay.root / "scripts" / "venv_support" / f"{TORCHVISION_SHIM}.py", sp / f"{TORCHVISION_SHIM}.py")
+    (sp / f"{TORCHVISION_SHIM}.pth").write_text(f"import {TORCHVISION_SHIM}; {TORCHVISION_SHIM}.install()\n")
+
+
 def make_venv(version: str, directory: Path, overlay: Overlay, cache: Cache) -> Path:
     """A venv where ``import sglang`` is release ``version`` with the overlay applied, on CPU."""
     release = overlay.release(version)
     runtime = overlay.runtime
     python = venv_python(directory)
-    deps = {
-        "torch": runtime["torch"],
-        "torchvision": runtime["torchvision"],
-        "transformers": release.transformers,
-        "packages": runtime["packages"],
-        "sglang": version,
-        "shim": sha256((overlay.root / "scripts" / "venv_support" / "sglang_overlay_torchvision.py").read_bytes()),
-    }
+    deps = {**runtime_deps(overlay), "transformers": release.transformers, "sglang": version}
     marker = directory / VENV_MARKER
     recorded = json.loads(marker.read_text()) if marker.is_file() else None
     if recorded and recorded.get("deps") == deps and python.exists():
@@ -639,12 +642,8 @@ def make_venv(version: str, directory: Path, overlay: Overlay, cache: Cache) -> 
     run(pip + [f"torch=={runtime['torch']}"], capture=False)
     run(pip + [f"transformers=={release.transformers}", *runtime["packages"]], capture=False)
     run(pip + ["--no-deps", f"torchvision=={runtime['torchvision']}", str(cache.wheel(version))], capture=False)
-    sp = site_packages(python)
-    shutil.copyfile(overlay.root / "scripts" / "venv_support" / "sglang_overlay_torchvision.py",
-                    sp / "sglang_overlay_torchvision.py")
-    (sp / "sglang_overlay_torchvision.pth").write_text(
-        "import sglang_overlay_torchvision; sglang_overlay_torchvision.install()\n")
-    log(apply(sp / "sglang", overlay, cache))
+    install_torchvision_shim(python, overlay)
+    log(apply(site_packages(python) / "sglang", overlay, cache))
     marker.write_text(json.dumps({"deps": deps, "overlay": overlay.fingerprint(release)}, indent=1))
     log(f"venv {directory} built in {time.monotonic() - started:.0f} s")
     return python
@@ -693,7 +692,7 @@ def runtime_deps(overlay: Overlay) -> dict:
         "torch": runtime["torch"],
         "torchvision": runtime["torchvision"],
         "packages": list(runtime["packages"]),
-        "shim": sha256((overlay.root / "scripts" / "venv_support" / "sglang_overlay_torchvision.py").read_bytes()),
+        "shim": sha256((overlay.root / "scripts" / "venv_support" / f"{TORCHVISION_SHIM}.py").read_bytes()),
     }
 
 
@@ -748,11 +747,7 @@ def make_base_env(overlay: Overlay, envs: Path) -> Path:
     run(pip + [f"torch=={deps['torch']}"], capture=False)
     run(pip + [*deps["packages"], "setuptools", "wheel"], capture=False)
     run(pip + ["--no-deps", f"torchvision=={deps['torchvision']}"], capture=False)
-    sp = site_packages(python)
-    shutil.copyfile(overlay.root / "scripts" / "venv_support" / "sglang_overlay_torchvision.py",
-                    sp / "sglang_overlay_torchvision.py")
-    (sp / "sglang_overlay_torchvision.pth").write_text(
-        "import sglang_overlay_torchvision; sglang_overlay_torchvision.install()\n")
+    install_torchvision_shim(python, overlay)
     (directory / VENV_MARKER).write_text(json.dumps({"deps": deps}, indent=1))
     log(f"base venv built in {time.monotonic() - started:.0f} s")
     return python
