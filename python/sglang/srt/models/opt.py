@@ -23,6 +23,7 @@ differs from ``hidden_size``, tied or untied heads, ``enable_bias``,
 
 import re
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
@@ -51,6 +52,11 @@ from sglang.srt.model_loader.weight_utils import (
 )
 from sglang.srt.models.opt_compat import get_parallel, make_pp_layers
 from sglang.srt.utils import add_prefix
+
+try:
+    from sglang.srt.models.opt_kernels import add_layer_norm
+except ImportError:  # no Triton: torch's add and LayerNorm
+    add_layer_norm = None
 
 # HF's ``ACT2FN`` names that OPT configs may use, each with the module that
 # computes it: SGLang's activation layer where it has one, else torch's.
@@ -137,23 +143,34 @@ class DensePrefill:
     the plain MHA pool, context parallelism.
     """
 
-    __slots__ = ("lens", "cu_seqlens", "max_len", "equal_lengths", "pool")
+    __slots__ = (
+        "lens",
+        "cu_seqlens",
+        "max_len",
+        "equal_lengths",
+        "pool",
+        "out_cache_loc",
+    )
 
-    def __init__(self, lens: list[int], cu_seqlens: torch.Tensor, pool) -> None:
+    def __init__(
+        self,
+        lens: tuple[int, ...],
+        cu_seqlens: torch.Tensor,
+        pool,
+        out_cache_loc: torch.Tensor,
+    ) -> None:
         self.lens = lens
         self.cu_seqlens = cu_seqlens
         self.max_len = max(lens)
         self.equal_lengths = all(length == self.max_len for length in lens)
         self.pool = pool
+        self.out_cache_loc = out_cache_loc
 
     @classmethod
     def plan(
-        cls, hidden_states: torch.Tensor, forward_batch: ForwardBatch
+        cls, forward_batch: ForwardBatch, dtype: torch.dtype, device: torch.device
     ) -> Optional["DensePrefill"]:
-        if not hidden_states.is_cuda or hidden_states.dtype not in (
-            torch.float16,
-            torch.bfloat16,
-        ):
+        if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
             return None
         if forward_batch.forward_mode.name != "EXTEND":
             return None
@@ -186,26 +203,19 @@ class DensePrefill:
         cu_seqlens = torch.nn.functional.pad(
             torch.cumsum(forward_batch.extend_seq_lens, 0, dtype=torch.int32), (1, 0)
         )
-        return cls(list(lens), cu_seqlens, pool)
+        return cls(tuple(lens), cu_seqlens, pool, forward_batch.out_cache_loc)
 
     def usable(self, attn: RadixAttention) -> bool:
-        return (
-            attn.k_scale is None and attn.head_dim % 8 == 0 and attn.head_dim <= 256
-        )
+        return attn.k_scale is None and attn.head_dim % 8 == 0 and attn.head_dim <= 256
 
     def __call__(
-        self,
-        attn: RadixAttention,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        forward_batch: ForwardBatch,
+        self, attn: RadixAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
         heads, head_dim = attn.tp_q_head_num, attn.head_dim
         q = q.view(-1, heads, head_dim)
         k = k.view(-1, heads, head_dim)
         v = v.view(-1, heads, head_dim)
-        self.pool.set_kv_buffer(attn, forward_batch.out_cache_loc, k, v)
+        self.pool.set_kv_buffer(attn, self.out_cache_loc, k, v)
         if self.equal_lengths:
             # Equal lengths: dense [batch, heads, seq, dim] views, no copies;
             # SDPA picks cuDNN / flash as for HF's OPT.
@@ -232,6 +242,36 @@ class DensePrefill:
                 scale=attn.scaling,
             )[0]
         return out.reshape(q.shape[0], heads * head_dim)
+
+
+class OPTLayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` that can add the residual first, as SGLang's RMSNorm
+    does: ``norm(x, residual)`` returns ``(norm(residual + x), residual + x)``,
+    one Triton kernel on the GPU in half precision (opt_kernels), torch's
+    add and LayerNorm elsewhere. ``want_sum=False`` skips writing the sum."""
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: Optional[torch.Tensor] = None,
+        want_sum: bool = True,
+    ) -> Union[torch.Tensor, tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        if residual is None:
+            return super().forward(x)
+        if (
+            add_layer_norm is not None
+            and x.is_cuda
+            and x.dtype in (torch.float16, torch.bfloat16)
+            and x.dim() == 2
+            and x.is_contiguous()
+            and residual.is_contiguous()
+            and residual.dtype == x.dtype
+        ):
+            return add_layer_norm(
+                x, residual, self.weight, self.bias, self.eps, want_sum
+            )
+        summed = residual + x
+        return super().forward(summed), summed
 
 
 class OPTAttention(nn.Module):
@@ -279,6 +319,34 @@ class OPTAttention(nn.Module):
             quant_config=quant_config,
             prefix=add_prefix("attn", prefix),
         )
+        # From hidden size 2048 on, cuBLAS runs three [hidden, hidden] GEMMs
+        # faster on the H100 than the fused [3 * hidden, hidden] one
+        # (benchmarks/NOTES.md); the weight stays fused.
+        self.split_qkv = quant_config is None and embed_dim >= 2048
+
+    def _qkv(
+        self, hidden_states: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if (
+            self.split_qkv
+            and hidden_states.is_cuda
+            and type(self.qkv_proj) is QKVParallelLinear
+        ):
+            weight, bias = self.qkv_proj.weight, self.qkv_proj.bias
+            return tuple(
+                torch.nn.functional.linear(
+                    hidden_states,
+                    weight[i * self.q_size : (i + 1) * self.q_size],
+                    (
+                        None
+                        if bias is None
+                        else bias[i * self.q_size : (i + 1) * self.q_size]
+                    ),
+                )
+                for i in range(3)
+            )
+        qkv, _ = self.qkv_proj(hidden_states)
+        return qkv.split([self.q_size] * 3, dim=-1)
 
     def forward(
         self,
@@ -286,10 +354,9 @@ class OPTAttention(nn.Module):
         forward_batch: ForwardBatch,
         prefill: Optional[DensePrefill] = None,
     ) -> torch.Tensor:
-        qkv, _ = self.qkv_proj(hidden_states)
-        q, k, v = qkv.split([self.q_size] * 3, dim=-1)
+        q, k, v = self._qkv(hidden_states)
         if prefill is not None and prefill.usable(self.attn):
-            attn_output = prefill(self.attn, q, k, v, forward_batch)
+            attn_output = prefill(self.attn, q, k, v)
         else:
             attn_output = self.attn(q, k, v, forward_batch)
         output, _ = self.out_proj(attn_output)
@@ -315,7 +382,7 @@ class OPTDecoderLayer(nn.Module):
             quant_config=quant_config,
             prefix=add_prefix("self_attn", prefix),
         )
-        self.self_attn_layer_norm = nn.LayerNorm(
+        self.self_attn_layer_norm = OPTLayerNorm(
             self.embed_dim, elementwise_affine=config.layer_norm_elementwise_affine
         )
         self.fc1 = ColumnParallelLinear(
@@ -333,7 +400,7 @@ class OPTDecoderLayer(nn.Module):
             quant_config=quant_config,
             prefix=add_prefix("fc2", prefix),
         )
-        self.final_layer_norm = nn.LayerNorm(
+        self.final_layer_norm = OPTLayerNorm(
             self.embed_dim, elementwise_affine=config.layer_norm_elementwise_affine
         )
         # fc1 + ReLU as one cuBLASLt GEMM with a bias+ReLU epilogue on the GPU
@@ -360,31 +427,182 @@ class OPTDecoderLayer(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
+        residual: Optional[torch.Tensor],
         forward_batch: ForwardBatch,
         prefill: Optional[DensePrefill] = None,
-    ) -> torch.Tensor:
-        # Self attention; 350m normalizes after the residual add, the other
-        # sizes before the attention.
-        residual = hidden_states
-        if self.do_layer_norm_before:
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The layer's output is ``hidden_states + residual`` (pre-LN: each
+        residual add is left to the LayerNorm that follows it) or
+        ``hidden_states`` when the returned residual is None (post-LN)."""
+        if not self.do_layer_norm_before:
+            return self._forward_post_norm(hidden_states, forward_batch, prefill)
+        if residual is None:
+            residual = hidden_states
             hidden_states = self.self_attn_layer_norm(hidden_states)
+        else:
+            hidden_states, residual = self.self_attn_layer_norm(hidden_states, residual)
         hidden_states = self.self_attn(
             hidden_states=hidden_states, forward_batch=forward_batch, prefill=prefill
         )
-        hidden_states = residual + hidden_states
-        if not self.do_layer_norm_before:
-            hidden_states = self.self_attn_layer_norm(hidden_states)
-
-        # Fully connected, normalized the same way.
-        residual = hidden_states
-        if self.do_layer_norm_before:
-            hidden_states = self.final_layer_norm(hidden_states)
+        hidden_states, residual = self.final_layer_norm(hidden_states, residual)
         hidden_states = self._fc1_act(hidden_states)
         hidden_states, _ = self.fc2(hidden_states)
-        hidden_states = residual + hidden_states
-        if not self.do_layer_norm_before:
-            hidden_states = self.final_layer_norm(hidden_states)
-        return hidden_states
+        return hidden_states, residual
+
+    def _forward_post_norm(
+        self,
+        hidden_states: torch.Tensor,
+        forward_batch: ForwardBatch,
+        prefill: Optional[DensePrefill],
+    ) -> tuple[torch.Tensor, None]:
+        # 350m: each LayerNorm normalizes the sum of the residual add.
+        residual = hidden_states
+        hidden_states = self.self_attn(
+            hidden_states=hidden_states, forward_batch=forward_batch, prefill=prefill
+        )
+        hidden_states, _ = self.self_attn_layer_norm(
+            hidden_states, residual, want_sum=False
+        )
+        residual = hidden_states
+        hidden_states = self._fc1_act(hidden_states)
+        hidden_states, _ = self.fc2(hidden_states)
+        hidden_states, _ = self.final_layer_norm(
+            hidden_states, residual, want_sum=False
+        )
+        return hidden_states, None
+
+
+@dataclass
+class _PrefillGraph:
+    """A captured decoder and the tensors it reads and writes."""
+
+    graph: torch.cuda.CUDAGraph
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    plan: DensePrefill
+    output: torch.Tensor
+
+
+class PrefillGraphs:
+    """CUDA graphs of the decoder for batches of whole prompts seen before.
+
+    A batch that DensePrefill runs (whole prompts on the GPU in half
+    precision, one TP and PP rank) runs eagerly the first time its sequence
+    lengths are seen; the second time the decoder is captured for those
+    lengths, and from then on replayed: one launch instead of about fifteen
+    per layer, which is most of a small model's time (benchmarks/NOTES.md).
+    Token ids, positions and KV slots are copied into the graph's inputs,
+    the K/V still go to the pool, and the output is copied out. Parameters
+    are read where they are, so in-place weight updates (MeZO, load_weights)
+    are seen; replacing a module or a Parameter (LoRA wrapping, set_embed)
+    drops every graph (assigning ``param.data`` is not detected). At most ``max_graphs`` are kept, least recently used
+    first out; they share one memory pool. Off unless
+    ``OPTForCausalLM.enable_prefill_graphs`` is called.
+    """
+
+    def __init__(self, max_graphs: int) -> None:
+        self.max_graphs = max_graphs
+        self.graphs: dict[tuple[int, ...], _PrefillGraph] = {}
+        self.seen: dict[tuple[int, ...], None] = {}
+        self.pool = None
+        self.stream: Optional[torch.cuda.Stream] = None
+        self.fingerprint: Optional[tuple] = None
+
+    @staticmethod
+    def _fingerprint(decoder: nn.Module) -> tuple:
+        """Every module and Parameter object of the decoder (a flat walk: this
+        runs on every call, and ``modules()`` costs several times more)."""
+        ids, stack = [], [decoder]
+        while stack:
+            module = stack.pop()
+            ids.append(id(module))
+            ids.extend(map(id, module._parameters.values()))
+            stack.extend(module._modules.values())
+        return tuple(ids)
+
+    def clear(self) -> None:
+        """Drop every graph and their memory pool."""
+        self.graphs.clear()
+        self.seen.clear()
+        self.pool = None
+
+    def run(
+        self,
+        decoder: "OPTDecoder",
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        forward_batch: ForwardBatch,
+        prefill: DensePrefill,
+    ) -> Optional[torch.Tensor]:
+        """The decoder's output from a graph, or None to run it eagerly."""
+        if get_parallel().tp_size != 1 or not all(
+            prefill.usable(layer.self_attn.attn) for layer in decoder.layers
+        ):
+            return None
+        fingerprint = self._fingerprint(decoder)
+        if fingerprint != self.fingerprint:
+            self.clear()
+            self.fingerprint = fingerprint
+        key = prefill.lens
+        entry = self.graphs.pop(key, None)
+        if entry is None:
+            if key not in self.seen:
+                self.seen[key] = None
+                while len(self.seen) > 4 * self.max_graphs:
+                    del self.seen[next(iter(self.seen))]
+                return None
+            while len(self.graphs) >= self.max_graphs:
+                del self.graphs[next(iter(self.graphs))]
+            if not self.graphs:
+                self.pool = (
+                    None  # a pool whose graphs are all gone is not captured into again
+                )
+            entry = self._capture(decoder, input_ids, positions, forward_batch, prefill)
+        self.graphs[key] = entry
+        entry.input_ids.copy_(input_ids)
+        entry.positions.copy_(positions)
+        entry.plan.out_cache_loc.copy_(prefill.out_cache_loc)
+        entry.graph.replay()
+        return entry.output.clone()
+
+    def _capture(
+        self,
+        decoder: "OPTDecoder",
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        forward_batch: ForwardBatch,
+        prefill: DensePrefill,
+    ) -> _PrefillGraph:
+        static_ids, static_positions = input_ids.clone(), positions.clone()
+        plan = DensePrefill(
+            prefill.lens,
+            prefill.cu_seqlens.clone(),
+            prefill.pool,
+            prefill.out_cache_loc.clone(),
+        )
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        if self.stream is None:
+            self.stream = torch.cuda.Stream()
+        graph = torch.cuda.CUDAGraph()
+        # Warm up on the capture stream, so that per-stream library state
+        # (cuBLAS / cuDNN workspaces) exists before the capture.
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            decoder.run_layers(static_ids, static_positions, forward_batch, plan)
+        torch.cuda.current_stream().wait_stream(self.stream)
+        try:
+            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+                output = decoder.run_layers(
+                    static_ids, static_positions, forward_batch, plan
+                )
+        except RuntimeError as e:
+            raise RuntimeError(
+                f"capturing the OPT prefill CUDA graph for lengths {prefill.lens} "
+                f"failed: {e}; run without prefill graphs (enable_prefill_graphs(0), "
+                "RunnerConfig(prefill_graphs=0))"
+            ) from e
+        return _PrefillGraph(graph, static_ids, static_positions, plan, output)
 
 
 class OPTDecoder(nn.Module):
@@ -430,7 +648,7 @@ class OPTDecoder(nn.Module):
         # `_remove_final_layer_norm` only keeps checkpoints fine-tuned before
         # transformers v4.20.1 working (facebookresearch/metaseq#164).
         if config.do_layer_norm_before and not config._remove_final_layer_norm:
-            self.final_layer_norm = nn.LayerNorm(
+            self.final_layer_norm = OPTLayerNorm(
                 config.hidden_size,
                 elementwise_affine=config.layer_norm_elementwise_affine,
             )
@@ -445,11 +663,39 @@ class OPTDecoder(nn.Module):
             prefix=add_prefix("layers", prefix),
         )
 
+        self.prefill_graphs: Optional[PrefillGraphs] = None
+
     def forward(
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         forward_batch: ForwardBatch,
+        pp_proxy_tensors: Optional[PPProxyTensors] = None,
+        input_embeds: Optional[torch.Tensor] = None,
+    ) -> Union[torch.Tensor, PPProxyTensors]:
+        weight = self.embed_positions.weight
+        prefill = DensePrefill.plan(forward_batch, weight.dtype, weight.device)
+        if (
+            prefill is not None
+            and self.prefill_graphs is not None
+            and input_embeds is None
+            and self.pp_group.world_size == 1
+        ):
+            hidden_states = self.prefill_graphs.run(
+                self, input_ids, positions, forward_batch, prefill
+            )
+            if hidden_states is not None:
+                return hidden_states
+        return self.run_layers(
+            input_ids, positions, forward_batch, prefill, pp_proxy_tensors, input_embeds
+        )
+
+    def run_layers(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        forward_batch: ForwardBatch,
+        prefill: Optional[DensePrefill],
         pp_proxy_tensors: Optional[PPProxyTensors] = None,
         input_embeds: Optional[torch.Tensor] = None,
     ) -> Union[torch.Tensor, PPProxyTensors]:
@@ -462,18 +708,24 @@ class OPTDecoder(nn.Module):
         else:
             hidden_states = pp_proxy_tensors["hidden_states"]
 
-        prefill = DensePrefill.plan(hidden_states, forward_batch)
+        residual = None
         for layer in self.layers[self.start_layer : self.end_layer]:
-            hidden_states = layer(
-                hidden_states=hidden_states,
-                forward_batch=forward_batch,
-                prefill=prefill,
+            hidden_states, residual = layer(
+                hidden_states, residual, forward_batch, prefill
             )
+        if residual is not None and (
+            self.final_layer_norm is None or not self.pp_group.is_last_rank
+        ):
+            hidden_states, residual = hidden_states + residual, None
         if not self.pp_group.is_last_rank:
             return PPProxyTensors({"hidden_states": hidden_states})
-
         if self.final_layer_norm is not None:
-            hidden_states = self.final_layer_norm(hidden_states)
+            if residual is None:
+                hidden_states = self.final_layer_norm(hidden_states)
+            else:
+                hidden_states, _ = self.final_layer_norm(
+                    hidden_states, residual, want_sum=False
+                )
         if self.project_out is not None:
             hidden_states, _ = self.project_out(hidden_states)
         return hidden_states
@@ -587,6 +839,16 @@ class OPTForCausalLM(nn.Module):
             return self.pooler(hidden_states, forward_batch)
         return self.logits_processor(
             input_ids, hidden_states, self.lm_head, forward_batch
+        )
+
+    def enable_prefill_graphs(self, max_graphs: int) -> None:
+        """Replay CUDA graphs of the decoder for batches of whole prompts whose
+        lengths were seen before, keeping at most ``max_graphs`` of them
+        (PrefillGraphs); 0 turns them off and frees them."""
+        if max_graphs < 0:
+            raise ValueError(f"max_graphs must be >= 0, got {max_graphs}")
+        self.model.decoder.prefill_graphs = (
+            PrefillGraphs(max_graphs) if max_graphs else None
         )
 
     @property
