@@ -104,9 +104,11 @@ CHANGES: tuple[Change, ...] = (
         "standalone",
         "srt: an in-process runner API (build, score, destroy) without a server",
         "sglang.srt.standalone builds a ModelRunner for a model path with defaults that work on CPU\n"
-        "and GPU, scores batches (logits at every position, per-token log-probs, mean NLL) from empty\n"
-        "KV pools, and tears it down; distributed='reuse' builds further runners in the same process.",
-        files=("python/sglang/srt/standalone.py",),
+        "and GPU, scores batches (logits at every position, per-token log-probs, mean NLL with a\n"
+        "one-read fp32 log-sum-exp) from empty KV pools, generates greedily, and tears it down;\n"
+        "distributed='reuse' builds further runners in the same process, tp_size/tp_rank one rank of\n"
+        "a tensor-parallel group per process.",
+        files=("python/sglang/srt/standalone.py", "python/sglang/srt/layers/target_logprobs.py"),
     ),
     Change(
         "tests",

@@ -19,6 +19,13 @@ Several runners can live in one process: ``distributed="reuse"`` builds a
 runner on the torch.distributed and model-parallel groups that already exist
 (SGLANG_ALLOW_REUSE_DISTRIBUTED, see ``sglang.srt.distributed.reuse``).
 Runners do not share KV pools; each holds its own weights and pools.
+
+Tensor parallelism: one process per rank, each building its own runner with
+``RunnerConfig(tp_size=N, tp_rank=r, dist_port=PORT)`` (one port that all ranks
+share; on CUDA rank r uses GPU r). The ranks build and score in lockstep: every
+rank calls the same methods with the same sequences, since each forward (and
+the gather of the vocab-parallel head in ``logits`` / ``token_logprobs``) is a
+collective over the TP group. Each rank gets the full results.
 """
 
 from __future__ import annotations
@@ -49,6 +56,18 @@ class RunnerConfig:
     the device's default: on CPU fp32, the ``torch_native`` attention backend
     and a small KV pool; on CUDA the checkpoint's dtype, ``triton`` attention
     and 30% of GPU memory. ``server_args`` passes further ServerArgs fields.
+    ``prefill_graphs`` > 0 (CUDA, models with ``enable_prefill_graphs``: OPT)
+    keeps up to that many CUDA graphs of the model for batches of whole
+    prompts whose lengths repeat (fixed-length scoring windows, benchmarks).
+
+    Tensor parallelism (one process per rank, as SGLang's one-batch benchmark
+    runs them): ``tp_size`` ranks, this one ``tp_rank``; on CUDA it uses GPU
+    ``tp_rank``. ``dist_port`` is the torch.distributed port that all ranks
+    share: required when ``tp_size`` > 1 (with ``distributed="fresh"``), else a
+    free port is picked. With ``distributed="reuse"`` the existing world must be
+    this layout (world size ``tp_size``, rank ``tp_rank``) and ``dist_port`` is
+    not used. On CPU, more ranks than NUMA nodes need
+    ``SGLANG_CPU_OMP_THREADS_BIND`` (SGLang binds each rank's threads to cores).
     """
 
     model_path: str
@@ -60,7 +79,11 @@ class RunnerConfig:
     max_running_requests: int = 64
     distributed: str = "fresh"
     random_seed: int = 0
+    prefill_graphs: int = 0
     server_args: dict = field(default_factory=dict)
+    tp_size: int = 1
+    tp_rank: int = 0
+    dist_port: Optional[int] = None
 
     def resolved(self) -> "RunnerConfig":
         """The config with the device's defaults filled in, validated."""
@@ -78,7 +101,11 @@ class RunnerConfig:
             max_running_requests=self.max_running_requests,
             distributed=self.distributed,
             random_seed=self.random_seed,
+            prefill_graphs=self.prefill_graphs,
             server_args=dict(self.server_args),
+            tp_size=self.tp_size,
+            tp_rank=self.tp_rank,
+            dist_port=self.dist_port,
         )
         config.validate()
         return config
@@ -104,11 +131,58 @@ class RunnerConfig:
             raise ValueError(f"mem_fraction_static must be in (0, 1], got {self.mem_fraction_static}")
         if self.max_running_requests < 1:
             raise ValueError(f"max_running_requests must be >= 1, got {self.max_running_requests}")
+        if self.prefill_graphs < 0:
+            raise ValueError(f"prefill_graphs must be >= 0, got {self.prefill_graphs}")
+        if self.prefill_graphs and self.device == "cpu":
+            raise ValueError("prefill_graphs are CUDA graphs: use device='cuda' or prefill_graphs=0")
         if self.distributed not in ("fresh", "reuse"):
             raise ValueError(f"distributed must be 'fresh' or 'reuse', got {self.distributed!r}")
+        self._validate_tensor_parallel()
         architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
         if not architectures:
             raise ValueError(f"{path / 'config.json'} names no architectures; SGLang cannot pick a model class")
+
+    def _validate_tensor_parallel(self) -> None:
+        if self.tp_size < 1:
+            raise ValueError(f"tp_size must be >= 1, got {self.tp_size}; use tp_size=1 for a single rank")
+        if not 0 <= self.tp_rank < self.tp_size:
+            raise ValueError(
+                f"tp_rank must be in [0, tp_size) = [0, {self.tp_size}), got {self.tp_rank}: build one runner per "
+                f"rank, tp_rank=0..{self.tp_size - 1}, each in its own process"
+            )
+        if self.dist_port is not None and not 0 < self.dist_port < 65536:
+            raise ValueError(f"dist_port must be a TCP port in [1, 65535], got {self.dist_port}")
+        if self.tp_size == 1:
+            return
+        if self.dist_port is None and self.distributed == "fresh":
+            raise ValueError(
+                f"tp_size={self.tp_size} needs dist_port, the torch.distributed port that all {self.tp_size} ranks "
+                "share: pick one free port in the process that starts the ranks and pass the same "
+                "RunnerConfig(dist_port=...) to every rank"
+            )
+        if self.device == "cuda" and torch.cuda.device_count() < self.tp_size:
+            raise ValueError(
+                f"tp_size={self.tp_size} on CUDA puts rank r on GPU r, but torch sees {torch.cuda.device_count()} "
+                f"GPU(s) (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}): make {self.tp_size} GPUs "
+                "visible to every rank or lower tp_size"
+            )
+        if self.device == "cpu" and not os.environ.get("SGLANG_CPU_OMP_THREADS_BIND"):
+            nodes = _numa_nodes()
+            if nodes is not None and nodes < self.tp_size:
+                raise ValueError(
+                    f"tp_size={self.tp_size} on CPU: SGLang binds each rank's threads to one NUMA node and this "
+                    f"machine has {nodes}; set SGLANG_CPU_OMP_THREADS_BIND to one core list per rank, separated "
+                    "by '|' (e.g. '0-3|4-7' for tp_size=2), in every rank's environment"
+                )
+
+
+def _numa_nodes() -> Optional[int]:
+    """NUMA nodes with CPUs (Linux sysfs), or None where that cannot be read."""
+    nodes = Path("/sys/devices/system/node")
+    try:
+        return sum(1 for node in nodes.glob("node[0-9]*") if (node / "cpulist").read_text().strip()) or None
+    except OSError:
+        return None
 
 
 def make_server_args(config: RunnerConfig):
@@ -128,6 +202,7 @@ def make_server_args(config: RunnerConfig):
         max_running_requests=config.max_running_requests,
         disable_radix_cache=True,
         random_seed=config.random_seed,
+        tp_size=config.tp_size,
     )
     if config.max_total_tokens is not None:
         kwargs["max_total_tokens"] = config.max_total_tokens
@@ -161,8 +236,8 @@ def _distributed_exists() -> bool:
     return torch.distributed.is_initialized() or parallel_state.model_parallel_is_initialized()
 
 
-def _build_runtime_context_era(sa, port: int):
-    """0.5.21+: publish ServerArgs, the caller initializes the parallel runtime."""
+def _build_runtime_context_era(sa, port: int, tp_rank: int = 0):
+    """0.5.21+: publish ServerArgs and this process's ranks, the caller initializes the parallel runtime."""
     try:
         from sglang.benchmark.one_batch import _init_process_global_configs
     except ImportError:  # 0.5.21: the benchmark sets no process-global configs before loading
@@ -177,7 +252,9 @@ def _build_runtime_context_era(sa, port: int):
     from sglang.srt.runtime_context import SpawnRanks, get_device, publish, spawn_world_rank
 
     sa.resolve_once()
-    publish(sa, role="scheduler", ranks=SpawnRanks(world_rank=spawn_world_rank(sa, tp_rank=0, pp_rank=0), gpu_id=0))
+    gpu_id = tp_rank  # as the benchmark places rank r (one node, no base_gpu_id)
+    publish(sa, role="scheduler",
+            ranks=SpawnRanks(world_rank=spawn_world_rank(sa, tp_rank=tp_rank, pp_rank=0), gpu_id=gpu_id))
     _init_process_global_configs()
     model_config = ModelConfig.from_server_args(sa)
     bootstrap.init_parallel_runtime(server_args=sa, device=get_device().device, dist_port=port)
@@ -185,51 +262,74 @@ def _build_runtime_context_era(sa, port: int):
     return ModelRunner(
         model_config=model_config,
         mem_fraction_static=resolving_view(sa).mem_fraction_static,
-        gpu_id=0,
+        gpu_id=gpu_id,
         nccl_port=port,
         server_args=sa,
     )
 
 
-def _build_bootstrap_era(sa, port: int):
+def _build_bootstrap_era(sa, port: int, tp_rank: int = 0):
     """0.5.16-0.5.20: the ModelRunner takes a ParallelState and initializes distributed."""
+    import dataclasses
+
     from sglang.srt.configs.model_config import ModelConfig
     from sglang.srt.distributed.parallel_state_wrapper import ParallelState
     from sglang.srt.layers.dp_attention import compute_dp_attention_world_info
     from sglang.srt.model_executor.model_runner import ModelRunner
 
+    try:  # 0.5.19-0.5.20: the benchmark reads the widths through a resolving view
+        from sglang.srt.arg_groups.overrides import resolving_view
+    except ImportError:
+
+        def resolving_view(server_args):
+            return server_args
+
     publish = getattr(_bench_module(), "publish", None)
     if publish is not None:  # 0.5.19-0.5.20: the process entry publishes ServerArgs first, as the benchmark does
         publish(sa, role="scheduler")
+    cfg = resolving_view(sa)
+    gpu_id = tp_rank  # as the benchmark places rank r (one node, no base_gpu_id)
     attn_tp_rank, attn_tp_size, attn_dp_rank, attn_dp_size = compute_dp_attention_world_info(
-        sa.enable_dp_attention, 0, sa.tp_size, sa.dp_size, sa.attn_cp_size
+        cfg.enable_dp_attention, tp_rank, cfg.tp_size, cfg.dp_size, cfg.attn_cp_size
     )
-    # ParallelState's fields differ between these releases (dcp_size, then
-    # attn_dcp_rank/size); trivial() fills every field of a single-rank layout.
-    ps = ParallelState.trivial(
-        dp_rank=None, moe_dp_rank=None,
+    dcp_size = getattr(cfg, "dcp_size", 1)
+    # The ParallelState of the benchmark's load_model(). Its fields differ between
+    # these releases (dcp_size, then attn_dcp_rank/size): pass those this release
+    # has; trivial() would fill any other with its single-rank value.
+    layout = dict(
+        tp_rank=tp_rank, tp_size=cfg.tp_size, pp_rank=0, pp_size=1,
+        dp_rank=None, dp_size=cfg.dp_size,
         attn_tp_rank=attn_tp_rank, attn_tp_size=attn_tp_size,
+        attn_cp_rank=0, attn_cp_size=cfg.attn_cp_size,
+        attn_dcp_rank=tp_rank % dcp_size, attn_dcp_size=dcp_size, dcp_size=dcp_size,
         attn_dp_rank=attn_dp_rank, attn_dp_size=attn_dp_size,
+        moe_ep_rank=tp_rank // max(1, cfg.tp_size // cfg.ep_size), moe_ep_size=cfg.ep_size,
+        moe_dp_rank=None, moe_dp_size=cfg.moe_dp_size,
+        gpu_id=gpu_id,
     )
+    fields = {f.name for f in dataclasses.fields(ParallelState)}
+    ps = ParallelState.trivial(**{k: v for k, v in layout.items() if k in fields})
     return ModelRunner(
         model_config=ModelConfig.from_server_args(sa),
         mem_fraction_static=sa.mem_fraction_static,
-        gpu_id=0,
+        gpu_id=gpu_id,
         ps=ps,
         nccl_port=port,
         server_args=sa,
     )
 
 
-def _build_model_runner_era(sa, port: int):
+def _build_model_runner_era(sa, port: int, tp_rank: int = 0):
     """Up to 0.5.15: the ModelRunner takes its ranks as arguments and initializes distributed."""
     from sglang.srt.configs.model_config import ModelConfig
     from sglang.srt.model_executor.model_runner import ModelRunner
 
+    ep_size = getattr(sa, "ep_size", 1)  # releases before 0.4.10 have no expert parallelism
     kwargs = dict(
         model_config=ModelConfig.from_server_args(sa),
         mem_fraction_static=sa.mem_fraction_static,
-        gpu_id=0, tp_rank=0, tp_size=1, moe_ep_rank=0, moe_ep_size=1, pp_rank=0, pp_size=1,
+        gpu_id=tp_rank, tp_rank=tp_rank, tp_size=sa.tp_size,
+        moe_ep_rank=tp_rank // max(1, sa.tp_size // ep_size), moe_ep_size=ep_size, pp_rank=0, pp_size=1,
         nccl_port=port,
         server_args=sa,
     )
@@ -237,28 +337,33 @@ def _build_model_runner_era(sa, port: int):
     return ModelRunner(**{k: v for k, v in kwargs.items() if k in accepted})
 
 
-def build_model_runner(server_args):
+def build_model_runner(server_args, *, tp_rank: int = 0, dist_port: Optional[int] = None):
     """A ready ModelRunner (memory pools, attention backend) for ``server_args``.
 
-    The lower-level entry: no validation, no check of what distributed state
-    exists; :class:`StandaloneRunner` is the checked one.
+    Rank ``tp_rank`` of ``server_args.tp_size`` (on CUDA on GPU ``tp_rank``), its
+    torch.distributed world on ``dist_port`` (every rank passes the same one; a
+    free port when None, which only suits a single rank). The lower-level entry:
+    no validation, no check of what distributed state exists;
+    :class:`StandaloneRunner` is the checked one.
     """
-    port = _free_port()
+    port = _free_port() if dist_port is None else dist_port
     try:
         from sglang.srt.distributed import bootstrap
     except ImportError:  # up to 0.5.15
-        runner = _build_model_runner_era(server_args, port)
+        runner = _build_model_runner_era(server_args, port, tp_rank)
     else:
         if hasattr(bootstrap, "init_parallel_runtime"):
-            runner = _build_runtime_context_era(server_args, port)
+            runner = _build_runtime_context_era(server_args, port, tp_rank)
         else:
-            runner = _build_bootstrap_era(server_args, port)
+            runner = _build_bootstrap_era(server_args, port, tp_rank)
     # Where ModelRunner has alloc_memory_pool, the caller allocates the pools and
     # backends; older ModelRunners did it in __init__.
     if hasattr(runner, "alloc_memory_pool") and getattr(runner, "req_to_token_pool", None) is None:
         runner.alloc_memory_pool()
         runner.init_attention_backends()
         runner.init_cuda_graphs()
+    if server_args.tp_size > 1:  # as the benchmark: every rank is built before any forward
+        torch.distributed.barrier()
     return runner
 
 
@@ -286,11 +391,38 @@ class Forward:
         return self.logits_output.next_token_logits
 
     def all_logits(self, vocab_size: int) -> list[torch.Tensor]:
-        """fp32 logits at every position, one ``[length, vocab]`` tensor per sequence."""
+        """fp32 logits at every position, one ``[length, vocab]`` tensor per sequence.
+
+        At tensor parallelism > 1 a collective of the TP group (see :func:`head_logits`)."""
         if self.hidden_states is None or self.hidden_states.shape[0] != sum(self.lengths):
             raise RuntimeError("the model did not hand every token's hidden state to its LogitsProcessor")
-        logits = torch.nn.functional.linear(self.hidden_states, self.lm_head.weight[:vocab_size]).float()
+        logits = head_logits(self.hidden_states, self.lm_head, vocab_size).float()
         return list(torch.split(logits, self.lengths))
+
+
+def head_logits(hidden_states: torch.Tensor, lm_head, vocab_size: int) -> torch.Tensor:
+    """The head's logits ``[rows, vocab_size]`` (model dtype) of final hidden states ``[rows, hidden]``.
+
+    At tensor parallelism > 1 the head is vocab-parallel: each rank holds a contiguous
+    shard of the (padded) vocabulary. Each rank computes its shard's logits and the TP
+    group all-gathers them, as the LogitsProcessor does; a collective, so every rank
+    calls this with the same rows. Every rank gets all the logits."""
+    tp_size = getattr(lm_head, "tp_size", 1)
+    if tp_size == 1:
+        return torch.nn.functional.linear(hidden_states, lm_head.weight[:vocab_size])
+    from sglang.srt.distributed import parallel_state
+
+    group = parallel_state.get_tp_group()
+    shard = getattr(lm_head, "shard_indices", None)
+    if getattr(lm_head, "use_attn_tp_group", False) or group.world_size != tp_size:
+        raise RuntimeError(
+            f"the head is sharded over {tp_size} ranks but not over the TP group ({group.world_size} ranks; "
+            "attention data parallelism?): gathering its logits is not supported here"
+        )
+    if shard is not None and shard.num_added_elements_padded:
+        raise RuntimeError("the head has added (LoRA) vocabulary shards: gathering its logits is not supported here")
+    local = torch.nn.functional.linear(hidden_states, lm_head.weight)
+    return group.all_gather(local.contiguous(), dim=-1)[:, :vocab_size]
 
 
 def _bench_module():
@@ -394,20 +526,66 @@ def run_batch(model_runner, batch, *, all_positions: bool = False, lengths: Opti
                    seen.get("hidden_states"), seen.get("lm_head"))
 
 
+def decode(model_runner, batch, next_ids: torch.Tensor) -> Forward:
+    """One DECODE forward of ``batch`` (after ``prefill`` or ``decode``) feeding ``next_ids``,
+    one token id per sequence, as an int64 tensor on the runner's device (no host sync)."""
+    batch.output_ids = next_ids
+    batch.input_ids = next_ids
+    batch.prepare_for_decode()
+    return run_batch(model_runner, batch)
+
+
+def target_logprobs(hidden_states: torch.Tensor, lm_head, vocab_size: int, targets: torch.Tensor) -> torch.Tensor:
+    """log p(targets[i]) under the logits of final hidden state ``hidden_states[i]`` (fp32 ``[rows]``).
+
+    The logits are computed in the model's dtype and normalized in fp32, as ``log_softmax(logits.float())``
+    does, but without materializing them in fp32 (``sglang.srt.layers.target_logprobs``). At tensor
+    parallelism > 1 from the gathered logits (:func:`head_logits`, a collective of the TP group)."""
+    from sglang.srt.layers.target_logprobs import gather_logprobs
+
+    return gather_logprobs(head_logits(hidden_states, lm_head, vocab_size), targets)
+
+
 class StandaloneRunner:
     """A ModelRunner built in-process for one model (see the module docstring)."""
 
     def __init__(self, config: RunnerConfig) -> None:
         self.config = config.resolved()
+        if self.config.server_args.get("tp_size", self.config.tp_size) != self.config.tp_size:
+            # make_server_args lets server_args override any field; a runner takes its ranks from the config.
+            raise ValueError(
+                f"server_args sets tp_size={self.config.server_args['tp_size']!r}, the config tp_size="
+                f"{self.config.tp_size}: set it with RunnerConfig(tp_size=...) (with tp_rank and dist_port), "
+                "not through server_args"
+            )
         if self.config.distributed == "fresh" and _distributed_exists():
             raise ValueError(
                 "torch.distributed or SGLang's model-parallel groups already exist in this process: build "
                 "with RunnerConfig(distributed='reuse') to reuse them, or close the other runners first"
             )
+        if self.config.distributed == "reuse" and torch.distributed.is_initialized():
+            world = (torch.distributed.get_world_size(), torch.distributed.get_rank())
+            if world != (self.config.tp_size, self.config.tp_rank):
+                raise ValueError(
+                    f"distributed='reuse' keeps the existing torch.distributed world (world size {world[0]}, rank "
+                    f"{world[1]}), which is not this runner's layout (tp_size={self.config.tp_size}, tp_rank="
+                    f"{self.config.tp_rank}): build with RunnerConfig(tp_size={world[0]}, tp_rank={world[1]}) or "
+                    "close the other runners first"
+                )
         self.server_args = make_server_args(self.config)
         with _env(REUSE_DISTRIBUTED_ENV, "1" if self.config.distributed == "reuse" else None):
-            self.runner = build_model_runner(self.server_args)
+            self.runner = build_model_runner(
+                self.server_args, tp_rank=self.config.tp_rank, dist_port=self.config.dist_port
+            )
         _LIVE_RUNNERS.append(self)
+        if self.config.prefill_graphs:
+            enable = getattr(self.runner.model, "enable_prefill_graphs", None)
+            if enable is None:
+                self.close()
+                raise ValueError(
+                    f"{type(self.runner.model).__name__} has no prefill CUDA graphs: build with prefill_graphs=0"
+                )
+            enable(self.config.prefill_graphs)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -428,12 +606,48 @@ class StandaloneRunner:
         if any(len(p) == 0 for p in prompts) or any(len(t) == 0 for t in targets):
             raise ValueError("every prompt and every target needs at least one token")
         seqs = [list(p) + list(t) for p, t in zip(prompts, targets)]
-        out = []
-        for logits, prompt, target in zip(self.logits(seqs), prompts, targets):
-            predicting = logits[len(prompt) - 1 : len(prompt) - 1 + len(target)]
-            ids = torch.as_tensor(list(target), device=predicting.device)
-            out.append(torch.log_softmax(predicting, dim=-1).gather(-1, ids[:, None])[:, 0])
-        return out
+        fwd = prefill(self.runner, seqs, all_positions=True)
+        rows, start = [], 0
+        for prompt, target, length in zip(prompts, targets, fwd.lengths):
+            rows.extend(range(start + len(prompt) - 1, start + len(prompt) - 1 + len(target)))
+            start += length
+        if fwd.hidden_states is None or fwd.hidden_states.shape[0] != start:
+            raise RuntimeError("the model did not hand every token's hidden state to its LogitsProcessor")
+        device = fwd.hidden_states.device
+        ids = torch.tensor([t for target in targets for t in target], device=device)
+        rows = torch.tensor(rows, device=device)
+        logprobs = target_logprobs(fwd.hidden_states[rows], fwd.lm_head, self.vocab_size, ids)
+        return list(torch.split(logprobs, [len(t) for t in targets]))
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+        """Greedy continuations: ``max_new_tokens`` token ids after each prompt (no stop tokens).
+
+        One prefill, then one decode forward per token for the whole batch (the decode CUDA graph
+        when the runner has one); the token ids stay on the device until the end."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("give at least one prompt, each with at least one token")
+        longest = max(map(len, prompts)) + max_new_tokens
+        if longest > self.runner.model_config.context_len:
+            raise ValueError(
+                f"a prompt of {max(map(len, prompts))} tokens + {max_new_tokens} new tokens exceeds the model's "
+                f"context length {self.runner.model_config.context_len}"
+            )
+        kv_tokens = sum(map(len, prompts)) + len(prompts) * max_new_tokens
+        if kv_tokens > self.runner.max_total_num_tokens:
+            raise ValueError(
+                f"the batch needs {kv_tokens} KV slots, the runner's pool holds {self.runner.max_total_num_tokens}: "
+                "build with a larger max_total_tokens or generate for fewer prompts / tokens"
+            )
+        vocab = self.vocab_size
+        fwd = prefill(self.runner, prompts)
+        ids = fwd.next_token_logits[:, :vocab].argmax(-1)
+        out = [ids]
+        for _ in range(max_new_tokens - 1):
+            ids = decode(self.runner, fwd.batch, ids).next_token_logits[:, :vocab].argmax(-1)
+            out.append(ids)
+        return torch.stack(out, 1).tolist()
 
     def loss(self, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) -> torch.Tensor:
         """Mean negative log-likelihood over all target tokens of the batch (fp32 scalar)."""
