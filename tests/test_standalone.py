@@ -46,6 +46,27 @@ def test_logprobs_and_loss_match_huggingface(runner, tiny_opt: Path) -> None:
     assert abs(runner.loss(PROMPTS, TARGETS).item() - torch.cat(nll).mean().item()) < 1e-5
 
 
+def test_generate_matches_huggingface_greedy(runner, tiny_opt: Path) -> None:
+    """generate() keeps the token ids on the device between decode steps; the tokens are HF's greedy ones."""
+    import torch
+
+    hf = hf_model(tiny_opt)
+    prompts = [[2, 10, 20, 30], [2, 7], [2, 100, 101, 102, 103]]
+    ours = runner.generate(prompts, max_new_tokens=6)
+    with torch.no_grad():
+        for prompt, got in zip(prompts, ours):
+            ids = torch.tensor([prompt])
+            want = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6,
+                               do_sample=False, pad_token_id=1)[0, len(prompt):].tolist()
+            assert got == want, (prompt, got, want)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        runner.generate(prompts, max_new_tokens=0)
+    with pytest.raises(ValueError, match="context length"):
+        runner.generate([[2] * 10], max_new_tokens=runner.runner.model_config.context_len)
+    with pytest.raises(ValueError, match="KV slots"):
+        runner.generate([[2] * 20] * 70, max_new_tokens=100)  # 70 x 120 slots > the 8192 of a CPU runner
+
+
 def test_no_stale_kv_after_an_in_place_weight_change(runner, tiny_opt: Path) -> None:
     """A perturbation changes every weight: K/V computed before it must not be read after it."""
     import torch
@@ -112,6 +133,8 @@ def test_closing_the_last_runner_destroys_the_distributed_setup(tiny_opt: Path) 
         (dict(mem_fraction_static=1.5), r"mem_fraction_static must be in \(0, 1\]"),
         (dict(max_running_requests=0), "max_running_requests must be >= 1"),
         (dict(distributed="share"), "distributed must be 'fresh' or 'reuse'"),
+        (dict(prefill_graphs=-1), "prefill_graphs must be >= 0"),
+        (dict(device="cpu", prefill_graphs=2), "prefill_graphs are CUDA graphs"),
     ],
 )
 def test_invalid_configs_say_what_is_wrong(tiny_opt: Path, fields: dict, message: str) -> None:
@@ -136,3 +159,176 @@ def test_empty_sequences_are_refused(runner) -> None:
         runner.token_logprobs([[2]], [[]])
     with pytest.raises(ValueError, match="1 prompts but 2 targets"):
         runner.token_logprobs([[2]], [[3], [4]])
+
+
+# --------------------------------------------------------------------------- tensor parallelism
+
+TP_SEQS = [[2, 10, 20, 30, 40, 50], [2, 7], [2, 100, 101, 102]]
+TP_TIMEOUT = 300
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(tp_size=0), "tp_size must be >= 1"),
+        (dict(tp_size=2, tp_rank=2, dist_port=29500), r"tp_rank must be in \[0, tp_size\) = \[0, 2\), got 2"),
+        (dict(tp_rank=-1), r"tp_rank must be in \[0, tp_size\) = \[0, 1\), got -1"),
+        (dict(tp_size=2, tp_rank=1), "tp_size=2 needs dist_port"),
+        (dict(dist_port=70000), r"dist_port must be a TCP port in \[1, 65535\]"),
+    ],
+)
+def test_invalid_tensor_parallel_configs_say_what_to_do(tiny_opt: Path, fields: dict, message: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from sglang.srt.standalone import RunnerConfig
+
+    monkeypatch.setenv("SGLANG_CPU_OMP_THREADS_BIND", "0|1")
+    with pytest.raises(ValueError, match=message):
+        RunnerConfig(model_path=str(tiny_opt), device="cpu", **fields).resolved()
+
+
+def test_tensor_parallel_fields_resolve(tiny_opt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sglang.srt.standalone import RunnerConfig, make_server_args
+
+    monkeypatch.setenv("SGLANG_CPU_OMP_THREADS_BIND", "0|1")
+    config = RunnerConfig(model_path=str(tiny_opt), device="cpu", tp_size=2, tp_rank=1, dist_port=29500).resolved()
+    assert (config.tp_size, config.tp_rank, config.dist_port) == (2, 1, 29500)
+    assert make_server_args(config).tp_size == 2
+    # 'reuse' keeps the existing world, so it needs no port; a matching server_args tp_size is accepted.
+    RunnerConfig(model_path=str(tiny_opt), device="cpu", tp_size=2, tp_rank=1, distributed="reuse",
+                 server_args={"tp_size": 2}).resolved()
+    assert make_server_args(RunnerConfig(model_path=str(tiny_opt), device="cpu")).tp_size == 1
+
+
+def test_tensor_parallel_needs_the_gpus_and_cpu_cores(tiny_opt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+    from sglang.srt import standalone
+    from sglang.srt.standalone import RunnerConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    with pytest.raises(ValueError, match=r"tp_size=2 on CUDA puts rank r on GPU r, but torch sees 1 GPU\(s\) "
+                                         r"\(CUDA_VISIBLE_DEVICES='3'\): make 2 GPUs visible"):
+        RunnerConfig(model_path=str(tiny_opt), device="cuda", tp_size=2, dist_port=29500).validate()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    RunnerConfig(model_path=str(tiny_opt), device="cuda", tp_size=2, tp_rank=1, dist_port=29500).validate()
+
+    cpu = RunnerConfig(model_path=str(tiny_opt), device="cpu", tp_size=2, dist_port=29500)
+    monkeypatch.delenv("SGLANG_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setattr(standalone, "_numa_nodes", lambda: 1)
+    with pytest.raises(ValueError, match="this machine has 1; set SGLANG_CPU_OMP_THREADS_BIND"):
+        cpu.validate()
+    monkeypatch.setattr(standalone, "_numa_nodes", lambda: 2)
+    cpu.validate()
+    monkeypatch.setattr(standalone, "_numa_nodes", lambda: 1)
+    monkeypatch.setenv("SGLANG_CPU_OMP_THREADS_BIND", "0|1")
+    cpu.validate()
+
+
+def test_a_runner_takes_tp_size_from_the_config_not_server_args(tiny_opt: Path) -> None:
+    from sglang.srt.standalone import RunnerConfig, StandaloneRunner
+
+    with pytest.raises(ValueError, match=r"server_args sets tp_size=2, the config tp_size=1: set it with "
+                                         r"RunnerConfig\(tp_size=...\)"):
+        StandaloneRunner(RunnerConfig(model_path=str(tiny_opt), device="cpu", server_args={"tp_size": 2}))
+
+
+def test_reuse_of_a_world_of_another_layout_is_refused(runner, tiny_opt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sglang.srt.standalone import RunnerConfig, StandaloneRunner
+
+    monkeypatch.setenv("SGLANG_CPU_OMP_THREADS_BIND", "0|1")
+    with pytest.raises(ValueError, match=r"existing torch.distributed world \(world size 1, rank 0\), which is not "
+                                         r"this runner's layout \(tp_size=2, tp_rank=1\)"):
+        StandaloneRunner(RunnerConfig(model_path=str(tiny_opt), device="cpu", tp_size=2, tp_rank=1,
+                                      distributed="reuse"))
+
+
+def _omp_bind(ranks: int) -> str:
+    """SGLANG_CPU_OMP_THREADS_BIND giving each rank a share of this process's cores ('0,1|2,3')."""
+    import os
+
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < ranks:
+        cpus = cpus * ranks
+    share = len(cpus) // ranks
+    return "|".join(",".join(map(str, cpus[i * share : (i + 1) * share])) for i in range(ranks))
+
+
+def tp_rank_main(model: str, rank: int, port: int, out: str) -> None:
+    """One rank of the TP=2 test (its own interpreter): a fresh runner, then a second one that reuses
+    the world; saves both ranks' results to ``out``."""
+    import torch
+    from sglang.srt.standalone import RunnerConfig, StandaloneRunner
+
+    config = RunnerConfig(model_path=model, device="cpu", tp_size=2, tp_rank=rank, dist_port=port)
+    first = StandaloneRunner(config)
+    res = dict(
+        shard_rows=first.model.lm_head.weight.shape[0],
+        logits=first.logits(TP_SEQS),
+        logprobs=first.token_logprobs(PROMPTS, TARGETS),
+        generated=first.generate(PROMPTS, 3),
+    )
+    with StandaloneRunner(RunnerConfig(model_path=model, device="cpu", tp_size=2, tp_rank=rank,
+                                       distributed="reuse")) as second:
+        res["reused_logits"] = second.logits(TP_SEQS)
+    first.close()
+    res["closed"] = not torch.distributed.is_initialized()
+    torch.save(res, out)
+
+
+@pytest.mark.slow
+def test_tp2_matches_tp1_on_cpu(runner, tiny_opt: Path, tmp_path: Path) -> None:
+    """Two processes (gloo), one rank each: the same logits, log-probs and greedy tokens as one rank.
+
+    The vocab-parallel head's logits are gathered over the TP group on every rank."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    from sglang.srt.standalone import _free_port
+
+    want_logits = runner.logits(TP_SEQS)
+    want_logprobs = runner.token_logprobs(PROMPTS, TARGETS)
+    want_generated = runner.generate(PROMPTS, 3)
+    runner.close()  # the ranks run in their own interpreters; free this one's cores
+
+    root = Path(__file__).resolve().parents[1]
+    port = _free_port()
+    env = dict(os.environ)
+    env.pop("SGLANG_ALLOW_REUSE_DISTRIBUTED", None)
+    env.setdefault("SGLANG_CPU_OMP_THREADS_BIND", _omp_bind(2))  # SGLang binds each CPU rank's threads
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", "import sys; from tests.test_standalone import tp_rank_main; "
+             "tp_rank_main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])",
+             str(tiny_opt), str(rank), str(port), str(tmp_path / f"rank{rank}.pt")],
+            cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=TP_TIMEOUT)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    for rank, (proc, output) in enumerate(zip(procs, outputs)):
+        assert proc.returncode == 0, f"rank {rank} failed (rc={proc.returncode}):\n{output[-6000:]}"
+
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    vocab = want_logits[0].shape[-1]
+    for res in ranks:
+        assert res["shard_rows"] < vocab, "the head is not sharded: not a TP=2 run"
+        for got, reused, want in zip(res["logits"], res["reused_logits"], want_logits):
+            assert got.shape == want.shape
+            assert ((got - want).norm() / want.norm()).item() <= 1e-5
+            assert torch.equal(got, reused)
+        for got, want in zip(res["logprobs"], want_logprobs):
+            assert torch.allclose(got, want, atol=1e-5), (got, want)
+        assert res["generated"] == want_generated
+        assert res["closed"] is True
+    assert all(torch.equal(a, b) for a, b in zip(ranks[0]["logits"], ranks[1]["logits"]))

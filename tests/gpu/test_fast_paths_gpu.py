@@ -1,0 +1,117 @@
+"""The native OPT's GPU fast paths against the plain computation they replace.
+
+- ``opt_kernels.add_layer_norm`` (residual add + LayerNorm in one Triton kernel) against torch's
+  add and ``layer_norm``;
+- ``target_logprobs.gather_logprobs`` (one-read log-sum-exp) against ``log_softmax(logits.float())``;
+- prefill CUDA graphs (``RunnerConfig(prefill_graphs=...)``): the eager run, the capture and the
+  replays give the same hidden states, ragged lengths included, and a replay sees an in-place
+  weight update (MeZO's case);
+- ``StandaloneRunner.generate`` (token ids kept on the device) against one decode step at a time
+  with a host round trip per token (tests/support/logits.decode).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.gpu import common
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("hidden,affine", [(768, True), (1024, True), (2048, True), (4096, True), (512, False)])
+def test_add_layer_norm_matches_torch(hidden, affine, dtype):
+    import torch
+    import torch.nn.functional as F
+
+    from sglang.srt.models.opt_kernels import add_layer_norm
+
+    g = torch.Generator(device="cuda").manual_seed(hidden)
+    dt = getattr(torch, dtype)
+    x = torch.randn(3000, hidden, device="cuda", generator=g).to(dt)
+    residual = (4 * torch.randn(3000, hidden, device="cuda", generator=g)).to(dt)
+    weight = (1 + 0.1 * torch.randn(hidden, device="cuda", generator=g)).to(dt) if affine else None
+    bias = (0.1 * torch.randn(hidden, device="cuda", generator=g)).to(dt) if affine else None
+    out, summed = add_layer_norm(x, residual, weight, bias, 1e-5, want_sum=True)
+    ref_sum = residual + x
+    ref = F.layer_norm(ref_sum, (hidden,), weight, bias, 1e-5)
+    assert torch.equal(summed, ref_sum)
+    ulp = 2.0 ** -7 if dtype == "bfloat16" else 2.0 ** -10  # one unit in the last place at magnitude 1
+    err = (out.float() - ref.float()).abs() / ref.float().abs().clamp_min(1)
+    print(f"ADD_LN {hidden} {dtype} affine={affine}: max err {err.max().item():.2e} ulp, "
+          f"{(out != ref).float().mean().item():.2%} differ", flush=True)
+    assert err.max().item() <= ulp
+    out_only, none = add_layer_norm(x, residual, weight, bias, 1e-5, want_sum=False)
+    assert none is None and torch.equal(out_only, out)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_gather_logprobs_matches_log_softmax(dtype):
+    import torch
+
+    from sglang.srt.layers.target_logprobs import gather_logprobs
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    logits = (3 * torch.randn(1537, 50272, device="cuda", generator=g)).to(getattr(torch, dtype))
+    logits[5, 17] = 40  # one dominant logit
+    targets = torch.randint(0, 50272, (1537,), device="cuda", generator=g)
+    targets[5] = 17
+    ref = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None])[:, 0]
+    got = gather_logprobs(logits, targets)
+    err = (got - ref).abs().max().item()
+    print(f"GATHER_LOGPROBS {dtype}: max abs err {err:.2e}", flush=True)
+    assert got.dtype == torch.float32 and err <= 2e-5
+    assert gather_logprobs(logits[:0], targets[:0]).shape == (0,)
+
+
+def _hidden(standalone_runner, seqs):
+    from sglang.srt.standalone import prefill
+
+    return prefill(standalone_runner.runner, seqs, all_positions=True).hidden_states.clone()
+
+
+@pytest.mark.parametrize("shape", ["opt-125m", "opt-350m"])
+def test_prefill_graphs_replay_eager(shape):
+    import torch
+
+    path = common.checkpoint(shape)
+    g = torch.Generator().manual_seed(11)
+    equal = [[2] + torch.randint(3, 50000, (255,), generator=g).tolist() for _ in range(4)]
+    ragged = [[2] + torch.randint(3, 50000, (n - 1,), generator=g).tolist() for n in (300, 7, 128, 1)]
+    with common.runner(path, "float16", prefill_graphs=4) as r:
+        graphs = r.model.model.decoder.prefill_graphs
+        for seqs in (equal, ragged):
+            runs = [_hidden(r, seqs) for _ in range(4)]  # eager, capture + replay, replay, replay
+            assert tuple(map(len, seqs)) in graphs.graphs, "no graph was captured"
+            for i, out in enumerate(runs[1:], 1):
+                assert torch.equal(out, runs[0]), f"run {i}: max diff {(out - runs[0]).abs().max().item()}"
+        # An in-place weight update (what MeZO does) is seen by the replay.
+        before = _hidden(r, equal)
+        with torch.no_grad():
+            r.model.model.decoder.layers[0].fc2.bias.add_(0.25)
+        replayed = _hidden(r, equal)
+        r.model.enable_prefill_graphs(0)
+        eager = _hidden(r, equal)
+    assert not torch.equal(replayed, before)
+    assert torch.equal(replayed, eager), f"max diff {(replayed - eager).abs().max().item()}"
+
+
+def test_generate_matches_stepwise_decode():
+    import torch
+
+    from tests.support import logits as L
+
+    path = common.checkpoint("opt-125m")
+    g = torch.Generator().manual_seed(21)
+    prompts = [[2] + torch.randint(3, 50000, (n - 1,), generator=g).tolist() for n in (40, 9, 128)]
+    with common.runner(path, "float16") as r:
+        generated = r.generate(prompts, 12)
+        first = L.prefill(r.runner, prompts)
+        step = first.next_token_logits.argmax(-1).tolist()
+        stepwise = [[t] for t in step]
+        for _ in range(11):
+            step = L.decode(r.runner, first.batch, step).argmax(-1).tolist()
+            for out, t in zip(stepwise, step):
+                out.append(t)
+        with pytest.raises(ValueError, match="context length"):
+            r.generate([[2] * 2000], 100)
+    assert generated == stepwise
