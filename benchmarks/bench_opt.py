@@ -10,13 +10,15 @@ median of --iters after warm-up.
 Workloads (same work on both sides):
 - prefill: B x S tokens, logits for the last token only (SGLang's LogitsProcessor default;
   HF with ``logits_to_keep=1``), no KV cache on the HF side (``use_cache=False``); SGLang writes its KV pool.
-- loss (MeZO's forward): mean next-token NLL over all B x S tokens. SGLang: the final hidden states
-  of every token (forward pre-hook on ``logits_processor``) -> lm_head (F.linear, model dtype)
-  -> ``cross_entropy(logits.float())``; HF: ``model(ids, labels=ids, use_cache=False).loss``
-  (the same upcast + cross entropy inside).
-- decode: batch 64, prompt P tokens, N greedy steps. SGLang: ScheduleBatch.prepare_for_decode +
-  ModelRunner.forward per step (decode CUDA graphs when they capture, eager otherwise; both reported);
-  HF: ``generate`` (greedy, dynamic cache), decode time = generate(N+1 tokens) - generate(1 token).
+  SGLang's runner keeps prefill CUDA graphs (``--prefill-graphs``), so repeated calls replay one.
+- loss (MeZO's forward): mean next-token NLL over all B x (S-1) predicted tokens. SGLang: the final
+  hidden states (forward pre-hook on ``logits_processor``) -> ``standalone.target_logprobs`` (lm_head
+  in the model dtype, fp32 log-sum-exp in one read), what ``StandaloneRunner.loss`` runs; HF:
+  ``model(ids, labels=ids, use_cache=False).loss`` (head in the model dtype, ``cross_entropy`` of
+  the fp32 upcast).
+- decode: batch 64, prompt P tokens, N greedy tokens; both sides: time of N+1 new tokens minus time
+  of 1. SGLang: ``StandaloneRunner.generate`` (decode CUDA graphs when they capture, eager
+  otherwise; both reported); HF: ``generate`` (greedy, dynamic cache).
 MFU (prefill and loss): FLOP/token = 2 x (matmul params of the decoder, + lm_head for loss)
 + causal attention 2 x layers x hidden x S (QK^T and PV over S/2 keys on average), against
 ``--peak-tflops`` (800: the bf16 dense rate measured on the device's H100, 8192^3 matmul).
@@ -25,6 +27,7 @@ MFU (prefill and loss): FLOP/token = 2 x (matmul params of the decoder, + lm_hea
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -36,7 +39,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from tests.gpu import common  # noqa: E402
 
@@ -83,9 +85,12 @@ def forward_batch(runner, seqs):
     return ForwardBatch.init_new(fwd.batch, runner, return_hidden_states_before_norm=False)
 
 
-def sgl_loss_fn(runner, fb, targets):
-    """MeZO's loss forward: every token's final hidden state -> head (model dtype) -> fp32 cross entropy,
-    as HF's ``labels=`` path does it. The hidden states are those the model hands its LogitsProcessor."""
+def sgl_loss_fn(runner, fb, rows, targets):
+    """MeZO's loss forward: the final hidden states the model hands its LogitsProcessor, at the
+    predicting ``rows`` -> head (model dtype) -> mean NLL of ``targets`` with an fp32 log-sum-exp,
+    through ``sglang.srt.standalone.target_logprobs`` (what ``StandaloneRunner.loss`` runs)."""
+    from sglang.srt.standalone import target_logprobs
+
     seen = {}
 
     def record(module, args, kwargs):
@@ -100,57 +105,63 @@ def sgl_loss_fn(runner, fb, targets):
             runner.forward(fb)
         finally:
             handle.remove()
-        logits = F.linear(seen["h"], seen["head"].weight[:vocab])
-        return F.cross_entropy(logits.float(), targets, ignore_index=-100)
+        return -target_logprobs(seen["h"][rows], seen["head"], vocab, targets).mean()
 
     return run
 
 
-def sgl_decode(runner, prompts, steps: int) -> float:
-    """Seconds for ``steps`` greedy decode steps of the whole batch after one prefill."""
-    from sglang.srt.standalone import prefill
-    from tests.support import logits as L
+FAST_PATHS = ("dense_prefill", "fc1_relu", "add_layer_norm", "split_qkv", "prefill_graphs")
 
-    with torch.no_grad():
-        ext = prefill(runner, prompts)
-        nxt = ext.next_token_logits.argmax(-1).tolist()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(steps):
-            nxt = L.decode(runner, ext.batch, nxt).argmax(-1).tolist()
-        torch.cuda.synchronize()
-        return time.perf_counter() - t
+
+@contextlib.contextmanager
+def fast_paths_off(model, off: set):
+    """The native OPT with the named GPU fast paths of opt.py switched off (FAST_PATHS), and fresh
+    prefill graphs (captured again for what is on) when they stay on."""
+    from sglang.srt.models import opt
+
+    layers = [m for m in model.modules() if isinstance(m, opt.OPTDecoderLayer)]
+    plan, add_ln = opt.DensePrefill.__dict__["plan"], opt.add_layer_norm
+    fused = [m.fuse_fc1_relu for m in layers]
+    split = [m.self_attn.split_qkv for m in layers]
+    graphs = model.model.decoder.prefill_graphs
+    if "dense_prefill" in off:
+        opt.DensePrefill.plan = classmethod(lambda cls, *a: None)
+    if "add_layer_norm" in off:
+        opt.add_layer_norm = None
+    for m, f, q in zip(layers, fused, split):
+        m.fuse_fc1_relu = f and "fc1_relu" not in off
+        m.self_attn.split_qkv = q and "split_qkv" not in off
+    model.enable_prefill_graphs(0 if graphs is None or "prefill_graphs" in off else graphs.max_graphs)
+    try:
+        yield
+    finally:
+        opt.DensePrefill.plan, opt.add_layer_norm = plan, add_ln
+        for m, f, q in zip(layers, fused, split):
+            m.fuse_fc1_relu, m.self_attn.split_qkv = f, q
+        model.model.decoder.prefill_graphs = graphs
+        if graphs is not None:
+            graphs.clear()
 
 
 def ab_prefill(runner, fn, iters: int, tokens: int) -> dict:
-    """Prefill tok/s with each of the native OPT's GPU fast paths switched off, on the same runner:
-    ``DensePrefill`` (torch flash/cuDNN attention for whole prompts) and the fused fc1+ReLU GEMM."""
-    from sglang.srt.models import opt
-
-    layers = [m for m in runner.model.modules() if isinstance(m, opt.OPTDecoderLayer)]
-    plan, fused = opt.DensePrefill.__dict__["plan"], [m.fuse_fc1_relu for m in layers]
+    """Prefill tok/s on the same runner with every fast path on, with each one switched off alone,
+    and with all of them off."""
     out = {}
-    for label, attn_on, relu_on in (("base", False, False), ("+fc1_relu", False, True),
-                                    ("+dense_prefill", True, False), ("both", True, True)):
-        opt.DensePrefill.plan = plan if attn_on else classmethod(lambda cls, h, fb: None)
-        for m, f in zip(layers, fused):
-            m.fuse_fc1_relu = f and relu_on
-        try:
+    for label, off in [("all on", set())] + [(f"-{p}", {p}) for p in FAST_PATHS] + [("all off", set(FAST_PATHS))]:
+        with fast_paths_off(runner.model, off):
             out[label] = tokens / cuda_time(fn, iters)
-        finally:
-            opt.DensePrefill.plan = plan
-            for m, f in zip(layers, fused):
-                m.fuse_fc1_relu = f
     log("  A/B prefill tok/s: " + ", ".join(f"{k} {v:,.0f}" for k, v in out.items()))
     return out
 
 
 # ------------------------------------------------------------------------------------------ profile
 def kernel_summary(fn, label: str) -> dict:
-    """One profiled call: GPU kernel time by category, and host wall time."""
+    """One profiled call (after two unprofiled ones, so that a prefill graph is captured already):
+    GPU kernel time by category, and host wall time."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
+    fn()
     fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -198,7 +209,7 @@ def kernel_summary(fn, label: str) -> dict:
 def build(path, a, graphs: bool):
     """A StandaloneRunner; decode CUDA graphs (batch ``--decode-batch`` only) when ``graphs``."""
     kw = dict(max_total_tokens=a.kv_tokens, max_running_requests=max(64, a.batch, a.decode_batch),
-              mem_fraction_static=0.6)
+              mem_fraction_static=0.6, prefill_graphs=a.prefill_graphs)
     if graphs:
         kw.update(disable_cuda_graph=False, disable_prefill_cuda_graph=True, cuda_graph_bs_decode=[a.decode_batch])
     return common.runner(path, a.dtype, **kw)
@@ -261,8 +272,8 @@ def bench_shape(name: str, a) -> dict:
             row["profile_prefill_hf"] = kernel_summary(hf_prefill, f"{name} prefill hf")
 
         # loss forward (MeZO): mean NLL over all B x (S-1) predicted tokens
-        targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1).reshape(-1)
-        sgl_loss = sgl_loss_fn(runner, fb, targets)
+        rows = torch.arange(B * S, device="cuda").view(B, S)[:, :-1].reshape(-1)
+        sgl_loss = sgl_loss_fn(runner, fb, rows, ids[:, 1:].reshape(-1))
         hf_loss = lambda: hf(ids, labels=ids, use_cache=False).loss  # noqa: E731
         row["loss_sgl"], row["loss_hf"] = sgl_loss().item(), hf_loss().item()
         record("loss", cuda_time(sgl_loss, a.iters), cuda_time(hf_loss, a.iters), flops_per_token(cfg, S, with_head=True))
@@ -270,82 +281,41 @@ def bench_shape(name: str, a) -> dict:
         if a.profile:
             row["profile_loss_sgl"] = kernel_summary(sgl_loss, f"{name} loss sglang")
             row["profile_loss_hf"] = kernel_summary(hf_loss, f"{name} loss hf")
-        del fb
+        fb = None
 
-    # decode, batch --decode-batch, greedy
+    # decode, batch --decode-batch, greedy; both sides: time of N+1 new tokens minus time of 1
     DB, P, N = a.decode_batch, a.decode_prompt, a.decode_steps
     prompts = [[2] + torch.randint(3, 50000, (P - 1,), generator=g).tolist() for _ in range(DB)]
+
+    def decode_tps(gen) -> float:
+        with torch.no_grad():
+            gen(4)
+            t1 = cuda_time(lambda: gen(1), 3, warmup=1)
+            tn = cuda_time(lambda: gen(N + 1), 2, warmup=0)
+        return DB * N / (tn - t1)
+
     try:
-        sgl_decode(runner, prompts, 4)  # warm-up
-        row["decode_sgl_tps"] = DB * N / statistics.median(sgl_decode(runner, prompts, N) for _ in range(2))
+        row["decode_sgl_tps"] = decode_tps(lambda n: sr.generate(prompts, n))
         row["decode_sgl_graphs"] = graphs
         if graphs:  # the same runner with its decode graph runner switched off: eager decode
             saved, runner.decode_cuda_graph_runner = runner.decode_cuda_graph_runner, None
             try:
-                sgl_decode(runner, prompts, 4)
-                row["decode_sgl_eager_tps"] = DB * N / sgl_decode(runner, prompts, N)
+                row["decode_sgl_eager_tps"] = decode_tps(lambda n: sr.generate(prompts, n))
             finally:
                 runner.decode_cuda_graph_runner = saved
     except Exception:
         traceback.print_exc()
     pid = torch.tensor(prompts, device="cuda")
     kw = dict(attention_mask=torch.ones_like(pid), do_sample=False, pad_token_id=1, use_cache=True)
-
-    def gen(n):
-        return hf.generate(pid, max_new_tokens=n, min_new_tokens=n, **kw)
-
-    with torch.no_grad():
-        gen(4)
-        t1 = cuda_time(lambda: gen(1), 3, warmup=1)
-        tn = cuda_time(lambda: gen(N + 1), 2, warmup=0)
-    row["decode_hf_tps"] = DB * N / (tn - t1)
+    row["decode_hf_tps"] = decode_tps(lambda n: hf.generate(pid, max_new_tokens=n, min_new_tokens=n, **kw))
     if "decode_sgl_tps" in row:
         row["decode_ratio"] = row["decode_sgl_tps"] / row["decode_hf_tps"]
     log(f"{name} decode: sgl {row.get('decode_sgl_tps', float('nan')):,.0f} tok/s "
         f"(eager {row.get('decode_sgl_eager_tps', float('nan')):,.0f})  hf {row['decode_hf_tps']:,.0f} tok/s")
-    del hf, runner
+    hf = runner = None  # the runner closes below; HF goes first
     sr.close()
     common.free_cuda()
-    if a.prefill_graph:
-        prefill_graph_experiment(path, a, seqs, targets, row)
     return row
-
-
-def prefill_graph_experiment(path, a, seqs, targets, row) -> None:
-    """EXPERIMENT (not a supported configuration): SGLang's breakable prefill CUDA graph for the native
-    OPT, one bucket of B x S tokens. 0.5.17 looks for the decoder layers as ``<model>.layers`` and skips
-    the prefill graph for OPT ("model does not have a 'layers' attribute"); here OPTModel gets a
-    ``layers`` property for the duration. Attention runs eagerly between graph segments (through the
-    configured backend: DensePrefill does not run under capture), everything else replays."""
-    from sglang.srt.models import opt
-
-    B, S = a.batch, a.seq
-    opt.OPTModel.layers = property(lambda self: self.decoder.layers)
-    sr = None
-    try:
-        sr = common.runner(path, a.dtype, max_total_tokens=a.kv_tokens, max_running_requests=max(64, B),
-                           mem_fraction_static=0.6, disable_cuda_graph=False, disable_decode_cuda_graph=True,
-                           cuda_graph_backend_prefill="breakable", cuda_graph_bs_prefill=[B * S])
-        runner = sr.runner
-        log(f"{row['shape']} prefill graph runner: {type(runner.prefill_cuda_graph_runner).__name__}")
-        with torch.no_grad():
-            fb = forward_batch(runner, seqs)
-            tps = B * S / cuda_time(lambda: runner.forward(fb), a.iters)
-            loss = sgl_loss_fn(runner, fb, targets)
-            value = loss().item()
-            loss_tps = B * S / cuda_time(loss, a.iters)
-        row.update(prefill_graph_tps=tps, prefill_graph_ratio=tps / row["prefill_hf_tps"], loss_graph_tps=loss_tps,
-                   loss_graph_ratio=loss_tps / row["loss_hf_tps"], loss_graph_value=value)
-        log(f"{row['shape']} EXPERIMENT breakable prefill graph: prefill {tps:,.0f} tok/s ({tps / row['prefill_hf_tps']:.2f}x HF),"
-            f" loss {loss_tps:,.0f} tok/s ({loss_tps / row['loss_hf_tps']:.2f}x HF), loss value {value:.4f}"
-            f" (eager {row['loss_sgl']:.4f})")
-    except Exception:
-        traceback.print_exc()
-    finally:
-        del opt.OPTModel.layers
-        if sr is not None:
-            sr.close()
-        close_all()
 
 
 def table(rows, a) -> str:
@@ -390,8 +360,8 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=800.0)
     ap.add_argument("--profile", action="store_true", help="also profile one prefill and one loss call per side")
     ap.add_argument("--ab", action="store_true", help="also measure prefill with each opt.py fast path switched off")
-    ap.add_argument("--prefill-graph", action="store_true",
-                    help="EXPERIMENT: also measure prefill/loss under a breakable prefill CUDA graph")
+    ap.add_argument("--prefill-graphs", type=int, default=4,
+                    help="RunnerConfig.prefill_graphs: CUDA graphs of the decoder for repeated prefills (0: off)")
     ap.add_argument("--json", type=Path, help="write the rows here")
     a = ap.parse_args()
     import sglang
