@@ -495,9 +495,9 @@ class PrefillGraphs:
     the K/V still go to the pool, and the output is copied out. Parameters
     are read where they are, so in-place weight updates (MeZO, load_weights)
     are seen; replacing a module or a Parameter (LoRA wrapping, set_embed)
-    drops every graph (assigning ``param.data`` is not detected). At most ``max_graphs`` are kept, least recently used
-    first out; they share one memory pool. Off unless
-    ``OPTForCausalLM.enable_prefill_graphs`` is called.
+    drops every graph (assigning ``param.data`` is not detected). At most
+    ``max_graphs`` are kept, least recently used first out; they share one
+    memory pool. Off unless ``OPTForCausalLM.enable_prefill_graphs`` is called.
     """
 
     def __init__(self, max_graphs: int) -> None:
@@ -554,9 +554,8 @@ class PrefillGraphs:
             while len(self.graphs) >= self.max_graphs:
                 del self.graphs[next(iter(self.graphs))]
             if not self.graphs:
-                self.pool = (
-                    None  # a pool whose graphs are all gone is not captured into again
-                )
+                # A pool whose graphs are all gone is not captured into again.
+                self.pool = None
             entry = self._capture(decoder, input_ids, positions, forward_batch, prefill)
         self.graphs[key] = entry
         entry.input_ids.copy_(input_ids)
