@@ -35,12 +35,9 @@ def prefill(runner, seqs: Sequence[Sequence[int]]) -> Prefill:
 
 def decode(runner, batch, next_ids: Sequence[int]) -> torch.Tensor:
     """One DECODE forward feeding ``next_ids`` (one per sequence); its next-token logits."""
-    from sglang.srt.standalone import run_batch
+    from sglang.srt.standalone import decode as standalone_decode
 
-    ids = torch.tensor(list(next_ids), dtype=torch.int64, device=runner.device)
     for req, token in zip(batch.reqs, next_ids):
         req.output_ids.append(int(token))
-    batch.output_ids = ids
-    batch.input_ids = ids
-    batch.prepare_for_decode()
-    return run_batch(runner, batch).next_token_logits[:, : runner.model_config.vocab_size].float()
+    ids = torch.tensor(list(next_ids), dtype=torch.int64, device=runner.device)
+    return standalone_decode(runner, batch, ids).next_token_logits[:, : runner.model_config.vocab_size].float()

@@ -394,10 +394,14 @@ class Forward:
         """fp32 logits at every position, one ``[length, vocab]`` tensor per sequence.
 
         At tensor parallelism > 1 a collective of the TP group (see :func:`head_logits`)."""
+        logits = head_logits(self.every_hidden_state(), self.lm_head, vocab_size).float()
+        return list(torch.split(logits, self.lengths))
+
+    def every_hidden_state(self) -> torch.Tensor:
+        """The final hidden states of every token, ``[sum(lengths), hidden]`` (``all_positions=True``)."""
         if self.hidden_states is None or self.hidden_states.shape[0] != sum(self.lengths):
             raise RuntimeError("the model did not hand every token's hidden state to its LogitsProcessor")
-        logits = head_logits(self.hidden_states, self.lm_head, vocab_size).float()
-        return list(torch.split(logits, self.lengths))
+        return self.hidden_states
 
 
 def head_logits(hidden_states: torch.Tensor, lm_head, vocab_size: int) -> torch.Tensor:
@@ -611,12 +615,10 @@ class StandaloneRunner:
         for prompt, target, length in zip(prompts, targets, fwd.lengths):
             rows.extend(range(start + len(prompt) - 1, start + len(prompt) - 1 + len(target)))
             start += length
-        if fwd.hidden_states is None or fwd.hidden_states.shape[0] != start:
-            raise RuntimeError("the model did not hand every token's hidden state to its LogitsProcessor")
-        device = fwd.hidden_states.device
-        ids = torch.tensor([t for target in targets for t in target], device=device)
-        rows = torch.tensor(rows, device=device)
-        logprobs = target_logprobs(fwd.hidden_states[rows], fwd.lm_head, self.vocab_size, ids)
+        hidden = fwd.every_hidden_state()
+        ids = torch.tensor([t for target in targets for t in target], device=hidden.device)
+        rows = torch.tensor(rows, device=hidden.device)
+        logprobs = target_logprobs(hidden[rows], fwd.lm_head, self.vocab_size, ids)
         return list(torch.split(logprobs, [len(t) for t in targets]))
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
