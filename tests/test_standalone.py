@@ -46,6 +46,21 @@ def test_logprobs_and_loss_match_huggingface(runner, tiny_opt: Path) -> None:
     assert abs(runner.loss(PROMPTS, TARGETS).item() - torch.cat(nll).mean().item()) < 1e-5
 
 
+def test_scoring_falls_back_to_the_runner_where_the_dense_path_does_not_run(runner) -> None:
+    """On the CPU the native OPT's forward_dense declines (its GPU test covers the dense path): the scoring
+    path then runs ModelRunner.forward and hands over the same hidden states as prefill(all_positions=True)."""
+    import torch
+
+    from sglang.srt import standalone
+
+    fwd = standalone.prefill(runner.runner, PROMPTS, all_positions=True)
+    forward_batch = standalone.to_forward_batch(runner.runner, standalone.extend_batch(runner.runner, PROMPTS))
+    assert runner.model.forward_dense(forward_batch, runner.runner.token_to_kv_pool, write_kv=False) is None
+    scored = standalone.score(runner.runner, PROMPTS)
+    assert scored.batch is None and scored.logits_output is None and scored.lm_head is runner.model.lm_head
+    assert torch.equal(scored.every_hidden_state(), fwd.every_hidden_state())
+
+
 def test_generate_matches_huggingface_greedy(runner, tiny_opt: Path) -> None:
     """generate() keeps the token ids on the device between decode steps; the tokens are HF's greedy ones."""
     import torch

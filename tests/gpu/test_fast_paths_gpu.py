@@ -4,8 +4,12 @@
   add and ``layer_norm``;
 - ``target_logprobs.gather_logprobs`` (one-read log-sum-exp) against ``log_softmax(logits.float())``;
 - prefill CUDA graphs (``RunnerConfig(prefill_graphs=...)``): the eager run, the capture and the
-  replays give the same hidden states, ragged lengths included, and a replay sees an in-place
-  weight update (MeZO's case);
+  replays give the same hidden states, ragged lengths included, a replay sees an in-place
+  weight update (MeZO's case), and assigning a new Parameter drops the graphs;
+- the scoring path (``standalone.final_hidden_states`` / ``score``: the native OPT's
+  ``forward_dense``, no attention-backend metadata, no LogitsProcessor) gives ModelRunner.forward's
+  hidden states bit for bit, eager and from graphs; without ``keep_kv`` it leaves the KV pool
+  untouched, with it it writes the same K/V as the runner;
 - ``StandaloneRunner.generate`` (token ids kept on the device) against one decode step at a time
   with a host round trip per token (tests/support/logits.decode).
 """
@@ -81,7 +85,7 @@ def test_prefill_graphs_replay_eager(shape):
         graphs = r.model.model.decoder.prefill_graphs
         for seqs in (equal, ragged):
             runs = [_hidden(r, seqs) for _ in range(4)]  # eager, capture + replay, replay, replay
-            assert tuple(map(len, seqs)) in graphs.graphs, "no graph was captured"
+            assert (tuple(map(len, seqs)), True) in graphs.graphs, "no graph was captured"
             for i, out in enumerate(runs[1:], 1):
                 assert torch.equal(out, runs[0]), f"run {i}: max diff {(out - runs[0]).abs().max().item()}"
         # An in-place weight update (what MeZO does) is seen by the replay.
@@ -89,10 +93,54 @@ def test_prefill_graphs_replay_eager(shape):
         with torch.no_grad():
             r.model.model.decoder.layers[0].fc2.bias.add_(0.25)
         replayed = _hidden(r, equal)
+        # Assigning a new Parameter (not an in-place update) drops the graphs; they are captured again.
+        fc2 = r.model.model.decoder.layers[1].fc2
+        original = fc2.bias
+        fc2.bias = torch.nn.Parameter(original + 0.5, requires_grad=False)
+        assigned = [_hidden(r, equal) for _ in range(3)]  # eager, capture + replay, replay
         r.model.enable_prefill_graphs(0)
         eager = _hidden(r, equal)
+        fc2.bias = original
+        eager_restored = _hidden(r, equal)
     assert not torch.equal(replayed, before)
-    assert torch.equal(replayed, eager), f"max diff {(replayed - eager).abs().max().item()}"
+    assert torch.equal(eager_restored, replayed), f"max diff {(eager_restored - replayed).abs().max().item()}"
+    assert not torch.equal(assigned[0], replayed)
+    for i, out in enumerate(assigned):
+        assert torch.equal(out, eager), f"after the assignment, run {i}: max diff {(out - eager).abs().max().item()}"
+
+
+@pytest.mark.parametrize("graphs", [0, 4])
+def test_scoring_path_matches_runner_forward(graphs):
+    import torch
+
+    from sglang.srt import standalone
+
+    path = common.checkpoint("opt-125m")
+    g = torch.Generator().manual_seed(13)
+    equal = [[2] + torch.randint(3, 50000, (199,), generator=g).tolist() for _ in range(3)]
+    ragged = [[2] + torch.randint(3, 50000, (n - 1,), generator=g).tolist() for n in (90, 1, 257)]
+    with common.runner(path, "float16", prefill_graphs=graphs) as r:
+        runner = r.runner
+        for seqs in (equal, ragged):
+            fb = standalone.to_forward_batch(runner, standalone.extend_batch(runner, seqs))
+            key = runner.token_to_kv_pool.get_key_buffer(0)
+            ref = standalone._runner_forward(runner, fb, all_positions=True)[1].clone()
+            ref_key = key[fb.out_cache_loc].clone()
+            key[fb.out_cache_loc] = 0
+            for i in range(3):  # eager, then (graphs) capture + replay, replay
+                hidden, head = standalone.final_hidden_states(runner, fb, keep_kv=False)
+                assert head is r.model.lm_head
+                assert torch.equal(hidden, ref), f"run {i}: max diff {(hidden - ref).abs().max().item()}"
+            assert not key[fb.out_cache_loc].any(), "keep_kv=False wrote K/V"
+            for i in range(3):
+                hidden, _ = standalone.final_hidden_states(runner, fb, keep_kv=True)
+                assert torch.equal(hidden, ref), f"keep_kv run {i}: max diff {(hidden - ref).abs().max().item()}"
+            assert torch.equal(key[fb.out_cache_loc], ref_key)
+            if graphs:
+                assert {(tuple(map(len, seqs)), False), (tuple(map(len, seqs)), True)} <= set(
+                    r.model.model.decoder.prefill_graphs.graphs)
+        scored = standalone.score(runner, ragged)
+        assert scored.batch is None and torch.equal(scored.every_hidden_state(), ref)
 
 
 def test_generate_matches_stepwise_decode():

@@ -14,6 +14,9 @@ token sequences, and tears the runner down::
 
 Each scoring call starts from empty KV pools, and this path has no radix
 cache: K/V computed before an in-place weight change are never read after it.
+Scoring calls keep no K/V at all: a model with a dense path of its own (the
+native OPT on the GPU, ``OPTForCausalLM.forward_dense``) skips the attention
+backend's metadata, the LogitsProcessor and the K/V writes (``score``).
 
 Several runners can live in one process: ``distributed="reuse"`` builds a
 runner on the torch.distributed and model-parallel groups that already exist
@@ -378,7 +381,8 @@ def _page_size(runner) -> int:
 @dataclass
 class Forward:
     """One forward: the batch (to continue decoding), its LogitsProcessor output,
-    and, when asked for, the final hidden states of every token and the head."""
+    and, when asked for, the final hidden states of every token and the head
+    (after :func:`score`: those only, ``batch`` and ``logits_output`` are None)."""
 
     batch: Any
     logits_output: Any
@@ -463,8 +467,9 @@ def _new_req(index: int, ids: Sequence[int], params):
     return req
 
 
-def prefill(model_runner, seqs: Sequence[Sequence[int]], *, all_positions: bool = False) -> Forward:
-    """Prefill ``seqs`` in one EXTEND forward, from empty KV pools (what was there is freed)."""
+def extend_batch(model_runner, seqs: Sequence[Sequence[int]]):
+    """A ScheduleBatch prepared to prefill ``seqs`` in one EXTEND forward, from empty KV pools
+    (what was there is freed)."""
     from sglang.srt.managers.schedule_batch import ScheduleBatch
     from sglang.srt.sampling.sampling_params import SamplingParams
     from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
@@ -490,7 +495,13 @@ def prefill(model_runner, seqs: Sequence[Sequence[int]], *, all_positions: bool 
         spec_algorithm=SpeculativeAlgorithm.NONE,
     )
     batch.prepare_for_extend()
-    return run_batch(model_runner, batch, all_positions=all_positions, lengths=[len(s) for s in seqs])
+    return batch
+
+
+def prefill(model_runner, seqs: Sequence[Sequence[int]], *, all_positions: bool = False) -> Forward:
+    """Prefill ``seqs`` in one EXTEND forward through ModelRunner.forward, from empty KV pools."""
+    return run_batch(model_runner, extend_batch(model_runner, seqs), all_positions=all_positions,
+                     lengths=[len(s) for s in seqs])
 
 
 def _forward_batch(batch, model_runner):
@@ -505,13 +516,19 @@ def _forward_batch(batch, model_runner):
     return ForwardBatch.init_new(batch, model_runner)
 
 
-def run_batch(model_runner, batch, *, all_positions: bool = False, lengths: Optional[list[int]] = None) -> Forward:
-    """Run ``batch`` (prepared for extend or decode) through the model."""
+def to_forward_batch(model_runner, batch):
+    """The ForwardBatch of ``batch`` (prepared for extend or decode), as the release's one-batch
+    benchmark builds it."""
     _bench_module()._maybe_prepare_mlp_sync_batch(batch, model_runner)
     if batch.input_ids is None and getattr(batch, "prefill_input_ids_cpu", None) is not None:
         batch.input_ids = batch.prefill_input_ids_cpu.to(batch.device)
         batch.prefill_input_ids_cpu = None
-    forward_batch = _forward_batch(batch, model_runner)
+    return _forward_batch(batch, model_runner)
+
+
+def _runner_forward(model_runner, forward_batch, all_positions: bool) -> tuple[Any, Optional[torch.Tensor], Any]:
+    """ModelRunner.forward: the LogitsProcessor's output and, when ``all_positions``, the final
+    hidden states it was handed (every token's in an EXTEND batch) and the head."""
     seen: dict[str, Any] = {}
 
     def record(module, args, kwargs):
@@ -526,8 +543,40 @@ def run_batch(model_runner, batch, *, all_positions: bool = False, lengths: Opti
         if handle is not None:
             handle.remove()
     logits_output = out[0] if isinstance(out, tuple) else out.logits_output  # a tuple up to 0.5.7
-    return Forward(batch, logits_output, lengths or [1] * len(batch.reqs),
-                   seen.get("hidden_states"), seen.get("lm_head"))
+    return logits_output, seen.get("hidden_states"), seen.get("lm_head")
+
+
+def run_batch(model_runner, batch, *, all_positions: bool = False, lengths: Optional[list[int]] = None) -> Forward:
+    """Run ``batch`` (prepared for extend or decode) through ModelRunner.forward."""
+    logits_output, hidden_states, lm_head = _runner_forward(
+        model_runner, to_forward_batch(model_runner, batch), all_positions)
+    return Forward(batch, logits_output, lengths or [1] * len(batch.reqs), hidden_states, lm_head)
+
+
+def final_hidden_states(model_runner, forward_batch, *, keep_kv: bool = True) -> tuple[torch.Tensor, Any]:
+    """The final hidden states of every token of an EXTEND ``forward_batch`` and the head.
+
+    Through the model's own ``forward_dense`` where it has one and takes the batch (the native
+    OPT on the GPU: whole prompts, no attention-backend metadata, no LogitsProcessor, and no
+    K/V writes when ``keep_kv`` is False), else through ModelRunner.forward (which always
+    writes the K/V)."""
+    dense = getattr(model_runner.model, "forward_dense", None)
+    if dense is not None:
+        hidden_states = dense(forward_batch, model_runner.token_to_kv_pool, write_kv=keep_kv)
+        if hidden_states is not None:
+            return hidden_states, model_runner.model.lm_head
+    _, hidden_states, lm_head = _runner_forward(model_runner, forward_batch, all_positions=True)
+    return hidden_states, lm_head
+
+
+def score(model_runner, seqs: Sequence[Sequence[int]]) -> Forward:
+    """One EXTEND forward of ``seqs`` for the final hidden states of every token
+    (``every_hidden_state()``, ``all_logits()``), from empty KV pools, keeping no K/V
+    (:func:`final_hidden_states`): nothing decodes after it, so ``batch`` and
+    ``logits_output`` are None."""
+    forward_batch = to_forward_batch(model_runner, extend_batch(model_runner, seqs))
+    hidden_states, lm_head = final_hidden_states(model_runner, forward_batch, keep_kv=False)
+    return Forward(None, None, [len(s) for s in seqs], hidden_states, lm_head)
 
 
 def decode(model_runner, batch, next_ids: torch.Tensor) -> Forward:
@@ -601,7 +650,7 @@ class StandaloneRunner:
 
     def logits(self, seqs: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """fp32 logits at every position: one ``[len(seq), vocab]`` tensor per sequence."""
-        return prefill(self.runner, seqs, all_positions=True).all_logits(self.vocab_size)
+        return score(self.runner, seqs).all_logits(self.vocab_size)
 
     def token_logprobs(self, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """log p(target[t] | prompt, target[:t]) for every target token, one tensor per pair."""
@@ -610,7 +659,7 @@ class StandaloneRunner:
         if any(len(p) == 0 for p in prompts) or any(len(t) == 0 for t in targets):
             raise ValueError("every prompt and every target needs at least one token")
         seqs = [list(p) + list(t) for p, t in zip(prompts, targets)]
-        fwd = prefill(self.runner, seqs, all_positions=True)
+        fwd = score(self.runner, seqs)
         rows, start = [], 0
         for prompt, target, length in zip(prompts, targets, fwd.lengths):
             rows.extend(range(start + len(prompt) - 1, start + len(prompt) - 1 + len(target)))

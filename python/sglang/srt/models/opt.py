@@ -22,7 +22,7 @@ differs from ``hidden_size``, tied or untied heads, ``enable_bias``,
 """
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -135,12 +135,15 @@ class DensePrefill:
     needs only causal self-attention within each sequence. Measured on an
     H100 (benchmarks/NOTES.md), torch's flash / cuDNN kernels run it 2.5-3x
     faster than the Triton backend's extend kernel, with far less host work
-    per layer. The K/V are still written to the KV pool (for later decode).
+    per layer. The K/V are written to the KV pool (for later decode), unless
+    ``write_kv`` is False: forwards that no decode follows
+    (``OPTForCausalLM.forward_dense``: scoring, MeZO's losses).
 
-    ``plan`` returns None, and the layer goes through RadixAttention and the
-    configured backend as usual, for anything else: CPU, fp32, prefixes,
-    mixed / speculative batches, graph capture, KV scales, pools other than
-    the plain MHA pool, context parallelism.
+    ``plan`` returns None, and every layer goes through RadixAttention and
+    the configured backend as usual, for anything else: CPU, fp32, prefixes,
+    mixed / speculative batches, graph capture, KV scales, head sizes torch's
+    flash kernels do not take, pools other than the plain MHA pool, context
+    parallelism.
     """
 
     __slots__ = (
@@ -150,26 +153,39 @@ class DensePrefill:
         "equal_lengths",
         "pool",
         "out_cache_loc",
+        "write_kv",
     )
 
     def __init__(
         self,
         lens: tuple[int, ...],
-        cu_seqlens: torch.Tensor,
+        cu_seqlens: Optional[torch.Tensor],
         pool,
         out_cache_loc: torch.Tensor,
+        write_kv: bool = True,
     ) -> None:
         self.lens = lens
-        self.cu_seqlens = cu_seqlens
         self.max_len = max(lens)
         self.equal_lengths = all(length == self.max_len for length in lens)
+        # The cumulative lengths are read by the variable-length kernel only.
+        self.cu_seqlens = None if self.equal_lengths else cu_seqlens
         self.pool = pool
         self.out_cache_loc = out_cache_loc
+        self.write_kv = write_kv
 
     @classmethod
     def plan(
-        cls, forward_batch: ForwardBatch, dtype: torch.dtype, device: torch.device
+        cls,
+        forward_batch: ForwardBatch,
+        attention: Sequence[RadixAttention],
+        dtype: torch.dtype,
+        device: torch.device,
+        kv_pool=None,
+        write_kv: bool = True,
     ) -> Optional["DensePrefill"]:
+        """The plan of ``forward_batch`` for the ``attention`` layers, or
+        None. The KV pool is the forward's (SGLang's forward context) unless
+        ``kv_pool`` is given."""
         if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
             return None
         if forward_batch.forward_mode.name != "EXTEND":
@@ -188,25 +204,34 @@ class DensePrefill:
             )
         ):
             return None
-        try:
-            from sglang.srt.model_executor.forward_context import get_token_to_kv_pool
-        except ImportError:  # up to 0.5.12: the pool is not published per forward
-            return None
-        pool = get_token_to_kv_pool()
+        if kv_pool is None:
+            try:
+                from sglang.srt.model_executor.forward_context import (
+                    get_token_to_kv_pool,
+                )
+            except ImportError:  # up to 0.5.12: the pool is not published per forward
+                return None
+            kv_pool = get_token_to_kv_pool()
         if (
-            type(pool).__name__ not in _PLAIN_MHA_POOLS
+            type(kv_pool).__name__ not in _PLAIN_MHA_POOLS
             or forward_batch.out_cache_loc is None
         ):
             return None
         if torch.cuda.is_current_stream_capturing():
             return None
-        cu_seqlens = torch.nn.functional.pad(
-            torch.cumsum(forward_batch.extend_seq_lens, 0, dtype=torch.int32), (1, 0)
-        )
-        return cls(tuple(lens), cu_seqlens, pool, forward_batch.out_cache_loc)
-
-    def usable(self, attn: RadixAttention) -> bool:
-        return attn.k_scale is None and attn.head_dim % 8 == 0 and attn.head_dim <= 256
+        if not all(
+            attn.k_scale is None and attn.head_dim % 8 == 0 and attn.head_dim <= 256
+            for attn in attention
+        ):
+            return None
+        lens = tuple(lens)
+        cu_seqlens = None
+        if any(length != lens[0] for length in lens):
+            cu_seqlens = torch.nn.functional.pad(
+                torch.cumsum(forward_batch.extend_seq_lens, 0, dtype=torch.int32),
+                (1, 0),
+            )
+        return cls(lens, cu_seqlens, kv_pool, forward_batch.out_cache_loc, write_kv)
 
     def __call__(
         self, attn: RadixAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -215,7 +240,8 @@ class DensePrefill:
         q = q.view(-1, heads, head_dim)
         k = k.view(-1, heads, head_dim)
         v = v.view(-1, heads, head_dim)
-        self.pool.set_kv_buffer(attn, self.out_cache_loc, k, v)
+        if self.write_kv:
+            self.pool.set_kv_buffer(attn, self.out_cache_loc, k, v)
         if self.equal_lengths:
             # Equal lengths: dense [batch, heads, seq, dim] views, no copies;
             # SDPA picks cuDNN / flash as for HF's OPT.
@@ -355,7 +381,7 @@ class OPTAttention(nn.Module):
         prefill: Optional[DensePrefill] = None,
     ) -> torch.Tensor:
         q, k, v = self._qkv(hidden_states)
-        if prefill is not None and prefill.usable(self.attn):
+        if prefill is not None:
             attn_output = prefill(self.attn, q, k, v)
         else:
             attn_output = self.attn(q, k, v, forward_batch)
@@ -472,6 +498,27 @@ class OPTDecoderLayer(nn.Module):
         return hidden_states, None
 
 
+class _ModuleTreeChanges:
+    """How many submodule and Parameter assignments (``module.x = ...``) the
+    process has made since the first PrefillGraphs was built, counted by
+    torch's global registration hooks: the graphs walk their decoder's
+    module tree again only after one, not on every call."""
+
+    count = 0
+    _watching = False
+
+    @classmethod
+    def watch(cls) -> None:
+        if not cls._watching:
+            nn.modules.module.register_module_module_registration_hook(cls._bump)
+            nn.modules.module.register_module_parameter_registration_hook(cls._bump)
+            cls._watching = True
+
+    @classmethod
+    def _bump(cls, module: nn.Module, name: str, value: object) -> None:
+        cls.count += 1
+
+
 @dataclass
 class _PrefillGraph:
     """A captured decoder and the tensors it reads and writes."""
@@ -492,26 +539,30 @@ class PrefillGraphs:
     lengths, and from then on replayed: one launch instead of about fifteen
     per layer, which is most of a small model's time (benchmarks/NOTES.md).
     Token ids, positions and KV slots are copied into the graph's inputs,
-    the K/V still go to the pool, and the output is copied out. Parameters
-    are read where they are, so in-place weight updates (MeZO, load_weights)
-    are seen; replacing a module or a Parameter (LoRA wrapping, set_embed)
-    drops every graph (assigning ``param.data`` is not detected). At most
+    the K/V go to the pool (unless the plan skips them: a graph of its own),
+    and the output is copied out. Parameters are read where they are, so
+    in-place weight updates (MeZO, load_weights) are seen; assigning a module
+    or a Parameter (LoRA wrapping, set_embed) drops every graph: the decoder's
+    module tree is compared after any such assignment in the process
+    (_ModuleTreeChanges; assigning ``param.data`` is not detected). At most
     ``max_graphs`` are kept, least recently used first out; they share one
     memory pool. Off unless ``OPTForCausalLM.enable_prefill_graphs`` is called.
     """
 
     def __init__(self, max_graphs: int) -> None:
         self.max_graphs = max_graphs
-        self.graphs: dict[tuple[int, ...], _PrefillGraph] = {}
-        self.seen: dict[tuple[int, ...], None] = {}
+        self.graphs: dict[tuple[tuple[int, ...], bool], _PrefillGraph] = {}
+        self.seen: dict[tuple[tuple[int, ...], bool], None] = {}
         self.pool = None
         self.stream: Optional[torch.cuda.Stream] = None
         self.fingerprint: Optional[tuple] = None
+        self.changes_seen = -1
+        _ModuleTreeChanges.watch()
 
     @staticmethod
     def _fingerprint(decoder: nn.Module) -> tuple:
-        """Every module and Parameter object of the decoder (a flat walk: this
-        runs on every call, and ``modules()`` costs several times more)."""
+        """Every module and Parameter object of the decoder (a flat walk:
+        ``modules()`` costs several times more)."""
         ids, stack = [], [decoder]
         while stack:
             module = stack.pop()
@@ -535,15 +586,15 @@ class PrefillGraphs:
         prefill: DensePrefill,
     ) -> Optional[torch.Tensor]:
         """The decoder's output from a graph, or None to run it eagerly."""
-        if get_parallel().tp_size != 1 or not all(
-            prefill.usable(layer.self_attn.attn) for layer in decoder.layers
-        ):
+        if get_parallel().tp_size != 1:
             return None
-        fingerprint = self._fingerprint(decoder)
-        if fingerprint != self.fingerprint:
-            self.clear()
-            self.fingerprint = fingerprint
-        key = prefill.lens
+        if _ModuleTreeChanges.count != self.changes_seen:
+            self.changes_seen = _ModuleTreeChanges.count
+            fingerprint = self._fingerprint(decoder)
+            if fingerprint != self.fingerprint:
+                self.clear()
+                self.fingerprint = fingerprint
+        key = (prefill.lens, prefill.write_kv)
         entry = self.graphs.pop(key, None)
         if entry is None:
             if key not in self.seen:
@@ -575,9 +626,10 @@ class PrefillGraphs:
         static_ids, static_positions = input_ids.clone(), positions.clone()
         plan = DensePrefill(
             prefill.lens,
-            prefill.cu_seqlens.clone(),
+            None if prefill.cu_seqlens is None else prefill.cu_seqlens.clone(),
             prefill.pool,
             prefill.out_cache_loc.clone(),
+            prefill.write_kv,
         )
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
@@ -662,6 +714,11 @@ class OPTDecoder(nn.Module):
             prefix=add_prefix("layers", prefix),
         )
 
+        # This rank's attention layers, for DensePrefill.plan on every forward.
+        self.attention = [
+            self.layers[i].self_attn.attn
+            for i in range(self.start_layer, self.end_layer)
+        ]
         self.prefill_graphs: Optional[PrefillGraphs] = None
 
     def forward(
@@ -673,21 +730,35 @@ class OPTDecoder(nn.Module):
         input_embeds: Optional[torch.Tensor] = None,
     ) -> Union[torch.Tensor, PPProxyTensors]:
         weight = self.embed_positions.weight
-        prefill = DensePrefill.plan(forward_batch, weight.dtype, weight.device)
+        prefill = DensePrefill.plan(
+            forward_batch, self.attention, weight.dtype, weight.device
+        )
         if (
             prefill is not None
-            and self.prefill_graphs is not None
             and input_embeds is None
             and self.pp_group.world_size == 1
         ):
+            return self.run_dense(input_ids, positions, forward_batch, prefill)
+        return self.run_layers(
+            input_ids, positions, forward_batch, prefill, pp_proxy_tensors, input_embeds
+        )
+
+    def run_dense(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        forward_batch: ForwardBatch,
+        prefill: DensePrefill,
+    ) -> torch.Tensor:
+        """The decoder of a batch that DensePrefill runs (one PP rank), from a
+        prefill graph when one is kept for it."""
+        if self.prefill_graphs is not None:
             hidden_states = self.prefill_graphs.run(
                 self, input_ids, positions, forward_batch, prefill
             )
             if hidden_states is not None:
                 return hidden_states
-        return self.run_layers(
-            input_ids, positions, forward_batch, prefill, pp_proxy_tensors, input_embeds
-        )
+        return self.run_layers(input_ids, positions, forward_batch, prefill)
 
     def run_layers(
         self,
@@ -708,8 +779,8 @@ class OPTDecoder(nn.Module):
             hidden_states = pp_proxy_tensors["hidden_states"]
 
         residual = None
-        for layer in self.layers[self.start_layer : self.end_layer]:
-            hidden_states, residual = layer(
+        for i in range(self.start_layer, self.end_layer):
+            hidden_states, residual = self.layers[i](
                 hidden_states, residual, forward_batch, prefill
             )
         if residual is not None and (
@@ -838,6 +909,36 @@ class OPTForCausalLM(nn.Module):
             return self.pooler(hidden_states, forward_batch)
         return self.logits_processor(
             input_ids, hidden_states, self.lm_head, forward_batch
+        )
+
+    @torch.no_grad()
+    def forward_dense(
+        self, forward_batch: ForwardBatch, kv_pool, *, write_kv: bool = True
+    ) -> Optional[torch.Tensor]:
+        """The final hidden states of every token of a batch of whole prompts,
+        ``[tokens, hidden]``, without the attention backend: DensePrefill on
+        ``kv_pool`` (the runner's ``token_to_kv_pool``), from a prefill graph
+        when enabled; the caller applies the head. The K/V go to the pool only
+        when ``write_kv`` (False for forwards no decode follows: scoring,
+        MeZO's losses). None when the batch needs the attention backend (CPU,
+        fp32, prefixes, pipeline parallelism, KV scales, ...): run it through
+        ModelRunner.forward then."""
+        if self.pp_group.world_size != 1:
+            return None
+        decoder = self.model.decoder
+        weight = decoder.embed_positions.weight
+        prefill = DensePrefill.plan(
+            forward_batch,
+            decoder.attention,
+            weight.dtype,
+            weight.device,
+            kv_pool,
+            write_kv,
+        )
+        if prefill is None:
+            return None
+        return decoder.run_dense(
+            forward_batch.input_ids, forward_batch.positions, forward_batch, prefill
         )
 
     def enable_prefill_graphs(self, max_graphs: int) -> None:
@@ -1002,9 +1103,11 @@ class OPTForCausalLM(nn.Module):
         return self.model.decoder.embed_tokens.weight
 
     def set_embed(self, embed: torch.Tensor) -> None:
-        embed_tokens = self.model.decoder.embed_tokens
-        del embed_tokens.weight
-        embed_tokens.weight = embed
+        decoder = self.model.decoder
+        del decoder.embed_tokens.weight
+        decoder.embed_tokens.weight = embed
+        if decoder.prefill_graphs is not None:  # a plain tensor is not a registration
+            decoder.prefill_graphs.clear()
 
     def load_kv_cache_scales(self, quantization_param_path: str) -> None:
         self.model.load_kv_cache_scales(quantization_param_path)
