@@ -8,20 +8,24 @@
 median of --iters after warm-up.
 
 Workloads (same work on both sides):
-- prefill: B x S tokens, logits for the last token only (SGLang's LogitsProcessor default;
-  HF with ``logits_to_keep=1``), no KV cache on the HF side (``use_cache=False``); SGLang writes its KV pool.
-  SGLang's runner keeps prefill CUDA graphs (``--prefill-graphs``), so repeated calls replay one.
-- loss (MeZO's forward): mean next-token NLL over all B x (S-1) predicted tokens. SGLang: the final
-  hidden states (forward pre-hook on ``logits_processor``) -> ``standalone.target_logprobs`` (lm_head
-  in the model dtype, fp32 log-sum-exp in one read), what ``StandaloneRunner.loss`` runs; HF:
-  ``model(ids, labels=ids, use_cache=False).loss`` (head in the model dtype, ``cross_entropy`` of
-  the fp32 upcast).
+- prefill: B x S tokens, logits for the last token only, no KV cache on the HF side
+  (``use_cache=False``, ``logits_to_keep=1``). SGLang: the scoring path of ``sglang.srt.standalone``
+  (``final_hidden_states`` without keeping the K/V: the native OPT's ``forward_dense``, no attention
+  backend metadata, no K/V writes), then the head at the last rows. Also reported: the same with
+  the K/V written ("prefill+kv") and through ``ModelRunner.forward`` ("prefill runner": backend
+  metadata, K/V writes, the LogitsProcessor). SGLang's runner keeps prefill CUDA graphs
+  (``--prefill-graphs``), so repeated calls replay one.
+- loss (MeZO's forward): mean next-token NLL over all B x (S-1) predicted tokens. SGLang: the same
+  scoring path -> ``standalone.target_logprobs`` (lm_head in the model dtype, fp32 log-sum-exp in
+  one read), what ``StandaloneRunner.loss`` runs; HF: ``model(ids, labels=ids, use_cache=False).loss``
+  (head in the model dtype, ``cross_entropy`` of the fp32 upcast).
 - decode: batch 64, prompt P tokens, N greedy tokens; both sides: time of N+1 new tokens minus time
   of 1. SGLang: ``StandaloneRunner.generate`` (decode CUDA graphs when they capture, eager
   otherwise; both reported); HF: ``generate`` (greedy, dynamic cache).
 MFU (prefill and loss): FLOP/token = 2 x (matmul params of the decoder, + lm_head for loss)
 + causal attention 2 x layers x hidden x S (QK^T and PV over S/2 keys on average), against
-``--peak-tflops`` (800: the bf16 dense rate measured on the device's H100, 8192^3 matmul).
+the bf16 matmul peak measured at the start of the run on the same GPU (an 8192^3 GEMM, CUDA events,
+median; ~800 TFLOP/s on the device's H100), or ``--peak-tflops``.
 """
 
 from __future__ import annotations
@@ -64,6 +68,13 @@ def cuda_time(fn, iters: int, warmup: int = 3) -> float:
     return statistics.median(ts)
 
 
+def matmul_peak_tflops(n: int = 8192, iters: int = 30) -> float:
+    """The bf16 dense matmul rate of this GPU now: an n^3 GEMM, timed as the workloads are."""
+    x = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    return 2 * n ** 3 / cuda_time(lambda: x @ y, iters, warmup=10) / 1e12
+
+
 def flops_per_token(cfg, seq: int, with_head: bool) -> float:
     h, L, f = cfg.hidden_size, cfg.num_hidden_layers, cfg.ffn_dim
     matmul = L * (4 * h * h + 2 * h * f)
@@ -76,38 +87,37 @@ def flops_per_token(cfg, seq: int, with_head: bool) -> float:
 
 # ------------------------------------------------------------------------------------------ SGLang
 def forward_batch(runner, seqs):
-    """A ForwardBatch for one EXTEND of ``seqs`` (built by sglang.srt.standalone.prefill, which runs it
-    once), to time ``runner.forward`` alone: the model and the attention backend's metadata."""
-    from sglang.srt.model_executor.forward_batch_info import ForwardBatch
-    from sglang.srt.standalone import prefill
+    """The ForwardBatch of one EXTEND of ``seqs`` (``sglang.srt.standalone``), built once: the timed
+    calls are the forward alone."""
+    from sglang.srt import standalone
 
-    fwd = prefill(runner, seqs)
-    return ForwardBatch.init_new(fwd.batch, runner, return_hidden_states_before_norm=False)
+    return standalone.to_forward_batch(runner, standalone.extend_batch(runner, seqs))
 
 
-def sgl_loss_fn(runner, fb, rows, targets):
-    """MeZO's loss forward: the final hidden states the model hands its LogitsProcessor, at the
-    predicting ``rows`` -> head (model dtype) -> mean NLL of ``targets`` with an fp32 log-sum-exp,
-    through ``sglang.srt.standalone.target_logprobs`` (what ``StandaloneRunner.loss`` runs)."""
-    from sglang.srt.standalone import target_logprobs
+def sgl_fns(runner, fb, last_rows, rows, targets) -> dict:
+    """SGLang's side of the workloads on one ForwardBatch. "prefill" / "loss": the final hidden
+    states from ``standalone.final_hidden_states`` without keeping the K/V (what StandaloneRunner's
+    scoring calls run: the native OPT's ``forward_dense`` on the GPU), then the head at the last
+    rows (prefill) or ``target_logprobs`` at the predicting rows (loss: MeZO's forward).
+    "prefill+kv": the same, writing the K/V. "prefill runner": ``ModelRunner.forward`` (attention
+    backend metadata, K/V writes, the LogitsProcessor's last-token logits)."""
+    from sglang.srt.standalone import final_hidden_states, head_logits, target_logprobs
 
-    seen = {}
-
-    def record(module, args, kwargs):
-        seen["h"], seen["head"] = args[1], args[2]
-
-    processor = runner.model.logits_processor
     vocab = runner.model_config.vocab_size
 
-    def run():
-        handle = processor.register_forward_pre_hook(record, with_kwargs=True)
-        try:
-            runner.forward(fb)
-        finally:
-            handle.remove()
-        return -target_logprobs(seen["h"][rows], seen["head"], vocab, targets).mean()
+    def prefill(keep_kv: bool):
+        def run():
+            hidden, head = final_hidden_states(runner, fb, keep_kv=keep_kv)
+            return head_logits(hidden[last_rows], head, vocab)
 
-    return run
+        return run
+
+    def loss():
+        hidden, head = final_hidden_states(runner, fb, keep_kv=False)
+        return -target_logprobs(hidden[rows], head, vocab, targets).mean()
+
+    return {"prefill": prefill(False), "prefill+kv": prefill(True), "prefill runner": lambda: runner.forward(fb),
+            "loss": loss}
 
 
 FAST_PATHS = ("dense_prefill", "fc1_relu", "add_layer_norm", "split_qkv", "prefill_graphs")
@@ -143,13 +153,15 @@ def fast_paths_off(model, off: set):
             graphs.clear()
 
 
-def ab_prefill(runner, fn, iters: int, tokens: int) -> dict:
+def ab_prefill(runner, fns: dict, iters: int, tokens: int) -> dict:
     """Prefill tok/s on the same runner with every fast path on, with each one switched off alone,
-    and with all of them off."""
+    and with all of them off; then with the K/V written, and through ModelRunner.forward."""
     out = {}
     for label, off in [("all on", set())] + [(f"-{p}", {p}) for p in FAST_PATHS] + [("all off", set(FAST_PATHS))]:
         with fast_paths_off(runner.model, off):
-            out[label] = tokens / cuda_time(fn, iters)
+            out[label] = tokens / cuda_time(fns["prefill"], iters)
+    out["-skip_kv_writes"] = tokens / cuda_time(fns["prefill+kv"], iters)
+    out["-forward_dense"] = tokens / cuda_time(fns["prefill runner"], iters)
     log("  A/B prefill tok/s: " + ", ".join(f"{k} {v:,.0f}" for k, v in out.items()))
     return out
 
@@ -259,29 +271,31 @@ def bench_shape(name: str, a) -> dict:
             f"  MFU sgl {row[f'{kind}_sgl_mfu']:.1%} hf {row[f'{kind}_hf_mfu']:.1%}")
 
     with torch.no_grad():
-        # prefill, last-token logits
+        # prefill (last-token logits) and loss (MeZO: mean NLL over all B x (S-1) predicted tokens)
         fb = forward_batch(runner, seqs)
-        sgl_prefill = lambda: runner.forward(fb)  # noqa: E731
+        pos = torch.arange(B * S, device="cuda").view(B, S)
+        fns = sgl_fns(runner, fb, pos[:, -1], pos[:, :-1].reshape(-1), ids[:, 1:].reshape(-1))
         hf_prefill = lambda: hf(ids, use_cache=False, logits_to_keep=1)  # noqa: E731
-        record("prefill", cuda_time(sgl_prefill, a.iters), cuda_time(hf_prefill, a.iters),
-               flops_per_token(cfg, S, with_head=False))
+        t_hf = cuda_time(hf_prefill, a.iters)
+        record("prefill", cuda_time(fns["prefill"], a.iters), t_hf, flops_per_token(cfg, S, with_head=False))
+        for kind in ("prefill+kv", "prefill runner"):
+            t = cuda_time(fns[kind], a.iters)
+            row[f"{kind}_ratio".replace(" ", "_")] = t_hf / t
+            log(f"{name} {kind}: sgl {B * S / t:,.0f} tok/s  sgl/hf {t_hf / t:.2f}")
         if a.ab:
-            row["prefill_ab"] = ab_prefill(runner, sgl_prefill, a.iters, B * S)
+            row["prefill_ab"] = ab_prefill(runner, fns, a.iters, B * S)
         if a.profile:
-            row["profile_prefill_sgl"] = kernel_summary(sgl_prefill, f"{name} prefill sglang")
+            row["profile_prefill_sgl"] = kernel_summary(fns["prefill"], f"{name} prefill sglang")
             row["profile_prefill_hf"] = kernel_summary(hf_prefill, f"{name} prefill hf")
 
-        # loss forward (MeZO): mean NLL over all B x (S-1) predicted tokens
-        rows = torch.arange(B * S, device="cuda").view(B, S)[:, :-1].reshape(-1)
-        sgl_loss = sgl_loss_fn(runner, fb, rows, ids[:, 1:].reshape(-1))
         hf_loss = lambda: hf(ids, labels=ids, use_cache=False).loss  # noqa: E731
-        row["loss_sgl"], row["loss_hf"] = sgl_loss().item(), hf_loss().item()
-        record("loss", cuda_time(sgl_loss, a.iters), cuda_time(hf_loss, a.iters), flops_per_token(cfg, S, with_head=True))
+        row["loss_sgl"], row["loss_hf"] = fns["loss"]().item(), hf_loss().item()
+        record("loss", cuda_time(fns["loss"], a.iters), cuda_time(hf_loss, a.iters), flops_per_token(cfg, S, with_head=True))
         log(f"{name} loss values: sgl {row['loss_sgl']:.4f} hf {row['loss_hf']:.4f}")
         if a.profile:
-            row["profile_loss_sgl"] = kernel_summary(sgl_loss, f"{name} loss sglang")
+            row["profile_loss_sgl"] = kernel_summary(fns["loss"], f"{name} loss sglang")
             row["profile_loss_hf"] = kernel_summary(hf_loss, f"{name} loss hf")
-        fb = None
+        fb = fns = None
 
     # decode, batch --decode-batch, greedy; both sides: time of N+1 new tokens minus time of 1
     DB, P, N = a.decode_batch, a.decode_prompt, a.decode_steps
@@ -331,13 +345,14 @@ def table(rows, a) -> str:
     out = [f"OPT native SGLang vs HF, {a.dtype}, prefill/loss batch {a.batch}x{a.seq}, decode batch "
            f"{a.decode_batch} (prompt {a.decode_prompt}, {a.decode_steps} steps); tok/s; ratio = SGLang/HF; "
            f"MFU vs {a.peak_tflops:.0f} TFLOP/s",
-           "| shape | prefill SGL | prefill HF | ratio | MFU SGL | MFU HF | loss SGL | loss HF | ratio | MFU SGL | MFU HF "
-           "| decode SGL (graphs) | decode SGL (eager) | decode HF | ratio |",
-           "|---|" + "---|" * 14]
+           "| shape | prefill SGL | prefill HF | ratio | MFU SGL | MFU HF | ratio +K/V | ratio runner | loss SGL | loss HF "
+           "| ratio | MFU SGL | MFU HF | decode SGL (graphs) | decode SGL (eager) | decode HF | ratio |",
+           "|---|" + "---|" * 16]
     for x in rows:
         out.append(
             f"| {x['shape']} | {k(x.get('prefill_sgl_tps', float('nan')))} | {k(x.get('prefill_hf_tps', float('nan')))} "
             f"| {r(x.get('prefill_ratio'))} | {p(x.get('prefill_sgl_mfu'))} | {p(x.get('prefill_hf_mfu'))} "
+            f"| {r(x.get('prefill+kv_ratio'))} | {r(x.get('prefill_runner_ratio'))} "
             f"| {k(x.get('loss_sgl_tps', float('nan')))} | {k(x.get('loss_hf_tps', float('nan')))} | {r(x.get('loss_ratio'))} "
             f"| {p(x.get('loss_sgl_mfu'))} | {p(x.get('loss_hf_mfu'))} "
             f"| {k(x.get('decode_sgl_tps', float('nan'))) if x.get('decode_sgl_graphs') else 'n/a'} "
@@ -357,7 +372,7 @@ def main() -> None:
     ap.add_argument("--decode-prompt", type=int, default=128)
     ap.add_argument("--decode-steps", type=int, default=128)
     ap.add_argument("--kv-tokens", type=int, default=32768, help="KV pool size (max_total_tokens)")
-    ap.add_argument("--peak-tflops", type=float, default=800.0)
+    ap.add_argument("--peak-tflops", type=float, help="the bf16 peak for MFU (default: measured at the start)")
     ap.add_argument("--profile", action="store_true", help="also profile one prefill and one loss call per side")
     ap.add_argument("--ab", action="store_true", help="also measure prefill with each opt.py fast path switched off")
     ap.add_argument("--prefill-graphs", type=int, default=4,
@@ -369,6 +384,9 @@ def main() -> None:
 
     log(f"sglang {sglang.__version__} ({Path(sglang.__file__).parent}), transformers {transformers.__version__}, "
         f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}, {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
+    if a.peak_tflops is None:
+        a.peak_tflops = matmul_peak_tflops()
+        log(f"bf16 matmul peak measured: {a.peak_tflops:.0f} TFLOP/s (8192^3)")
     rows = []
     for name in a.shapes.split(","):
         try:

@@ -2,7 +2,7 @@
 # The one command run on the GPU device (the `run` tool), from the repository root, carrying
 # .stage/device (built here by `python3 scripts/device/stage.py`):
 #
-#   bash scripts/device/run_gpu.sh [all|tests|bench|smoke|mezo] [extra pytest args...]
+#   bash scripts/device/run_gpu.sh [all|tests|bench|smoke|mezo|breakdown] [extra pytest args...]
 #
 # Unpacks the staged site (patched sglang 0.5.17, transformers 5.12.1, ...) into /tmp/site once per
 # machine, then runs the GPU tests (tests/gpu) and/or the benchmark (benchmarks/bench_opt.py).
@@ -73,6 +73,10 @@ fi
 if [ "$MODE" = all ] || [ "$MODE" = bench ]; then
   timeout "${BENCH_TIMEOUT:-560}" python3 benchmarks/bench_opt.py --shapes "${BENCH_SHAPES:-opt-125m,opt-350m,opt-1.3b}" \
     --json "$OUT/bench.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" || rc=$?
+fi
+if [ "$MODE" = breakdown ]; then
+  timeout "${BENCH_TIMEOUT:-400}" python3 benchmarks/host_breakdown.py "${BENCH_SHAPES:-opt-125m,opt-1.3b}" "$OUT" 2>&1 \
+    | tee "$OUT/breakdown.log" || rc=$?
 fi
 if [ "$MODE" = mezo ]; then
   timeout "${MEZO_TIMEOUT:-400}" python3 benchmarks/mezo_gpu.py --json "$OUT/mezo.json" ${MEZO_ARGS:-} 2>&1 \
