@@ -52,11 +52,16 @@ def log(m):
     print(m, flush=True)
 
 
-def breakdown(fn, iters=12):
-    """Median ms: whole call (events), before the graph replay, the replay, after it, host time."""
-    for _ in range(3):
+def warm_up(fn, calls=3):
+    """A few calls first (a prefill graph is captured on the second), then an idle GPU."""
+    for _ in range(calls):
         fn()
     torch.cuda.synchronize()
+
+
+def breakdown(fn, iters=12):
+    """Median ms: whole call (events), before the graph replay, the replay, after it, host time."""
+    warm_up(fn)
     rows = []
     for _ in range(iters):
         MARKS.clear()
@@ -96,9 +101,7 @@ def stamped(obj, name, label):
 
 def host_timeline(fn, iters=15):
     """Median host offsets (ms from the call's start) of the stamped points."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
+    warm_up(fn)
     runs = []
     for _ in range(iters):
         STAMPS.clear()
