@@ -167,8 +167,7 @@ class DensePrefill:
         self.lens = lens
         self.max_len = max(lens)
         self.equal_lengths = all(length == self.max_len for length in lens)
-        # The cumulative lengths are read by the variable-length kernel only.
-        self.cu_seqlens = None if self.equal_lengths else cu_seqlens
+        self.cu_seqlens = cu_seqlens
         self.pool = pool
         self.out_cache_loc = out_cache_loc
         self.write_kv = write_kv
@@ -224,14 +223,14 @@ class DensePrefill:
             for attn in attention
         ):
             return None
-        lens = tuple(lens)
-        cu_seqlens = None
-        if any(length != lens[0] for length in lens):
-            cu_seqlens = torch.nn.functional.pad(
+        plan = cls(tuple(lens), None, kv_pool, forward_batch.out_cache_loc, write_kv)
+        if not plan.equal_lengths:
+            # The cumulative lengths are read by the variable-length kernel only.
+            plan.cu_seqlens = torch.nn.functional.pad(
                 torch.cumsum(forward_batch.extend_seq_lens, 0, dtype=torch.int32),
                 (1, 0),
             )
-        return cls(lens, cu_seqlens, kv_pool, forward_batch.out_cache_loc, write_kv)
+        return plan
 
     def __call__(
         self, attn: RadixAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
