@@ -61,13 +61,15 @@ if [ "$MODE" = all ] || [ "$MODE" = tests ]; then
   python3 - "$OUT/parity.jsonl" <<'EOF' 2>&1 | tee "$OUT/parity.md"
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])] if __import__("os").path.exists(sys.argv[1]) else []
-print("| shape | dtype | rel vs HF | argmax vs HF (all) | argmax vs HF (clear, % clear) | rel SGL / HF vs fp32 | argmax SGL / HF vs fp32 |")
-print("|---|---|---|---|---|---|---|")
+print("| shape | dtype | positions | rel vs HF | argmax vs HF (all) | argmax vs HF (clear, % clear) | rel SGL / HF vs fp32 "
+      "| argmax SGL / HF vs fp32 | only SGL / only HF wrong |")
+print("|---|---|---|---|---|---|---|---|---|")
 for r in rows:
-    print(f"| {r['shape']} | {r['dtype']} | {r['rel_vs_hf']:.2e} | {100*r['argmax_vs_hf']:.2f}% | "
+    print(f"| {r['shape']} | {r['dtype']} | {r['tokens']} | {r['rel_vs_hf']:.2e} | {100*r['argmax_vs_hf']:.2f}% | "
           f"{100*r['argmax_vs_hf_clear']:.2f}% ({100*r['clear_positions']:.0f}%) | "
           f"{r['rel_sgl_vs_fp32']:.2e} / {r['rel_hf_vs_fp32']:.2e} | "
-          f"{100*r['argmax_sgl_vs_fp32']:.2f}% / {100*r['argmax_hf_vs_fp32']:.2f}% |")
+          f"{100*r['argmax_sgl_vs_fp32']:.2f}% / {100*r['argmax_hf_vs_fp32']:.2f}% | "
+          f"{r['only_sgl_wrong']} / {r['only_hf_wrong']} |")
 EOF
 fi
 if [ "$MODE" = all ] || [ "$MODE" = bench ]; then

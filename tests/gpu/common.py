@@ -22,6 +22,8 @@ SHAPES: Dict[str, Dict[str, Any]] = {
     "opt-6.7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, ffn_dim=16384,
                      word_embed_proj_dim=4096, do_layer_norm_before=True),
 }
+# The parity test's token set: 7 sequences of mixed lengths, 2048 tokens, in one EXTEND batch.
+PARITY_LENGTHS = [512, 300, 128, 37, 5, 1000, 66]
 COMMON = dict(vocab_size=50272, max_position_embeddings=2048, pad_token_id=1, bos_token_id=2, eos_token_id=2)
 MODEL_ROOT = Path(os.environ.get("OPT_GPU_MODELS", "/tmp/opt-gpu-models"))
 
@@ -41,6 +43,17 @@ def checkpoint(name: str, seed: int = 0) -> Path:
     del model
     free_cuda()
     return path
+
+
+def token_sets(count: int):
+    """``count`` sets of PARITY_LENGTHS random sequences (seeds 1234, 1235, ...), each starting with BOS."""
+    import torch
+
+    sets = []
+    for i in range(count):
+        g = torch.Generator().manual_seed(1234 + i)
+        sets.append([[2] + torch.randint(3, 50000, (n - 1,), generator=g).tolist() for n in PARITY_LENGTHS])
+    return sets
 
 
 def free_cuda() -> None:
@@ -63,11 +76,11 @@ def runner(path, dtype: str, *, distributed: str = "fresh", max_total_tokens: in
     ))
 
 
-def hf_model(path, dtype: str):
+def hf_model(path, dtype: str, attn: str = "sdpa"):
     import torch
     from transformers import OPTForCausalLM
 
-    return OPTForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).cuda().eval()
+    return OPTForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), attn_implementation=attn).cuda().eval()
 
 
 def fp32_head(hidden, weight, vocab: int):
@@ -86,6 +99,16 @@ def hf_logits(model, seqs):
             hidden = model.model.decoder(input_ids=torch.tensor([ids], device="cuda"), use_cache=False)[0][0]
             out.append(fp32_head(hidden, model.lm_head.weight, model.config.vocab_size).cpu())
     return torch.cat(out)
+
+
+def hf_logits_per_set(path, dtype: str, sets, attn: str = "sdpa"):
+    """``hf_logits`` of each token set in ``sets``, from one HF model loaded for them and freed after."""
+    model = hf_model(path, dtype, attn)
+    try:
+        return [hf_logits(model, seqs) for seqs in sets]
+    finally:
+        del model
+        free_cuda()
 
 
 def sgl_logits(standalone_runner, seqs):

@@ -2,13 +2,15 @@
 
 Parity: random weights (HF init) at the opt-125m / 350m / 1.3b / 6.7b shapes, fp16 and bf16.
 SGLang's final hidden states at EVERY position (``sglang.srt.standalone.prefill(all_positions=True)``)
-of 7 sequences of mixed lengths (2048 tokens) prefilled in one EXTEND batch, and HF's for the same
-sequences, go through the same fp32 head. An fp32 HF forward is the exact reference. Each row is
-appended to $OPT_GPU_REPORT (JSON lines). Asserted:
+of 4 token sets, each 7 sequences of mixed lengths (2048 tokens) prefilled in one EXTEND batch, and
+HF's for the same sequences, go through the same fp32 head. An fp32 HF forward is the exact
+reference. Each row is appended to $OPT_GPU_REPORT (JSON lines). Asserted over the 8192 positions:
 
 - fp16: relative error ||sgl - hf|| / ||hf|| <= 2e-3;
-- both dtypes: SGLang at least as close to the fp32 result as HF is (relative error <= 1.1x HF's,
-  argmax agreement with fp32 >= HF's - 0.5%);
+- both dtypes: SGLang at least as close to the fp32 result as HF is: relative error <= 1.1x HF's,
+  and McNemar's paired bound on the argmax: the positions only SGLang gets wrong exceed those only
+  HF gets wrong by at most 3 sqrt(their sum) (a one-sided 3-sigma test that the two half-precision
+  forwards are equally accurate);
 - argmax agreement with HF >= 99.9% at every position whose fp32 top-2 margin exceeds 6x the
   rms logit error of HF's own half-precision forward there (the "clear" positions).
 
@@ -16,7 +18,12 @@ Why not 2e-3 / 99.9% everywhere: random-weight OPTs have near-flat logits (std ~
 tokens, so the top-2 gap is often below half-precision noise), and bf16 keeps 8 bits of
 mantissa. Measured at opt-125m: HF's own fp16 forward agrees with fp32 on 99.5% of the argmaxes
 and its bf16 forward is 1.05e-2 from fp32 (97.8% argmax), so those bounds fail for HF itself.
-The all-position numbers are reported in every row.
+Why McNemar and not a fixed margin: at bf16 each forward misses fp32's argmax at ~2.5% of the
+positions, mostly different ones, so the difference of two forwards' agreement over one set of
+2048 positions has a standard deviation of ~0.3% (measured over 8 sets at opt-125m: HF's eager
+attention against HF sdpa was -0.59% on its worst set, SGLang -0.54%); the earlier fixed
+"HF's - 0.5%" margin on one set failed by chance (benchmarks/NOTES.md, "Parity spread"). The
+all-position numbers are reported in every row.
 
 OPT_GPU_SHAPES (comma-separated) restricts the shapes.
 """
@@ -26,6 +33,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -40,29 +48,20 @@ SHAPES = [s for s in os.environ.get("OPT_GPU_SHAPES", ",".join(common.SHAPES)).s
 DTYPES = ["float16", "bfloat16"]
 REL_TOL = 2e-3
 ARGMAX_MIN = 0.999
-LENGTHS = [512, 300, 128, 37, 5, 1000, 66]  # 2048 tokens
+LENGTHS = common.PARITY_LENGTHS  # 2048 tokens per set
+SETS = 4
 REPORT = Path(os.environ.get("OPT_GPU_REPORT", "/tmp/opt_gpu_parity.jsonl"))
 
 
-def _seqs():
+def _hf(path, dtype, sets):
     import torch
 
-    g = torch.Generator().manual_seed(1234)
-    return [[2] + torch.randint(3, 50000, (n - 1,), generator=g).tolist() for n in LENGTHS]
+    return torch.cat(common.hf_logits_per_set(path, dtype, sets))
 
 
-def _hf(path, dtype, seqs):
-    model = common.hf_model(path, dtype)
-    try:
-        return common.hf_logits(model, seqs)
-    finally:
-        del model
-        common.free_cuda()
-
-
-@functools.lru_cache(maxsize=1)  # one shape's fp32 reference (~0.4 GB on the CPU) at a time
+@functools.lru_cache(maxsize=1)  # one shape's fp32 reference (~1.6 GB on the CPU) at a time
 def _fp32_reference(shape):
-    return _hf(common.checkpoint(shape), "float32", _seqs())
+    return _hf(common.checkpoint(shape), "float32", common.token_sets(SETS))
 
 
 def _metrics(out, ref):
@@ -74,26 +73,32 @@ def _metrics(out, ref):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_parity_all_positions(shape, dtype):
+    import torch
+
     path = common.checkpoint(shape)
-    seqs = _seqs()
+    sets = common.token_sets(SETS)
     with common.runner(path, dtype) as r:
         assert type(r.model).__module__ == "sglang.srt.models.opt", type(r.model).__module__
-        sgl, last_sgl = common.sgl_logits(r, seqs)
+        sgl, last_sgl = (torch.cat(parts) for parts in zip(*(common.sgl_logits(r, seqs) for seqs in sets)))
     common.free_cuda()
-    hf = _hf(path, dtype, seqs)
+    hf = _hf(path, dtype, sets)
     ref32 = _fp32_reference(shape)
 
     rel, agree = _metrics(sgl, hf)
     rel32_sgl, agree32_sgl = _metrics(sgl, ref32)
     rel32_hf, agree32_hf = _metrics(hf, ref32)
-    ends = [n - 1 for n in itertools.accumulate(LENGTHS)]
+    ends = [n - 1 for n in itertools.accumulate(LENGTHS * SETS)]
     last_rel, _ = _metrics(last_sgl, sgl[ends])
+    top1 = ref32.argmax(-1)
+    sgl_right, hf_right = sgl.argmax(-1) == top1, hf.argmax(-1) == top1
+    only_sgl_wrong, only_hf_wrong = int((hf_right & ~sgl_right).sum()), int((sgl_right & ~hf_right).sum())
     top2 = ref32.topk(2, dim=-1).values
     clear = (top2[:, 0] - top2[:, 1]) > 6 * (hf - ref32).pow(2).mean(-1).sqrt()
     agree_clear = (sgl.argmax(-1) == hf.argmax(-1))[clear].float().mean().item()
-    row = dict(shape=shape, dtype=dtype, tokens=sum(LENGTHS), rel_vs_hf=rel, argmax_vs_hf=agree,
+    row = dict(shape=shape, dtype=dtype, tokens=SETS * sum(LENGTHS), rel_vs_hf=rel, argmax_vs_hf=agree,
                rel_sgl_vs_fp32=rel32_sgl, argmax_sgl_vs_fp32=agree32_sgl,
-               rel_hf_vs_fp32=rel32_hf, argmax_hf_vs_fp32=agree32_hf, last_token_path_rel=last_rel,
+               rel_hf_vs_fp32=rel32_hf, argmax_hf_vs_fp32=agree32_hf, only_sgl_wrong=only_sgl_wrong,
+               only_hf_wrong=only_hf_wrong, last_token_path_rel=last_rel,
                clear_positions=clear.float().mean().item(), argmax_vs_hf_clear=agree_clear)
     print("PARITY " + json.dumps(row), flush=True)
     with REPORT.open("a") as f:
@@ -103,7 +108,7 @@ def test_parity_all_positions(shape, dtype):
     if dtype == "float16":
         assert rel <= REL_TOL, row
     assert rel32_sgl <= 1.1 * rel32_hf, row
-    assert agree32_sgl >= agree32_hf - 0.005, row
+    assert only_sgl_wrong - only_hf_wrong <= 3 * math.sqrt(only_sgl_wrong + only_hf_wrong), row
     assert agree_clear >= ARGMAX_MIN, row
 
 
