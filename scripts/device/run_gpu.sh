@@ -2,13 +2,14 @@
 # The one command run on the GPU device (the `run` tool), from the repository root, carrying
 # .stage/device (built here by `python3 scripts/device/stage.py`):
 #
-#   bash scripts/device/run_gpu.sh [all|tests|bench|smoke|mezo|breakdown] [extra pytest args...]
+#   bash scripts/device/run_gpu.sh [all|tests|bench|smoke|mezo|breakdown|spread] [extra pytest args...]
 #
 # Unpacks the staged site (patched sglang 0.5.17, transformers 5.12.1, ...) into /tmp/site once per
 # machine, then runs the GPU tests (tests/gpu) and/or the benchmark (benchmarks/bench_opt.py).
 # Logs and results go under $OUT (what the device tool brings back; /tmp/gpu-out elsewhere).
 # Knobs: OPT_GPU_SHAPES (tests), GATE=0 (skip the DensePrefill gate), BENCH_SHAPES, BENCH_ARGS (e.g.
-# --ab --profile), MEZO_ARGS, TESTS_TIMEOUT, BENCH_TIMEOUT, MEZO_TIMEOUT (seconds).
+# --ab --profile), MEZO_ARGS, SPREAD_SHAPES, SPREAD_ARGS (e.g. --sets 16), TESTS_TIMEOUT, BENCH_TIMEOUT,
+# MEZO_TIMEOUT, SPREAD_TIMEOUT (seconds).
 set -o pipefail
 cd "$(dirname "$0")/../.." || exit 1
 REPO=$PWD
@@ -79,6 +80,10 @@ fi
 if [ "$MODE" = breakdown ]; then
   timeout "${BENCH_TIMEOUT:-400}" python3 benchmarks/host_breakdown.py "${BENCH_SHAPES:-opt-125m,opt-1.3b}" "$OUT" 2>&1 \
     | tee "$OUT/breakdown.log" || rc=$?
+fi
+if [ "$MODE" = spread ]; then
+  timeout "${SPREAD_TIMEOUT:-500}" python3 benchmarks/parity_spread.py --shapes "${SPREAD_SHAPES:-opt-125m}" \
+    --json "$OUT/spread.json" ${SPREAD_ARGS:-} 2>&1 | tee "$OUT/spread.log" || rc=$?
 fi
 if [ "$MODE" = mezo ]; then
   timeout "${MEZO_TIMEOUT:-400}" python3 benchmarks/mezo_gpu.py --json "$OUT/mezo.json" ${MEZO_ARGS:-} 2>&1 \
