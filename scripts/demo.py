@@ -1,7 +1,7 @@
 """The overlay's main job in one screen: SGLang's native OPT in-process, against HuggingFace.
 
 Builds a tiny random OPT checkpoint (no model hub needed), a ModelRunner on it
-through ``sglang.srt.standalone`` (CPU, fp32), scores a batch of unequal
+through ``sglang.overlay`` (CPU, fp32), scores a batch of unequal
 lengths, and prints the logits next to HuggingFace OPTForCausalLM's on the
 same weights. Then builds a second runner in the same process
 (SGLANG_ALLOW_REUSE_DISTRIBUTED) and checks it agrees.
@@ -20,7 +20,7 @@ from transformers import OPTConfig, OPTForCausalLM
 
 import sglang.overlay
 from sglang.srt.models.registry import ModelRegistry
-from sglang.srt.standalone import RunnerConfig, StandaloneRunner
+from sglang.overlay import RunnerConfig, StandaloneRunner
 
 SEQS = [[2, 100, 200, 300, 400, 11, 7], [2, 5, 6], [2, 42, 43, 44, 45]]
 

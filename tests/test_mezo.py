@@ -1,4 +1,4 @@
-"""scripts/mezo.py: MeZO on the in-process runner equals an independent HF MeZO.
+"""sglang/overlay/mezo.py: MeZO on the in-process runner equals an independent HF MeZO.
 
 The reference (tests/support/mezo_reference.py) trains HF ``OPTForCausalLM`` on
 CPU in fp32 from the same seeds. Step sizes are chosen so that the weights move
@@ -33,7 +33,7 @@ FULL_VARIANTS = {
 @pytest.fixture
 def build():
     """Builds StandaloneRunners on CPU; closes them after the test."""
-    from sglang.srt.standalone import RunnerConfig, StandaloneRunner
+    from sglang.overlay import RunnerConfig, StandaloneRunner
 
     built = []
 
@@ -62,7 +62,7 @@ def max_weight_diff(a: dict, b: dict) -> float:
 
 
 def train_both(runner, model_dir: Path, hyper: dict, out_dir: Path):
-    from scripts.mezo import MeZO, MeZOConfig
+    from sglang.overlay.mezo import MeZO, MeZOConfig
     from tests.support.mezo_reference import ReferenceMeZO, seed_for
 
     trainer = MeZO(runner, MeZOConfig(**hyper))
@@ -93,7 +93,7 @@ def test_full_training_equals_the_hf_reference(variant: str, build, tmp_path: Pa
 def test_lora_training_equals_the_hf_reference_and_leaves_base_weights(build, tiny_opt: Path, tmp_path: Path) -> None:
     import torch
 
-    from scripts.mezo import MeZO
+    from sglang.overlay.mezo import MeZO
 
     runner = build(tiny_opt)
     base = {name: p.detach().clone() for name, p in runner.model.named_parameters()}
@@ -120,7 +120,7 @@ def test_scoring_after_an_in_place_perturbation_sees_only_the_new_weights(build,
     """
     import torch
 
-    from scripts.mezo import MeZO, MeZOConfig
+    from sglang.overlay.mezo import MeZO, MeZOConfig
 
     runner = build(tiny_opt)
     assert runner.server_args.disable_radix_cache
@@ -155,7 +155,7 @@ def hf_loss(model) -> float:
 def test_the_same_seed_gives_identical_weights(build, tiny_opt: Path) -> None:
     import torch
 
-    from scripts.mezo import MeZO, MeZOConfig
+    from sglang.overlay.mezo import MeZO, MeZOConfig
 
     runs = []
     for _ in range(2):
@@ -173,7 +173,7 @@ def test_unmapped_or_mismatched_parameters_are_refused(build, tiny_opt: Path) ->
     import torch
     from transformers import AutoConfig
 
-    from scripts.mezo import hf_parameter_views
+    from sglang.overlay.mezo import hf_parameter_views
 
     runner = build(tiny_opt)
     config = AutoConfig.from_pretrained(tiny_opt)
@@ -202,7 +202,7 @@ def test_unmapped_or_mismatched_parameters_are_refused(build, tiny_opt: Path) ->
     ],
 )
 def test_invalid_configs_say_what_is_wrong(fields: dict, message: str) -> None:
-    from scripts.mezo import MeZOConfig
+    from sglang.overlay.mezo import MeZOConfig
 
     MeZOConfig().validate()
     with pytest.raises(ValueError, match=message):
@@ -210,7 +210,7 @@ def test_invalid_configs_say_what_is_wrong(fields: dict, message: str) -> None:
 
 
 def test_tensor_parallel_runners_are_refused() -> None:
-    from scripts.mezo import MeZO, MeZOConfig
+    from sglang.overlay.mezo import MeZO, MeZOConfig
 
     runner = SimpleNamespace(server_args=SimpleNamespace(tp_size=2, pp_size=1))
     with pytest.raises(ValueError, match="tensor-parallel size 1 only, the runner has 2"):
@@ -218,7 +218,7 @@ def test_tensor_parallel_runners_are_refused() -> None:
 
 
 def test_command_line_trains_and_saves_a_checkpoint(tiny_opt: Path, tmp_path: Path, capsys) -> None:
-    from scripts.mezo import main
+    from sglang.overlay.mezo import main
 
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"prompt": p, "target": t}) + "\n" for p, t in zip(PROMPTS, TARGETS)))

@@ -1,4 +1,4 @@
-"""sglang.srt.standalone: the in-process runner API on a real ModelRunner (CPU, fp32)."""
+"""sglang.overlay: the in-process runner API on a real ModelRunner (CPU, fp32)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def hf_model(path: Path):
 
 @pytest.fixture
 def runner(tiny_opt: Path):
-    from sglang.srt.standalone import RunnerConfig, StandaloneRunner
+    from sglang.overlay import RunnerConfig, StandaloneRunner
 
     built = StandaloneRunner(RunnerConfig(model_path=str(tiny_opt), device="cpu"))
     yield built
@@ -47,16 +47,17 @@ def test_logprobs_and_loss_match_huggingface(runner, tiny_opt: Path) -> None:
 
 
 def test_scoring_falls_back_to_the_runner_where_the_dense_path_does_not_run(runner) -> None:
-    """On the CPU the native OPT's forward_dense declines (its GPU test covers the dense path): the scoring
-    path then runs ModelRunner.forward and hands over the same hidden states as prefill(all_positions=True)."""
+    """On the CPU the dense scoring engine declines (its GPU test covers it): the scoring path then runs
+    ModelRunner.forward and hands over the same hidden states as prefill(all_positions=True)."""
     import torch
 
-    from sglang.srt import standalone
+    from sglang.overlay import compat, forward
 
-    fwd = standalone.prefill(runner.runner, PROMPTS, all_positions=True)
-    forward_batch = standalone.to_forward_batch(runner.runner, standalone.extend_batch(runner.runner, PROMPTS))
-    assert runner.model.forward_dense(forward_batch, runner.runner.token_to_kv_pool, write_kv=False) is None
-    scored = standalone.score(runner.runner, PROMPTS)
+    assert runner.engine is not None  # the native OPT gets an engine; it declines CPU batches
+    fwd = forward.prefill(runner.runner, PROMPTS, all_positions=True)
+    forward_batch = compat.forward_batch_of(runner.runner, forward.extend_batch(runner.runner, PROMPTS))
+    assert runner.engine.forward(forward_batch, runner.runner.token_to_kv_pool, write_kv=False) is None
+    scored = forward.score(runner.runner, PROMPTS, engine=runner.engine)
     assert scored.batch is None and scored.logits_output is None and scored.lm_head is runner.model.lm_head
     assert torch.equal(scored.every_hidden_state(), fwd.every_hidden_state())
 
@@ -121,7 +122,7 @@ def reload_into_hf(runner, hf):
 
 def test_a_second_fresh_runner_is_refused_and_reuse_works(runner, tiny_opt: Path) -> None:
     import torch
-    from sglang.srt.standalone import RunnerConfig, StandaloneRunner
+    from sglang.overlay import RunnerConfig, StandaloneRunner
 
     with pytest.raises(ValueError, match="already exist in this process"):
         StandaloneRunner(RunnerConfig(model_path=str(tiny_opt), device="cpu"))
@@ -132,11 +133,42 @@ def test_a_second_fresh_runner_is_refused_and_reuse_works(runner, tiny_opt: Path
 
 def test_closing_the_last_runner_destroys_the_distributed_setup(tiny_opt: Path) -> None:
     import torch
-    from sglang.srt.standalone import RunnerConfig, StandaloneRunner
+    from sglang.overlay import RunnerConfig, StandaloneRunner
 
     with StandaloneRunner(RunnerConfig(model_path=str(tiny_opt), device="cpu")):
         assert torch.distributed.is_initialized()
     assert not torch.distributed.is_initialized()
+
+
+def test_runners_leave_the_callers_own_world_alive(tiny_opt: Path) -> None:
+    """Runners built with reuse on the caller's init_process_group destroy only what they created:
+    after both close, the caller's world is there and its all-reduce works; reuse was not passed
+    through the environment."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+    from sglang.overlay import RunnerConfig, StandaloneRunner
+    from sglang.overlay.compat import free_port
+    from sglang.srt.distributed import parallel_state
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", world_size=1, rank=0)
+    try:
+        first = StandaloneRunner(RunnerConfig(model_path=str(tiny_opt), device="cpu", distributed="reuse"))
+        second = StandaloneRunner(RunnerConfig(model_path=str(tiny_opt), device="cpu", distributed="reuse"))
+        assert "SGLANG_ALLOW_REUSE_DISTRIBUTED" not in os.environ
+        assert all(torch.equal(a, b) for a, b in zip(first.logits(PROMPTS), second.logits(PROMPTS)))
+        first.close()
+        second.close()
+        assert dist.is_initialized()
+        assert not parallel_state.model_parallel_is_initialized(), "the runners' own groups are destroyed"
+        value = torch.ones(3)
+        dist.all_reduce(value)
+        assert value.tolist() == [1.0, 1.0, 1.0]
+    finally:
+        parallel_state.destroy_model_parallel()
+        parallel_state.destroy_distributed_environment()
+    assert not dist.is_initialized()
 
 
 @pytest.mark.parametrize(
@@ -153,14 +185,14 @@ def test_closing_the_last_runner_destroys_the_distributed_setup(tiny_opt: Path) 
     ],
 )
 def test_invalid_configs_say_what_is_wrong(tiny_opt: Path, fields: dict, message: str) -> None:
-    from sglang.srt.standalone import RunnerConfig
+    from sglang.overlay import RunnerConfig
 
     with pytest.raises(ValueError, match=message):
         RunnerConfig(model_path=str(tiny_opt), **fields).resolved()
 
 
 def test_a_directory_without_a_model_is_refused(tmp_path: Path) -> None:
-    from sglang.srt.standalone import RunnerConfig
+    from sglang.overlay import RunnerConfig
 
     with pytest.raises(ValueError, match="has no config.json"):
         RunnerConfig(model_path=str(tmp_path)).resolved()
@@ -194,7 +226,7 @@ TP_TIMEOUT = 300
 )
 def test_invalid_tensor_parallel_configs_say_what_to_do(tiny_opt: Path, fields: dict, message: str,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from sglang.srt.standalone import RunnerConfig
+    from sglang.overlay import RunnerConfig
 
     monkeypatch.setenv("SGLANG_CPU_OMP_THREADS_BIND", "0|1")
     with pytest.raises(ValueError, match=message):
@@ -202,7 +234,7 @@ def test_invalid_tensor_parallel_configs_say_what_to_do(tiny_opt: Path, fields: 
 
 
 def test_tensor_parallel_fields_resolve(tiny_opt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from sglang.srt.standalone import RunnerConfig, make_server_args
+    from sglang.overlay.config import RunnerConfig, make_server_args
 
     monkeypatch.setenv("SGLANG_CPU_OMP_THREADS_BIND", "0|1")
     config = RunnerConfig(model_path=str(tiny_opt), device="cpu", tp_size=2, tp_rank=1, dist_port=29500).resolved()
@@ -216,8 +248,8 @@ def test_tensor_parallel_fields_resolve(tiny_opt: Path, monkeypatch: pytest.Monk
 
 def test_tensor_parallel_needs_the_gpus_and_cpu_cores(tiny_opt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
-    from sglang.srt import standalone
-    from sglang.srt.standalone import RunnerConfig
+    from sglang.overlay import config as overlay_config
+    from sglang.overlay import RunnerConfig
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
@@ -230,18 +262,18 @@ def test_tensor_parallel_needs_the_gpus_and_cpu_cores(tiny_opt: Path, monkeypatc
 
     cpu = RunnerConfig(model_path=str(tiny_opt), device="cpu", tp_size=2, dist_port=29500)
     monkeypatch.delenv("SGLANG_CPU_OMP_THREADS_BIND", raising=False)
-    monkeypatch.setattr(standalone, "_numa_nodes", lambda: 1)
+    monkeypatch.setattr(overlay_config, "_numa_nodes", lambda: 1)
     with pytest.raises(ValueError, match="this machine has 1; set SGLANG_CPU_OMP_THREADS_BIND"):
         cpu.validate()
-    monkeypatch.setattr(standalone, "_numa_nodes", lambda: 2)
+    monkeypatch.setattr(overlay_config, "_numa_nodes", lambda: 2)
     cpu.validate()
-    monkeypatch.setattr(standalone, "_numa_nodes", lambda: 1)
+    monkeypatch.setattr(overlay_config, "_numa_nodes", lambda: 1)
     monkeypatch.setenv("SGLANG_CPU_OMP_THREADS_BIND", "0|1")
     cpu.validate()
 
 
 def test_a_runner_takes_tp_size_from_the_config_not_server_args(tiny_opt: Path) -> None:
-    from sglang.srt.standalone import RunnerConfig, StandaloneRunner
+    from sglang.overlay import RunnerConfig, StandaloneRunner
 
     with pytest.raises(ValueError, match=r"server_args sets tp_size=2, the config tp_size=1: set it with "
                                          r"RunnerConfig\(tp_size=...\)"):
@@ -249,7 +281,7 @@ def test_a_runner_takes_tp_size_from_the_config_not_server_args(tiny_opt: Path) 
 
 
 def test_reuse_of_a_world_of_another_layout_is_refused(runner, tiny_opt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from sglang.srt.standalone import RunnerConfig, StandaloneRunner
+    from sglang.overlay import RunnerConfig, StandaloneRunner
 
     monkeypatch.setenv("SGLANG_CPU_OMP_THREADS_BIND", "0|1")
     with pytest.raises(ValueError, match=r"existing torch.distributed world \(world size 1, rank 0\), which is not "
@@ -273,7 +305,7 @@ def tp_rank_main(model: str, rank: int, port: int, out: str) -> None:
     """One rank of the TP=2 test (its own interpreter): a fresh runner, then a second one that reuses
     the world; saves both ranks' results to ``out``."""
     import torch
-    from sglang.srt.standalone import RunnerConfig, StandaloneRunner
+    from sglang.overlay import RunnerConfig, StandaloneRunner
 
     config = RunnerConfig(model_path=model, device="cpu", tp_size=2, tp_rank=rank, dist_port=port)
     first = StandaloneRunner(config)
@@ -301,7 +333,7 @@ def test_tp2_matches_tp1_on_cpu(runner, tiny_opt: Path, tmp_path: Path) -> None:
     import sys
 
     import torch
-    from sglang.srt.standalone import _free_port
+    from sglang.overlay.compat import free_port as _free_port
 
     want_logits = runner.logits(TP_SEQS)
     want_logprobs = runner.token_logprobs(PROMPTS, TARGETS)

@@ -1,7 +1,7 @@
 """Logits from a real ModelRunner at every position, and a decode step.
 
 SGLang's LogitsProcessor computes logits only where sampling needs them (the
-last position of each sequence). ``sglang.srt.standalone`` records what the
+last position of each sequence). ``sglang.overlay`` records what the
 model hands its LogitsProcessor (the final hidden states of all tokens and the
 head) and applies the head to them; the LogitsProcessor's own last-position
 logits come back too, so the tests also check that path.
@@ -26,7 +26,7 @@ class Prefill:
 
 def prefill(runner, seqs: Sequence[Sequence[int]]) -> Prefill:
     """Prefill ``seqs`` in one EXTEND forward; logits at every position."""
-    from sglang.srt.standalone import prefill as standalone_prefill
+    from sglang.overlay.forward import prefill as standalone_prefill
 
     vocab_size = runner.model_config.vocab_size
     fwd = standalone_prefill(runner, seqs, all_positions=True)
@@ -35,7 +35,7 @@ def prefill(runner, seqs: Sequence[Sequence[int]]) -> Prefill:
 
 def decode(runner, batch, next_ids: Sequence[int]) -> torch.Tensor:
     """One DECODE forward feeding ``next_ids`` (one per sequence); its next-token logits."""
-    from sglang.srt.standalone import decode as standalone_decode
+    from sglang.overlay.forward import decode as standalone_decode
 
     for req, token in zip(batch.reqs, next_ids):
         req.output_ids.append(int(token))

@@ -1,6 +1,6 @@
 """An independent MeZO on HuggingFace ``OPTForCausalLM`` (fp32, CPU): the tests' reference.
 
-Written from the MeZO paper and the spec in ``scripts/mezo.py``'s docstring (step
+Written from the MeZO paper and the spec in ``sglang/overlay/mezo.py``'s docstring (step
 seeds, z order, LoRA scheme), not from its code: each step draws z from a
 ``torch.Generator`` seeded with SHA-256 of ``"mezo:<seed>:step:<k>"``, one tensor
 per trainable parameter in ``named_parameters()`` order; the loss is the mean

@@ -1,7 +1,7 @@
 """Real SGLang on CPU for the tests: tiny random OPT checkpoints and ModelRunners.
 
 Runners are built through the overlay's public in-process API,
-``sglang.srt.standalone``, which knows each supported release's API era. These
+``sglang.overlay``, which knows each supported release's API era. These
 helpers add the tests' CPU defaults and the raw ModelRunner access the tests need.
 """
 
@@ -27,7 +27,7 @@ TINY_OPT = dict(
 
 
 def free_port() -> int:
-    from sglang.srt.standalone import _free_port
+    from sglang.overlay.compat import free_port as _free_port
 
     return _free_port()
 
@@ -52,7 +52,7 @@ def is_runtime_context_era() -> bool:
 
 def server_args(model_path: Path, **overrides: Any):
     """CPU fp32 ServerArgs for ``model_path``; ``overrides`` are further ServerArgs fields."""
-    from sglang.srt.standalone import RunnerConfig, make_server_args
+    from sglang.overlay.config import RunnerConfig, make_server_args
 
     return make_server_args(RunnerConfig(
         model_path=str(model_path), device="cpu", max_total_tokens=2048, max_running_requests=8,
@@ -62,14 +62,14 @@ def server_args(model_path: Path, **overrides: Any):
 
 def build_runner(model_path: Path, **overrides: Any):
     """A raw ModelRunner; distributed reuse follows SGLANG_ALLOW_REUSE_DISTRIBUTED as set by the caller."""
-    from sglang.srt.standalone import build_model_runner
+    from sglang.overlay.compat import build_model_runner
 
     return build_model_runner(server_args(model_path, **overrides))
 
 
 def extend(runner, seqs: Sequence[Sequence[int]]):
     """Prefill ``seqs`` in one EXTEND forward (``.next_token_logits``, ``.batch``)."""
-    from sglang.srt.standalone import prefill
+    from sglang.overlay.forward import prefill
 
     return prefill(runner, seqs)
 

@@ -16,6 +16,8 @@ matches what is requested:
 
 A mismatch raises ``ValueError`` naming the existing and the requested values.
 With the variable unset or false nothing here changes upstream behaviour.
+In-process callers that build a ModelRunner can ask for the same without
+touching the environment: ``with allow_reuse(): ModelRunner(...)``.
 
 This module has no import-time dependency on ``parallel_state`` so that
 ``parallel_state`` can import it.
@@ -23,8 +25,9 @@ This module has no import-time dependency on ``parallel_state`` so that
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Dict, List, Optional, Set
+from typing import Dict, Iterator, List, Optional, Set
 
 import torch
 import torch.distributed
@@ -40,11 +43,25 @@ REUSE_DISTRIBUTED_ENV = "SGLANG_ALLOW_REUSE_DISTRIBUTED"
 
 # Which reuse messages this process has logged already ("world", "model_parallel").
 _LOGGED: Set[str] = set()
+# How many allow_reuse() blocks are open.
+_ALLOWED_BLOCKS = 0
 
 
 def reuse_distributed_enabled() -> bool:
-    """Whether ``SGLANG_ALLOW_REUSE_DISTRIBUTED`` is true (get_bool_env_var spellings)."""
-    return get_bool_env_var(REUSE_DISTRIBUTED_ENV)
+    """Whether reuse is allowed: inside ``allow_reuse()``, or
+    ``SGLANG_ALLOW_REUSE_DISTRIBUTED`` is true (get_bool_env_var spellings)."""
+    return _ALLOWED_BLOCKS > 0 or get_bool_env_var(REUSE_DISTRIBUTED_ENV)
+
+
+@contextlib.contextmanager
+def allow_reuse() -> Iterator[None]:
+    """Allow reuse within this block, as SGLANG_ALLOW_REUSE_DISTRIBUTED=1 does."""
+    global _ALLOWED_BLOCKS
+    _ALLOWED_BLOCKS += 1
+    try:
+        yield
+    finally:
+        _ALLOWED_BLOCKS -= 1
 
 
 def _log_once(key: str, msg: str, *args) -> None:

@@ -22,8 +22,7 @@ differs from ``hidden_size``, tied or untied heads, ``enable_bias``,
 """
 
 import re
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from typing import Optional, Union
 
 import torch
@@ -31,6 +30,7 @@ from torch import nn
 from transformers import OPTConfig
 
 from sglang.srt.layers.activation import NewGELU, QuickGELU, ReLU2
+from sglang.srt.layers.add_layernorm import AddLayerNorm
 from sglang.srt.layers.linear import (
     ColumnParallelLinear,
     QKVParallelLinear,
@@ -52,11 +52,6 @@ from sglang.srt.model_loader.weight_utils import (
 )
 from sglang.srt.models.opt_compat import get_parallel, make_pp_layers
 from sglang.srt.utils import add_prefix
-
-try:
-    from sglang.srt.models.opt_kernels import add_layer_norm
-except ImportError:  # no Triton: torch's add and LayerNorm
-    add_layer_norm = None
 
 # HF's ``ACT2FN`` names that OPT configs may use, each with the module that
 # computes it: SGLang's activation layer where it has one, else torch's.
@@ -121,184 +116,6 @@ class OPTLearnedPositionalEmbedding(nn.Embedding):
         return super().forward(positions + self.offset)
 
 
-# KV pools whose set_kv_buffer takes the batch's out_cache_loc and unscaled
-# K/V as the attention backends hand them over (no loc translation, no
-# quantization): those DensePrefill writes to.
-_PLAIN_MHA_POOLS = ("MHATokenToKVPool", "PageMajorMHATokenToKVPool")
-
-
-class DensePrefill:
-    """Attention for a batch of whole prompts on the GPU with torch's kernels.
-
-    An EXTEND batch whose sequences all start from an empty KV cache (no
-    prefixes: every MeZO / scoring forward, the first prefill of a request)
-    needs only causal self-attention within each sequence. Measured on an
-    H100 (benchmarks/NOTES.md), torch's flash / cuDNN kernels run it 2.5-3x
-    faster than the Triton backend's extend kernel, with far less host work
-    per layer. The K/V are written to the KV pool (for later decode), unless
-    ``write_kv`` is False: forwards that no decode follows
-    (``OPTForCausalLM.forward_dense``: scoring, MeZO's losses).
-
-    ``plan`` returns None, and every layer goes through RadixAttention and
-    the configured backend as usual, for anything else: CPU, fp32, prefixes,
-    mixed / speculative batches, graph capture, KV scales, head sizes torch's
-    flash kernels do not take, pools other than the plain MHA pool, context
-    parallelism.
-    """
-
-    __slots__ = (
-        "lens",
-        "cu_seqlens",
-        "max_len",
-        "equal_lengths",
-        "pool",
-        "out_cache_loc",
-        "write_kv",
-    )
-
-    def __init__(
-        self,
-        lens: tuple[int, ...],
-        cu_seqlens: Optional[torch.Tensor],
-        pool,
-        out_cache_loc: torch.Tensor,
-        write_kv: bool = True,
-    ) -> None:
-        self.lens = lens
-        self.max_len = max(lens)
-        self.equal_lengths = all(length == self.max_len for length in lens)
-        self.cu_seqlens = cu_seqlens
-        self.pool = pool
-        self.out_cache_loc = out_cache_loc
-        self.write_kv = write_kv
-
-    @classmethod
-    def plan(
-        cls,
-        forward_batch: ForwardBatch,
-        attention: Sequence[RadixAttention],
-        dtype: torch.dtype,
-        device: torch.device,
-        kv_pool=None,
-        write_kv: bool = True,
-    ) -> Optional["DensePrefill"]:
-        """The plan of ``forward_batch`` for the ``attention`` layers, or
-        None. The KV pool is the forward's (SGLang's forward context) unless
-        ``kv_pool`` is given."""
-        if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
-            return None
-        if forward_batch.forward_mode.name != "EXTEND":
-            return None
-        lens = forward_batch.extend_seq_lens_cpu
-        prefix = forward_batch.extend_prefix_lens_cpu
-        if not lens or prefix is None or any(prefix) or 0 in lens:
-            return None
-        if any(
-            getattr(forward_batch, name, None) is not None
-            for name in (
-                "attn_cp_metadata",
-                "attn_dcp_metadata",
-                "dcp_kv_mask",
-                "out_cache_loc_virtual",
-            )
-        ):
-            return None
-        if kv_pool is None:
-            try:
-                from sglang.srt.model_executor.forward_context import (
-                    get_token_to_kv_pool,
-                )
-            except ImportError:  # up to 0.5.12: the pool is not published per forward
-                return None
-            kv_pool = get_token_to_kv_pool()
-        if (
-            type(kv_pool).__name__ not in _PLAIN_MHA_POOLS
-            or forward_batch.out_cache_loc is None
-        ):
-            return None
-        if torch.cuda.is_current_stream_capturing():
-            return None
-        if not all(
-            attn.k_scale is None and attn.head_dim % 8 == 0 and attn.head_dim <= 256
-            for attn in attention
-        ):
-            return None
-        plan = cls(tuple(lens), None, kv_pool, forward_batch.out_cache_loc, write_kv)
-        if not plan.equal_lengths:
-            # The cumulative lengths are read by the variable-length kernel only.
-            plan.cu_seqlens = torch.nn.functional.pad(
-                torch.cumsum(forward_batch.extend_seq_lens, 0, dtype=torch.int32),
-                (1, 0),
-            )
-        return plan
-
-    def __call__(
-        self, attn: RadixAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> torch.Tensor:
-        heads, head_dim = attn.tp_q_head_num, attn.head_dim
-        q = q.view(-1, heads, head_dim)
-        k = k.view(-1, heads, head_dim)
-        v = v.view(-1, heads, head_dim)
-        if self.write_kv:
-            self.pool.set_kv_buffer(attn, self.out_cache_loc, k, v)
-        if self.equal_lengths:
-            # Equal lengths: dense [batch, heads, seq, dim] views, no copies;
-            # SDPA picks cuDNN / flash as for HF's OPT.
-            shape = (len(self.lens), self.max_len, heads, head_dim)
-            out = torch.nn.functional.scaled_dot_product_attention(
-                q.view(shape).transpose(1, 2),
-                k.view(shape).transpose(1, 2),
-                v.view(shape).transpose(1, 2),
-                is_causal=True,
-                scale=attn.scaling,
-            ).transpose(1, 2)
-        else:
-            out = torch.ops.aten._flash_attention_forward(
-                q,
-                k,
-                v,
-                self.cu_seqlens,
-                self.cu_seqlens,
-                self.max_len,
-                self.max_len,
-                0.0,  # dropout
-                True,  # causal
-                False,  # return_debug_mask
-                scale=attn.scaling,
-            )[0]
-        return out.reshape(q.shape[0], heads * head_dim)
-
-
-class OPTLayerNorm(nn.LayerNorm):
-    """``nn.LayerNorm`` that can add the residual first, as SGLang's RMSNorm
-    does: ``norm(x, residual)`` returns ``(norm(residual + x), residual + x)``,
-    one Triton kernel on the GPU in half precision (opt_kernels), torch's
-    add and LayerNorm elsewhere. ``want_sum=False`` skips writing the sum."""
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        residual: Optional[torch.Tensor] = None,
-        want_sum: bool = True,
-    ) -> Union[torch.Tensor, tuple[torch.Tensor, Optional[torch.Tensor]]]:
-        if residual is None:
-            return super().forward(x)
-        if (
-            add_layer_norm is not None
-            and x.is_cuda
-            and x.dtype in (torch.float16, torch.bfloat16)
-            and x.dim() == 2
-            and x.is_contiguous()
-            and residual.is_contiguous()
-            and residual.dtype == x.dtype
-        ):
-            return add_layer_norm(
-                x, residual, self.weight, self.bias, self.eps, want_sum
-            )
-        summed = residual + x
-        return super().forward(summed), summed
-
-
 class OPTAttention(nn.Module):
     def __init__(
         self,
@@ -344,46 +161,14 @@ class OPTAttention(nn.Module):
             quant_config=quant_config,
             prefix=add_prefix("attn", prefix),
         )
-        # From hidden size 2048 on, cuBLAS runs three [hidden, hidden] GEMMs
-        # faster on the H100 than the fused [3 * hidden, hidden] one
-        # (benchmarks/NOTES.md); the weight stays fused.
-        self.split_qkv = quant_config is None and embed_dim >= 2048
-
-    def _qkv(
-        self, hidden_states: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if (
-            self.split_qkv
-            and hidden_states.is_cuda
-            and type(self.qkv_proj) is QKVParallelLinear
-        ):
-            weight, bias = self.qkv_proj.weight, self.qkv_proj.bias
-            return tuple(
-                torch.nn.functional.linear(
-                    hidden_states,
-                    weight[i * self.q_size : (i + 1) * self.q_size],
-                    (
-                        None
-                        if bias is None
-                        else bias[i * self.q_size : (i + 1) * self.q_size]
-                    ),
-                )
-                for i in range(3)
-            )
-        qkv, _ = self.qkv_proj(hidden_states)
-        return qkv.split([self.q_size] * 3, dim=-1)
-
     def forward(
         self,
         hidden_states: torch.Tensor,
         forward_batch: ForwardBatch,
-        prefill: Optional[DensePrefill] = None,
     ) -> torch.Tensor:
-        q, k, v = self._qkv(hidden_states)
-        if prefill is not None:
-            attn_output = prefill(self.attn, q, k, v)
-        else:
-            attn_output = self.attn(q, k, v, forward_batch)
+        qkv, _ = self.qkv_proj(hidden_states)
+        q, k, v = qkv.chunk(chunks=3, dim=-1)
+        attn_output = self.attn(q, k, v, forward_batch)
         output, _ = self.out_proj(attn_output)
         return output
 
@@ -407,7 +192,7 @@ class OPTDecoderLayer(nn.Module):
             quant_config=quant_config,
             prefix=add_prefix("self_attn", prefix),
         )
-        self.self_attn_layer_norm = OPTLayerNorm(
+        self.self_attn_layer_norm = AddLayerNorm(
             self.embed_dim, elementwise_affine=config.layer_norm_elementwise_affine
         )
         self.fc1 = ColumnParallelLinear(
@@ -425,52 +210,31 @@ class OPTDecoderLayer(nn.Module):
             quant_config=quant_config,
             prefix=add_prefix("fc2", prefix),
         )
-        self.final_layer_norm = OPTLayerNorm(
+        self.final_layer_norm = AddLayerNorm(
             self.embed_dim, elementwise_affine=config.layer_norm_elementwise_affine
         )
-        # fc1 + ReLU as one cuBLASLt GEMM with a bias+ReLU epilogue on the GPU
-        # (every OPT checkpoint uses ReLU): saves a pass over the widest
-        # activation, [tokens, ffn_dim].
-        self.fuse_fc1_relu = (
-            isinstance(self.activation_fn, nn.ReLU)
-            and quant_config is None
-            and config.enable_bias
-        )
-
-    def _fc1_act(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if (
-            self.fuse_fc1_relu
-            and hidden_states.is_cuda
-            and type(self.fc1) is ColumnParallelLinear
-        ):
-            return torch._addmm_activation(
-                self.fc1.bias, hidden_states, self.fc1.weight.t()
-            )
-        hidden_states, _ = self.fc1(hidden_states)
-        return self.activation_fn(hidden_states)
-
     def forward(
         self,
         hidden_states: torch.Tensor,
         residual: Optional[torch.Tensor],
         forward_batch: ForwardBatch,
-        prefill: Optional[DensePrefill] = None,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The layer's output is ``hidden_states + residual`` (pre-LN: each
         residual add is left to the LayerNorm that follows it) or
         ``hidden_states`` when the returned residual is None (post-LN)."""
         if not self.do_layer_norm_before:
-            return self._forward_post_norm(hidden_states, forward_batch, prefill)
+            return self._forward_post_norm(hidden_states, forward_batch)
         if residual is None:
             residual = hidden_states
             hidden_states = self.self_attn_layer_norm(hidden_states)
         else:
             hidden_states, residual = self.self_attn_layer_norm(hidden_states, residual)
         hidden_states = self.self_attn(
-            hidden_states=hidden_states, forward_batch=forward_batch, prefill=prefill
+            hidden_states=hidden_states, forward_batch=forward_batch
         )
         hidden_states, residual = self.final_layer_norm(hidden_states, residual)
-        hidden_states = self._fc1_act(hidden_states)
+        hidden_states, _ = self.fc1(hidden_states)
+        hidden_states = self.activation_fn(hidden_states)
         hidden_states, _ = self.fc2(hidden_states)
         return hidden_states, residual
 
@@ -478,181 +242,23 @@ class OPTDecoderLayer(nn.Module):
         self,
         hidden_states: torch.Tensor,
         forward_batch: ForwardBatch,
-        prefill: Optional[DensePrefill],
     ) -> tuple[torch.Tensor, None]:
         # 350m: each LayerNorm normalizes the sum of the residual add.
         residual = hidden_states
         hidden_states = self.self_attn(
-            hidden_states=hidden_states, forward_batch=forward_batch, prefill=prefill
+            hidden_states=hidden_states, forward_batch=forward_batch
         )
         hidden_states, _ = self.self_attn_layer_norm(
             hidden_states, residual, want_sum=False
         )
         residual = hidden_states
-        hidden_states = self._fc1_act(hidden_states)
+        hidden_states, _ = self.fc1(hidden_states)
+        hidden_states = self.activation_fn(hidden_states)
         hidden_states, _ = self.fc2(hidden_states)
         hidden_states, _ = self.final_layer_norm(
             hidden_states, residual, want_sum=False
         )
         return hidden_states, None
-
-
-class _ModuleTreeChanges:
-    """How many submodule and Parameter assignments (``module.x = ...``) the
-    process has made since the first PrefillGraphs was built, counted by
-    torch's global registration hooks: the graphs walk their decoder's
-    module tree again only after one, not on every call."""
-
-    count = 0
-    _watching = False
-
-    @classmethod
-    def watch(cls) -> None:
-        if not cls._watching:
-            nn.modules.module.register_module_module_registration_hook(cls._bump)
-            nn.modules.module.register_module_parameter_registration_hook(cls._bump)
-            cls._watching = True
-
-    @classmethod
-    def _bump(cls, module: nn.Module, name: str, value: object) -> None:
-        cls.count += 1
-
-
-@dataclass
-class _PrefillGraph:
-    """A captured decoder and the tensors it reads and writes."""
-
-    graph: torch.cuda.CUDAGraph
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    plan: DensePrefill
-    output: torch.Tensor
-
-
-class PrefillGraphs:
-    """CUDA graphs of the decoder for batches of whole prompts seen before.
-
-    A batch that DensePrefill runs (whole prompts on the GPU in half
-    precision, one TP and PP rank) runs eagerly the first time its sequence
-    lengths are seen; the second time the decoder is captured for those
-    lengths, and from then on replayed: one launch instead of about fifteen
-    per layer, which is most of a small model's time (benchmarks/NOTES.md).
-    Token ids, positions and KV slots are copied into the graph's inputs,
-    the K/V go to the pool (unless the plan skips them: a graph of its own),
-    and the output is copied out. Parameters are read where they are, so
-    in-place weight updates (MeZO, load_weights) are seen; assigning a module
-    or a Parameter (LoRA wrapping, set_embed) drops every graph: the decoder's
-    module tree is compared after any such assignment in the process
-    (_ModuleTreeChanges; assigning ``param.data`` is not detected). At most
-    ``max_graphs`` are kept, least recently used first out; they share one
-    memory pool. Off unless ``OPTForCausalLM.enable_prefill_graphs`` is called.
-    """
-
-    def __init__(self, max_graphs: int) -> None:
-        self.max_graphs = max_graphs
-        self.graphs: dict[tuple[tuple[int, ...], bool], _PrefillGraph] = {}
-        self.seen: dict[tuple[tuple[int, ...], bool], None] = {}
-        self.pool = None
-        self.stream: Optional[torch.cuda.Stream] = None
-        self.fingerprint: Optional[tuple] = None
-        self.changes_seen = -1
-        _ModuleTreeChanges.watch()
-
-    @staticmethod
-    def _fingerprint(decoder: nn.Module) -> tuple:
-        """Every module and Parameter object of the decoder (a flat walk:
-        ``modules()`` costs several times more)."""
-        ids, stack = [], [decoder]
-        while stack:
-            module = stack.pop()
-            ids.append(id(module))
-            ids.extend(map(id, module._parameters.values()))
-            stack.extend(module._modules.values())
-        return tuple(ids)
-
-    def clear(self) -> None:
-        """Drop every graph and their memory pool."""
-        self.graphs.clear()
-        self.seen.clear()
-        self.pool = None
-
-    def run(
-        self,
-        decoder: "OPTDecoder",
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        forward_batch: ForwardBatch,
-        prefill: DensePrefill,
-    ) -> Optional[torch.Tensor]:
-        """The decoder's output from a graph, or None to run it eagerly."""
-        if get_parallel().tp_size != 1:
-            return None
-        if _ModuleTreeChanges.count != self.changes_seen:
-            self.changes_seen = _ModuleTreeChanges.count
-            fingerprint = self._fingerprint(decoder)
-            if fingerprint != self.fingerprint:
-                self.clear()
-                self.fingerprint = fingerprint
-        key = (prefill.lens, prefill.write_kv)
-        entry = self.graphs.pop(key, None)
-        if entry is None:
-            if key not in self.seen:
-                self.seen[key] = None
-                while len(self.seen) > 4 * self.max_graphs:
-                    del self.seen[next(iter(self.seen))]
-                return None
-            while len(self.graphs) >= self.max_graphs:
-                del self.graphs[next(iter(self.graphs))]
-            if not self.graphs:
-                # A pool whose graphs are all gone is not captured into again.
-                self.pool = None
-            entry = self._capture(decoder, input_ids, positions, forward_batch, prefill)
-        self.graphs[key] = entry
-        entry.input_ids.copy_(input_ids)
-        entry.positions.copy_(positions)
-        entry.plan.out_cache_loc.copy_(prefill.out_cache_loc)
-        entry.graph.replay()
-        return entry.output.clone()
-
-    def _capture(
-        self,
-        decoder: "OPTDecoder",
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        forward_batch: ForwardBatch,
-        prefill: DensePrefill,
-    ) -> _PrefillGraph:
-        static_ids, static_positions = input_ids.clone(), positions.clone()
-        plan = DensePrefill(
-            prefill.lens,
-            None if prefill.cu_seqlens is None else prefill.cu_seqlens.clone(),
-            prefill.pool,
-            prefill.out_cache_loc.clone(),
-            prefill.write_kv,
-        )
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        if self.stream is None:
-            self.stream = torch.cuda.Stream()
-        graph = torch.cuda.CUDAGraph()
-        # Warm up on the capture stream, so that per-stream library state
-        # (cuBLAS / cuDNN workspaces) exists before the capture.
-        self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
-            decoder.run_layers(static_ids, static_positions, forward_batch, plan)
-        torch.cuda.current_stream().wait_stream(self.stream)
-        try:
-            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
-                output = decoder.run_layers(
-                    static_ids, static_positions, forward_batch, plan
-                )
-        except RuntimeError as e:
-            raise RuntimeError(
-                f"capturing the OPT prefill CUDA graph for lengths {prefill.lens} "
-                f"failed: {e}; run without prefill graphs (enable_prefill_graphs(0), "
-                "RunnerConfig(prefill_graphs=0))"
-            ) from e
-        return _PrefillGraph(graph, static_ids, static_positions, plan, output)
 
 
 class OPTDecoder(nn.Module):
@@ -698,7 +304,7 @@ class OPTDecoder(nn.Module):
         # `_remove_final_layer_norm` only keeps checkpoints fine-tuned before
         # transformers v4.20.1 working (facebookresearch/metaseq#164).
         if config.do_layer_norm_before and not config._remove_final_layer_norm:
-            self.final_layer_norm = OPTLayerNorm(
+            self.final_layer_norm = AddLayerNorm(
                 config.hidden_size,
                 elementwise_affine=config.layer_norm_elementwise_affine,
             )
@@ -713,58 +319,11 @@ class OPTDecoder(nn.Module):
             prefix=add_prefix("layers", prefix),
         )
 
-        # This rank's attention layers, for DensePrefill.plan on every forward.
-        self.attention = [
-            self.layers[i].self_attn.attn
-            for i in range(self.start_layer, self.end_layer)
-        ]
-        self.prefill_graphs: Optional[PrefillGraphs] = None
-
     def forward(
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         forward_batch: ForwardBatch,
-        pp_proxy_tensors: Optional[PPProxyTensors] = None,
-        input_embeds: Optional[torch.Tensor] = None,
-    ) -> Union[torch.Tensor, PPProxyTensors]:
-        weight = self.embed_positions.weight
-        prefill = DensePrefill.plan(
-            forward_batch, self.attention, weight.dtype, weight.device
-        )
-        if (
-            prefill is not None
-            and input_embeds is None
-            and self.pp_group.world_size == 1
-        ):
-            return self.run_dense(input_ids, positions, forward_batch, prefill)
-        return self.run_layers(
-            input_ids, positions, forward_batch, prefill, pp_proxy_tensors, input_embeds
-        )
-
-    def run_dense(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        forward_batch: ForwardBatch,
-        prefill: DensePrefill,
-    ) -> torch.Tensor:
-        """The decoder of a batch that DensePrefill runs (one PP rank), from a
-        prefill graph when one is kept for it."""
-        if self.prefill_graphs is not None:
-            hidden_states = self.prefill_graphs.run(
-                self, input_ids, positions, forward_batch, prefill
-            )
-            if hidden_states is not None:
-                return hidden_states
-        return self.run_layers(input_ids, positions, forward_batch, prefill)
-
-    def run_layers(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        forward_batch: ForwardBatch,
-        prefill: Optional[DensePrefill],
         pp_proxy_tensors: Optional[PPProxyTensors] = None,
         input_embeds: Optional[torch.Tensor] = None,
     ) -> Union[torch.Tensor, PPProxyTensors]:
@@ -780,7 +339,7 @@ class OPTDecoder(nn.Module):
         residual = None
         for i in range(self.start_layer, self.end_layer):
             hidden_states, residual = self.layers[i](
-                hidden_states, residual, forward_batch, prefill
+                hidden_states, residual, forward_batch
             )
         if residual is not None and (
             self.final_layer_norm is None or not self.pp_group.is_last_rank
@@ -908,46 +467,6 @@ class OPTForCausalLM(nn.Module):
             return self.pooler(hidden_states, forward_batch)
         return self.logits_processor(
             input_ids, hidden_states, self.lm_head, forward_batch
-        )
-
-    @torch.no_grad()
-    def forward_dense(
-        self, forward_batch: ForwardBatch, kv_pool, *, write_kv: bool = True
-    ) -> Optional[torch.Tensor]:
-        """The final hidden states of every token of a batch of whole prompts,
-        ``[tokens, hidden]``, without the attention backend: DensePrefill on
-        ``kv_pool`` (the runner's ``token_to_kv_pool``), from a prefill graph
-        when enabled; the caller applies the head. The K/V go to the pool only
-        when ``write_kv`` (False for forwards no decode follows: scoring,
-        MeZO's losses). None when the batch needs the attention backend (CPU,
-        fp32, prefixes, pipeline parallelism, KV scales, ...): run it through
-        ModelRunner.forward then."""
-        if self.pp_group.world_size != 1:
-            return None
-        decoder = self.model.decoder
-        weight = decoder.embed_positions.weight
-        prefill = DensePrefill.plan(
-            forward_batch,
-            decoder.attention,
-            weight.dtype,
-            weight.device,
-            kv_pool,
-            write_kv,
-        )
-        if prefill is None:
-            return None
-        return decoder.run_dense(
-            forward_batch.input_ids, forward_batch.positions, forward_batch, prefill
-        )
-
-    def enable_prefill_graphs(self, max_graphs: int) -> None:
-        """Replay CUDA graphs of the decoder for batches of whole prompts whose
-        lengths were seen before, keeping at most ``max_graphs`` of them
-        (PrefillGraphs); 0 turns them off and frees them."""
-        if max_graphs < 0:
-            raise ValueError(f"max_graphs must be >= 0, got {max_graphs}")
-        self.model.decoder.prefill_graphs = (
-            PrefillGraphs(max_graphs) if max_graphs else None
         )
 
     @property
@@ -1105,8 +624,6 @@ class OPTForCausalLM(nn.Module):
         decoder = self.model.decoder
         del decoder.embed_tokens.weight
         decoder.embed_tokens.weight = embed
-        if decoder.prefill_graphs is not None:  # a plain tensor is not a registration
-            decoder.prefill_graphs.clear()
 
     def load_kv_cache_scales(self, quantization_param_path: str) -> None:
         self.model.load_kv_cache_scales(quantization_param_path)

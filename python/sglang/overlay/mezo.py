@@ -50,7 +50,7 @@ Command line (a JSON Lines file of ``{"prompt": ..., "target": ...}``, each a
 list of token ids, or a string tokenized with the model directory's
 tokenizer)::
 
-    python scripts/mezo.py --model DIR --data train.jsonl --steps 1000 \\
+    python -m sglang.overlay.mezo --model DIR --data train.jsonl --steps 1000 \\
         --lr 1e-6 --eps 1e-3 --seed 0 --out DIR [--lora-rank 8 --lora-alpha 16]
 """
 
@@ -68,7 +68,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Optional,
 import torch
 
 if TYPE_CHECKING:
-    from sglang.srt.standalone import StandaloneRunner
+    from sglang.overlay.runner import StandaloneRunner
 
 LORA_TARGETS = ("q_proj", "v_proj")
 _QKV = ("q_proj", "k_proj", "v_proj")
@@ -174,7 +174,7 @@ def hf_parameter_views(model: torch.nn.Module, hf_config: Any) -> dict[str, torc
         if rows != want:
             raise ValueError(
                 f"SGLang parameter {name!r} {tuple(params[name].shape)}: HF parameters cover {rows} of its "
-                f"{want} rows; MeZO would leave it untrained. Map it in scripts/mezo.py:hf_parameter_views"
+                f"{want} rows; MeZO would leave it untrained. Map it in sglang/overlay/mezo.py:hf_parameter_views"
             )
     return views
 
@@ -398,7 +398,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from sglang.srt.standalone import RunnerConfig, StandaloneRunner
+    from sglang.overlay.config import RunnerConfig
+    from sglang.overlay.runner import StandaloneRunner
 
     args = parse_args(argv)
     config = MeZOConfig(lr=args.lr, eps=args.eps, seed=args.seed, weight_decay=args.weight_decay,

@@ -5,7 +5,7 @@
 per-row log-sum-exp is accumulated in fp32. On the GPU one Triton kernel
 reads each row of the fp16/bf16 logits once; ``log_softmax(logits.float())``
 writes and reads an fp32 copy and its result, which at a 50k vocabulary costs
-more than the head GEMM that produced the logits (benchmarks/NOTES.md).
+more than the head GEMM that produced the logits (benchmarks/NOTES.md, "Round 2").
 Elsewhere it is torch's ``logsumexp`` in fp32.
 """
 

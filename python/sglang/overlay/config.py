@@ -1,0 +1,179 @@
+"""What an in-process runner is built from: ``RunnerConfig`` and its ServerArgs.
+
+``RunnerConfig.validate()`` says what is wrong before anything is built;
+``make_server_args`` turns a config into the ServerArgs of its ModelRunner.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    """What a :class:`StandaloneRunner` is built from; ``validate`` says what is wrong.
+
+    ``device`` "auto" picks CUDA when available, else CPU. ``None`` fields take
+    the device's default: on CPU fp32, the ``torch_native`` attention backend
+    and a small KV pool; on CUDA the checkpoint's dtype, ``triton`` attention
+    and 30% of GPU memory. ``server_args`` passes further ServerArgs fields.
+    ``prefill_graphs`` > 0 (CUDA, models with ``enable_prefill_graphs``: OPT)
+    keeps up to that many CUDA graphs of the model for batches of whole
+    prompts whose lengths repeat (fixed-length scoring windows, benchmarks).
+
+    Tensor parallelism (one process per rank, as SGLang's one-batch benchmark
+    runs them): ``tp_size`` ranks, this one ``tp_rank``; on CUDA it uses GPU
+    ``tp_rank``. ``dist_port`` is the torch.distributed port that all ranks
+    share: required when ``tp_size`` > 1 (with ``distributed="fresh"``), else a
+    free port is picked. With ``distributed="reuse"`` the existing world must be
+    this layout (world size ``tp_size``, rank ``tp_rank``) and ``dist_port`` is
+    not used. On CPU, more ranks than NUMA nodes need
+    ``SGLANG_CPU_OMP_THREADS_BIND`` (SGLang binds each rank's threads to cores).
+    """
+
+    model_path: str
+    device: str = "auto"
+    dtype: Optional[str] = None
+    attention_backend: Optional[str] = None
+    mem_fraction_static: Optional[float] = None
+    max_total_tokens: Optional[int] = None
+    max_running_requests: int = 64
+    distributed: str = "fresh"
+    random_seed: int = 0
+    prefill_graphs: int = 0
+    server_args: dict = field(default_factory=dict)
+    tp_size: int = 1
+    tp_rank: int = 0
+    dist_port: Optional[int] = None
+
+    def resolved(self) -> "RunnerConfig":
+        """The config with the device's defaults filled in, validated."""
+        device = self.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        cpu = device == "cpu"
+        config = RunnerConfig(
+            model_path=self.model_path,
+            device=device,
+            dtype=self.dtype or ("float32" if cpu else "auto"),
+            attention_backend=self.attention_backend or ("torch_native" if cpu else "triton"),
+            mem_fraction_static=self.mem_fraction_static or (0.05 if cpu else 0.3),
+            max_total_tokens=self.max_total_tokens or (8192 if cpu else None),
+            max_running_requests=self.max_running_requests,
+            distributed=self.distributed,
+            random_seed=self.random_seed,
+            prefill_graphs=self.prefill_graphs,
+            server_args=dict(self.server_args),
+            tp_size=self.tp_size,
+            tp_rank=self.tp_rank,
+            dist_port=self.dist_port,
+        )
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        path = Path(self.model_path)
+        if not (path / "config.json").is_file():
+            raise ValueError(
+                f"model_path {self.model_path!r} has no config.json: give a local HuggingFace model "
+                "directory (save_pretrained output)"
+            )
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device {self.device!r} is not one of 'auto', 'cpu', 'cuda'")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was asked for, but torch sees no CUDA device; use device='cpu'")
+        if self.dtype is not None and self.dtype not in _DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {_DTYPES}")
+        if self.device == "cpu" and self.attention_backend not in (None, "torch_native"):
+            raise ValueError(
+                f"attention_backend {self.attention_backend!r} does not run on CPU; use 'torch_native'"
+            )
+        if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static <= 1:
+            raise ValueError(f"mem_fraction_static must be in (0, 1], got {self.mem_fraction_static}")
+        if self.max_running_requests < 1:
+            raise ValueError(f"max_running_requests must be >= 1, got {self.max_running_requests}")
+        if self.prefill_graphs < 0:
+            raise ValueError(f"prefill_graphs must be >= 0, got {self.prefill_graphs}")
+        if self.prefill_graphs and self.device == "cpu":
+            raise ValueError("prefill_graphs are CUDA graphs: use device='cuda' or prefill_graphs=0")
+        if self.distributed not in ("fresh", "reuse"):
+            raise ValueError(f"distributed must be 'fresh' or 'reuse', got {self.distributed!r}")
+        self._validate_tensor_parallel()
+        architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+        if not architectures:
+            raise ValueError(f"{path / 'config.json'} names no architectures; SGLang cannot pick a model class")
+
+    def _validate_tensor_parallel(self) -> None:
+        if self.tp_size < 1:
+            raise ValueError(f"tp_size must be >= 1, got {self.tp_size}; use tp_size=1 for a single rank")
+        if not 0 <= self.tp_rank < self.tp_size:
+            raise ValueError(
+                f"tp_rank must be in [0, tp_size) = [0, {self.tp_size}), got {self.tp_rank}: build one runner per "
+                f"rank, tp_rank=0..{self.tp_size - 1}, each in its own process"
+            )
+        if self.dist_port is not None and not 0 < self.dist_port < 65536:
+            raise ValueError(f"dist_port must be a TCP port in [1, 65535], got {self.dist_port}")
+        if self.tp_size == 1:
+            return
+        if self.dist_port is None and self.distributed == "fresh":
+            raise ValueError(
+                f"tp_size={self.tp_size} needs dist_port, the torch.distributed port that all {self.tp_size} ranks "
+                "share: pick one free port in the process that starts the ranks and pass the same "
+                "RunnerConfig(dist_port=...) to every rank"
+            )
+        if self.device == "cuda" and torch.cuda.device_count() < self.tp_size:
+            raise ValueError(
+                f"tp_size={self.tp_size} on CUDA puts rank r on GPU r, but torch sees {torch.cuda.device_count()} "
+                f"GPU(s) (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}): make {self.tp_size} GPUs "
+                "visible to every rank or lower tp_size"
+            )
+        if self.device == "cpu" and not os.environ.get("SGLANG_CPU_OMP_THREADS_BIND"):
+            nodes = _numa_nodes()
+            if nodes is not None and nodes < self.tp_size:
+                raise ValueError(
+                    f"tp_size={self.tp_size} on CPU: SGLang binds each rank's threads to one NUMA node and this "
+                    f"machine has {nodes}; set SGLANG_CPU_OMP_THREADS_BIND to one core list per rank, separated "
+                    "by '|' (e.g. '0-3|4-7' for tp_size=2), in every rank's environment"
+                )
+
+
+def _numa_nodes() -> Optional[int]:
+    """NUMA nodes with CPUs (Linux sysfs), or None where that cannot be read."""
+    nodes = Path("/sys/devices/system/node")
+    try:
+        return sum(1 for node in nodes.glob("node[0-9]*") if (node / "cpulist").read_text().strip()) or None
+    except OSError:
+        return None
+
+
+def make_server_args(config: RunnerConfig):
+    """ServerArgs for an in-process runner of ``config`` (validated and resolved)."""
+    from sglang.srt.server_args import ServerArgs
+
+    config = config.resolved()
+    kwargs: dict[str, Any] = dict(
+        model_path=config.model_path,
+        device=config.device,
+        attention_backend=config.attention_backend,
+        sampling_backend="pytorch",
+        skip_tokenizer_init=True,
+        dtype=config.dtype,
+        disable_cuda_graph=True,
+        mem_fraction_static=config.mem_fraction_static,
+        max_running_requests=config.max_running_requests,
+        disable_radix_cache=True,
+        random_seed=config.random_seed,
+        tp_size=config.tp_size,
+    )
+    if config.max_total_tokens is not None:
+        kwargs["max_total_tokens"] = config.max_total_tokens
+    kwargs.update(config.server_args)
+    return ServerArgs(**kwargs)

@@ -1,0 +1,200 @@
+"""``StandaloneRunner``: SGLang's forward pass in-process, without a server.
+
+For work that needs logits of a model many times from Python (zeroth-order
+training such as MeZO, evaluation loops, tests), this builds a ``ModelRunner``
+for a model path with defaults that work on CPU and GPU, scores batches of
+token sequences, and tears the runner down::
+
+    from sglang.overlay import RunnerConfig, StandaloneRunner
+
+    with StandaloneRunner(RunnerConfig(model_path="/path/to/opt")) as runner:
+        logits = runner.logits([[2, 100, 200], [2, 5]])       # every position
+        loss = runner.loss(prompts=[[2, 100]], targets=[[200, 300]])
+
+Each scoring call starts from empty KV pools, and this path has no radix
+cache: K/V computed before an in-place weight change are never read after it.
+Scoring calls keep no K/V at all; for the native OPT they run on the dense
+scoring engine (``sglang.overlay.dense``) where it takes the batch.
+
+Several runners can live in one process: ``distributed="reuse"`` builds a
+runner on the torch.distributed and model-parallel groups that already exist
+(``sglang.srt.distributed.reuse.allow_reuse``). Runners do not share KV pools;
+each holds its own weights and pools. A runner destroys only the distributed
+state that runners created: a world or groups the caller made survive.
+
+Tensor parallelism: one process per rank, each building its own runner with
+``RunnerConfig(tp_size=N, tp_rank=r, dist_port=PORT)`` (one port that all ranks
+share; on CUDA rank r uses GPU r). The ranks build and score in lockstep: every
+rank calls the same methods with the same sequences, since each forward (and
+the gather of the vocab-parallel head in ``logits`` / ``token_logprobs``) is a
+collective over the TP group. Each rank gets the full results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from sglang.overlay import compat
+from sglang.overlay.config import RunnerConfig, make_server_args
+from sglang.overlay.dense import DenseEngine
+from sglang.overlay.forward import decode, prefill, score, target_logprobs
+
+
+@dataclass
+class _Created:
+    """The distributed state that runners of this process created (and may destroy)."""
+
+    world: bool = False
+    groups: bool = False
+
+
+_LIVE_RUNNERS: list["StandaloneRunner"] = []
+_CREATED = _Created()
+
+
+class StandaloneRunner:
+    """A ModelRunner built in-process for one model (see the module docstring)."""
+
+    def __init__(self, config: RunnerConfig) -> None:
+        self.config = config.resolved()
+        if self.config.server_args.get("tp_size", self.config.tp_size) != self.config.tp_size:
+            # make_server_args lets server_args override any field; a runner takes its ranks from the config.
+            raise ValueError(
+                f"server_args sets tp_size={self.config.server_args['tp_size']!r}, the config tp_size="
+                f"{self.config.tp_size}: set it with RunnerConfig(tp_size=...) (with tp_rank and dist_port), "
+                "not through server_args"
+            )
+        if self.config.distributed == "fresh" and compat.distributed_exists():
+            raise ValueError(
+                "torch.distributed or SGLang's model-parallel groups already exist in this process: build "
+                "with RunnerConfig(distributed='reuse') to reuse them, or close the other runners first"
+            )
+        if self.config.distributed == "reuse" and torch.distributed.is_initialized():
+            world = (torch.distributed.get_world_size(), torch.distributed.get_rank())
+            if world != (self.config.tp_size, self.config.tp_rank):
+                raise ValueError(
+                    f"distributed='reuse' keeps the existing torch.distributed world (world size {world[0]}, rank "
+                    f"{world[1]}), which is not this runner's layout (tp_size={self.config.tp_size}, tp_rank="
+                    f"{self.config.tp_rank}): build with RunnerConfig(tp_size={world[0]}, tp_rank={world[1]}) or "
+                    "close the other runners first"
+                )
+        self.server_args = make_server_args(self.config)
+        world_before = torch.distributed.is_initialized()
+        groups_before = compat.model_parallel_exists()
+        with self._reuse_allowed():
+            self.runner = compat.build_model_runner(
+                self.server_args, tp_rank=self.config.tp_rank, dist_port=self.config.dist_port
+            )
+        _CREATED.world |= not world_before and torch.distributed.is_initialized()
+        _CREATED.groups |= not groups_before and compat.model_parallel_exists()
+        _LIVE_RUNNERS.append(self)
+        self.engine = DenseEngine.attach(self.runner.model)
+        if self.config.prefill_graphs:
+            if self.engine is None:
+                self.close()
+                raise ValueError(
+                    f"{type(self.runner.model).__name__} has no prefill CUDA graphs (the dense engine takes the "
+                    "native OPT without quantization): build with prefill_graphs=0"
+                )
+            self.engine.enable_graphs(self.config.prefill_graphs)
+
+    def _reuse_allowed(self):
+        if self.config.distributed != "reuse":
+            return contextlib.nullcontext()
+        from sglang.srt.distributed.reuse import allow_reuse
+
+        return allow_reuse()
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.runner.model
+
+    @property
+    def vocab_size(self) -> int:
+        return self.runner.model_config.vocab_size
+
+    def logits(self, seqs: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """fp32 logits at every position: one ``[len(seq), vocab]`` tensor per sequence."""
+        return score(self.runner, seqs, engine=self.engine).all_logits(self.vocab_size)
+
+    def token_logprobs(self, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """log p(target[t] | prompt, target[:t]) for every target token, one tensor per pair."""
+        if len(prompts) != len(targets):
+            raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+        if any(len(p) == 0 for p in prompts) or any(len(t) == 0 for t in targets):
+            raise ValueError("every prompt and every target needs at least one token")
+        seqs = [list(p) + list(t) for p, t in zip(prompts, targets)]
+        fwd = score(self.runner, seqs, engine=self.engine)
+        rows, start = [], 0
+        for prompt, target, length in zip(prompts, targets, fwd.lengths):
+            rows.extend(range(start + len(prompt) - 1, start + len(prompt) - 1 + len(target)))
+            start += length
+        hidden = fwd.every_hidden_state()
+        ids = torch.tensor([t for target in targets for t in target], device=hidden.device)
+        rows = torch.tensor(rows, device=hidden.device)
+        logprobs = target_logprobs(hidden[rows], fwd.lm_head, self.vocab_size, ids)
+        return list(torch.split(logprobs, [len(t) for t in targets]))
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+        """Greedy continuations: ``max_new_tokens`` token ids after each prompt (no stop tokens).
+
+        One prefill, then one decode forward per token for the whole batch (the decode CUDA graph
+        when the runner has one); the token ids stay on the device until the end."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("give at least one prompt, each with at least one token")
+        longest = max(map(len, prompts)) + max_new_tokens
+        if longest > self.runner.model_config.context_len:
+            raise ValueError(
+                f"a prompt of {max(map(len, prompts))} tokens + {max_new_tokens} new tokens exceeds the model's "
+                f"context length {self.runner.model_config.context_len}"
+            )
+        kv_tokens = sum(map(len, prompts)) + len(prompts) * max_new_tokens
+        if kv_tokens > self.runner.max_total_num_tokens:
+            raise ValueError(
+                f"the batch needs {kv_tokens} KV slots, the runner's pool holds {self.runner.max_total_num_tokens}: "
+                "build with a larger max_total_tokens or generate for fewer prompts / tokens"
+            )
+        vocab = self.vocab_size
+        fwd = prefill(self.runner, prompts)
+        ids = fwd.next_token_logits[:, :vocab].argmax(-1)
+        out = [ids]
+        for _ in range(max_new_tokens - 1):
+            ids = decode(self.runner, fwd.batch, ids).next_token_logits[:, :vocab].argmax(-1)
+            out.append(ids)
+        return torch.stack(out, 1).tolist()
+
+    def loss(self, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Mean negative log-likelihood over all target tokens of the batch (fp32 scalar)."""
+        return -torch.cat(self.token_logprobs(prompts, targets)).mean()
+
+    def close(self) -> None:
+        """Release this runner. The last one alive destroys the model-parallel groups and the
+        torch.distributed world, each only if runners created it."""
+        if self not in _LIVE_RUNNERS:
+            return
+        _LIVE_RUNNERS.remove(self)
+        if self.engine is not None:
+            self.engine.close()
+        self.runner.req_to_token_pool.clear()
+        self.runner.token_to_kv_pool_allocator.clear()
+        if not _LIVE_RUNNERS:
+            from sglang.srt.distributed import parallel_state
+
+            if _CREATED.groups:
+                parallel_state.destroy_model_parallel()
+            if _CREATED.world:
+                parallel_state.destroy_distributed_environment()
+            _CREATED.world = _CREATED.groups = False
+        del self.runner
+
+    def __enter__(self) -> "StandaloneRunner":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
