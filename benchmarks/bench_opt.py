@@ -9,14 +9,14 @@ median of --iters after warm-up.
 
 Workloads (same work on both sides):
 - prefill: B x S tokens, logits for the last token only, no KV cache on the HF side
-  (``use_cache=False``, ``logits_to_keep=1``). SGLang: the scoring path of ``sglang.srt.standalone``
-  (``final_hidden_states`` without keeping the K/V: the native OPT's ``forward_dense``, no attention
+  (``use_cache=False``, ``logits_to_keep=1``). SGLang: the scoring path of ``sglang.overlay``
+  (``final_hidden_states`` without keeping the K/V: the dense scoring engine, ``sglang.overlay.dense``, no attention
   backend metadata, no K/V writes), then the head at the last rows. Also reported: the same with
   the K/V written ("prefill+kv") and through ``ModelRunner.forward`` ("prefill runner": backend
   metadata, K/V writes, the LogitsProcessor). SGLang's runner keeps prefill CUDA graphs
   (``--prefill-graphs``), so repeated calls replay one.
 - loss (MeZO's forward): mean next-token NLL over all B x (S-1) predicted tokens. SGLang: the same
-  scoring path -> ``standalone.target_logprobs`` (lm_head in the model dtype, fp32 log-sum-exp in
+  scoring path -> ``forward.target_logprobs`` (lm_head in the model dtype, fp32 log-sum-exp in
   one read), what ``StandaloneRunner.loss`` runs; HF: ``model(ids, labels=ids, use_cache=False).loss``
   (head in the model dtype, ``cross_entropy`` of the fp32 upcast).
 - decode: batch 64, prompt P tokens, N greedy tokens; both sides: time of N+1 new tokens minus time
@@ -87,33 +87,33 @@ def flops_per_token(cfg, seq: int, with_head: bool) -> float:
 
 # ------------------------------------------------------------------------------------------ SGLang
 def forward_batch(runner, seqs):
-    """The ForwardBatch of one EXTEND of ``seqs`` (``sglang.srt.standalone``), built once: the timed
+    """The ForwardBatch of one EXTEND of ``seqs`` (``sglang.overlay``), built once: the timed
     calls are the forward alone."""
-    from sglang.srt import standalone
+    from sglang.overlay import compat, forward
 
-    return standalone.to_forward_batch(runner, standalone.extend_batch(runner, seqs))
+    return compat.forward_batch_of(runner, forward.extend_batch(runner, seqs))
 
 
-def sgl_fns(runner, fb, last_rows, rows, targets) -> dict:
+def sgl_fns(runner, engine, fb, last_rows, rows, targets) -> dict:
     """SGLang's side of the workloads on one ForwardBatch. "prefill" / "loss": the final hidden
-    states from ``standalone.final_hidden_states`` without keeping the K/V (what StandaloneRunner's
-    scoring calls run: the native OPT's ``forward_dense`` on the GPU), then the head at the last
+    states from ``forward.final_hidden_states`` without keeping the K/V (what StandaloneRunner's
+    scoring calls run: the dense scoring engine on the GPU), then the head at the last
     rows (prefill) or ``target_logprobs`` at the predicting rows (loss: MeZO's forward).
     "prefill+kv": the same, writing the K/V. "prefill runner": ``ModelRunner.forward`` (attention
     backend metadata, K/V writes, the LogitsProcessor's last-token logits)."""
-    from sglang.srt.standalone import final_hidden_states, head_logits, target_logprobs
+    from sglang.overlay.forward import final_hidden_states, head_logits, target_logprobs
 
     vocab = runner.model_config.vocab_size
 
     def prefill(keep_kv: bool):
         def run():
-            hidden, head = final_hidden_states(runner, fb, keep_kv=keep_kv)
+            hidden, head = final_hidden_states(runner, fb, engine=engine, keep_kv=keep_kv)
             return head_logits(hidden[last_rows], head, vocab)
 
         return run
 
     def loss():
-        hidden, head = final_hidden_states(runner, fb, keep_kv=False)
+        hidden, head = final_hidden_states(runner, fb, engine=engine, keep_kv=False)
         return -target_logprobs(hidden[rows], head, vocab, targets).mean()
 
     return {"prefill": prefill(False), "prefill+kv": prefill(True), "prefill runner": lambda: runner.forward(fb),
@@ -124,44 +124,40 @@ FAST_PATHS = ("dense_prefill", "fc1_relu", "add_layer_norm", "split_qkv", "prefi
 
 
 @contextlib.contextmanager
-def fast_paths_off(model, off: set):
-    """The native OPT with the named GPU fast paths of opt.py switched off (FAST_PATHS), and fresh
-    prefill graphs (captured again for what is on) when they stay on."""
-    from sglang.srt.models import opt
+def fast_paths_off(engine, off: set):
+    """The dense scoring engine with the named GPU fast paths switched off (FAST_PATHS;
+    "dense_prefill" off: the engine declines and ModelRunner.forward runs), and fresh prefill graphs
+    (captured again for what is on) when they stay on."""
+    from sglang.overlay import dense
+    from sglang.srt.layers import add_layernorm
 
-    layers = [m for m in model.modules() if isinstance(m, opt.OPTDecoderLayer)]
-    plan, add_ln = opt.DensePrefill.__dict__["plan"], opt.add_layer_norm
-    fused = [m.fuse_fc1_relu for m in layers]
-    split = [m.self_attn.split_qkv for m in layers]
-    graphs = model.model.decoder.prefill_graphs
+    plan, triton = dense.DensePrefill.__dict__["plan"], add_layernorm.triton
+    fused, split = engine.fuse_fc1_relu, engine.split_qkv
+    max_graphs = 0 if engine.graphs is None else engine.graphs.max_graphs
     if "dense_prefill" in off:
-        opt.DensePrefill.plan = classmethod(lambda cls, *a: None)
+        dense.DensePrefill.plan = classmethod(lambda cls, *a: None)
     if "add_layer_norm" in off:
-        opt.add_layer_norm = None
-    for m, f, q in zip(layers, fused, split):
-        m.fuse_fc1_relu = f and "fc1_relu" not in off
-        m.self_attn.split_qkv = q and "split_qkv" not in off
-    model.enable_prefill_graphs(0 if graphs is None or "prefill_graphs" in off else graphs.max_graphs)
+        add_layernorm.triton = None
+    engine.fuse_fc1_relu = fused and "fc1_relu" not in off
+    engine.split_qkv = split and "split_qkv" not in off
+    engine.enable_graphs(0 if "prefill_graphs" in off else max_graphs)
     try:
         yield
     finally:
-        opt.DensePrefill.plan, opt.add_layer_norm = plan, add_ln
-        for m, f, q in zip(layers, fused, split):
-            m.fuse_fc1_relu, m.self_attn.split_qkv = f, q
-        model.model.decoder.prefill_graphs = graphs
-        if graphs is not None:
-            graphs.clear()
+        dense.DensePrefill.plan, add_layernorm.triton = plan, triton
+        engine.fuse_fc1_relu, engine.split_qkv = fused, split
+        engine.enable_graphs(max_graphs)
 
 
-def ab_prefill(runner, fns: dict, iters: int, tokens: int) -> dict:
+def ab_prefill(engine, fns: dict, iters: int, tokens: int) -> dict:
     """Prefill tok/s on the same runner with every fast path on, with each one switched off alone,
     and with all of them off; then with the K/V written, and through ModelRunner.forward."""
     out = {}
     for label, off in [("all on", set())] + [(f"-{p}", {p}) for p in FAST_PATHS] + [("all off", set(FAST_PATHS))]:
-        with fast_paths_off(runner.model, off):
+        with fast_paths_off(engine, off):
             out[label] = tokens / cuda_time(fns["prefill"], iters)
     out["-skip_kv_writes"] = tokens / cuda_time(fns["prefill+kv"], iters)
-    out["-forward_dense"] = tokens / cuda_time(fns["prefill runner"], iters)
+    out["-dense_engine"] = tokens / cuda_time(fns["prefill runner"], iters)
     log("  A/B prefill tok/s: " + ", ".join(f"{k} {v:,.0f}" for k, v in out.items()))
     return out
 
@@ -229,10 +225,10 @@ def build(path, a, graphs: bool):
 
 def close_all() -> None:
     """Close every live runner (also after a failed build: then tear the distributed state down)."""
-    from sglang.srt import standalone
+    from sglang.overlay import runner as overlay_runner
     from sglang.srt.distributed import parallel_state as ps
 
-    for r in list(standalone._LIVE_RUNNERS):
+    for r in list(overlay_runner._LIVE_RUNNERS):
         r.close()
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
@@ -274,7 +270,7 @@ def bench_shape(name: str, a) -> dict:
         # prefill (last-token logits) and loss (MeZO: mean NLL over all B x (S-1) predicted tokens)
         fb = forward_batch(runner, seqs)
         pos = torch.arange(B * S, device="cuda").view(B, S)
-        fns = sgl_fns(runner, fb, pos[:, -1], pos[:, :-1].reshape(-1), ids[:, 1:].reshape(-1))
+        fns = sgl_fns(runner, sr.engine, fb, pos[:, -1], pos[:, :-1].reshape(-1), ids[:, 1:].reshape(-1))
         hf_prefill = lambda: hf(ids, use_cache=False, logits_to_keep=1)  # noqa: E731
         t_hf = cuda_time(hf_prefill, a.iters)
         record("prefill", cuda_time(fns["prefill"], a.iters), t_hf, flops_per_token(cfg, S, with_head=False))
@@ -283,7 +279,7 @@ def bench_shape(name: str, a) -> dict:
             row[f"{kind}_ratio".replace(" ", "_")] = t_hf / t
             log(f"{name} {kind}: sgl {B * S / t:,.0f} tok/s  sgl/hf {t_hf / t:.2f}")
         if a.ab:
-            row["prefill_ab"] = ab_prefill(runner, fns, a.iters, B * S)
+            row["prefill_ab"] = ab_prefill(sr.engine, fns, a.iters, B * S)
         if a.profile:
             row["profile_prefill_sgl"] = kernel_summary(fns["prefill"], f"{name} prefill sglang")
             row["profile_prefill_hf"] = kernel_summary(hf_prefill, f"{name} prefill hf")

@@ -8,7 +8,7 @@ bench_opt.py ("prefill runner": ModelRunner.forward; "prefill+kv" / "prefill": t
 and without K/V writes; "loss"), median ms of: the whole call (CUDA events), the part before the
 prefill graph's replay ("pre": host work while the GPU idles), the replay ("graph"), what follows
 ("post"), and the host time of the call; then the host timeline of one call (ms from its start at
-which forward_dense, DensePrefill.plan, PrefillGraphs.run, the fingerprint walk and the replay are
+which DenseEngine.forward, DensePrefill.plan, PrefillGraphs.run, the fingerprint walk and the replay are
 entered and left), the replay's GPU time back to back, the eager paths, and HF's calls.
 """
 from __future__ import annotations
@@ -126,13 +126,15 @@ def host_ms(fn, iters=50):
 
 
 def breakdown_shape(name, a):
-    from sglang.srt.models.opt import DensePrefill, PrefillGraphs
+    from sglang.overlay import dense
+    from sglang.overlay.dense import DensePrefill
+    from sglang.overlay.graphs import PrefillGraphs
 
     path = common.checkpoint(name)
     sr = bo.build(path, a, graphs=False)
     runner = sr.runner
-    model = runner.model
-    decoder = model.model.decoder
+    engine = sr.engine
+    decoder = engine.decoder
     g = torch.Generator().manual_seed(7)
     B, S = a.batch, a.seq
     seqs = [[2] + torch.randint(3, 50000, (S - 1,), generator=g).tolist() for _ in range(B)]
@@ -141,17 +143,16 @@ def breakdown_shape(name, a):
     with torch.no_grad():
         fb = bo.forward_batch(runner, seqs)
         pos = torch.arange(B * S, device="cuda").view(B, S)
-        fns = bo.sgl_fns(runner, fb, pos[:, -1], pos[:, :-1].reshape(-1), ids[:, 1:].reshape(-1))
+        fns = bo.sgl_fns(runner, engine, fb, pos[:, -1], pos[:, :-1].reshape(-1), ids[:, 1:].reshape(-1))
         w = decoder.embed_positions.weight
         res["host_fingerprint_ms"] = host_ms(lambda: PrefillGraphs._fingerprint(decoder))
-        res["host_plan_ms"] = host_ms(lambda: DensePrefill.plan(fb, decoder.attention, w.dtype, w.device, runner.token_to_kv_pool, False))
+        res["host_plan_ms"] = host_ms(lambda: DensePrefill.plan(fb, engine.attention, w.dtype, w.device, runner.token_to_kv_pool, False))
         for kind in ("prefill runner", "prefill+kv", "prefill", "loss"):
             res[kind] = breakdown(fns[kind])
             log(f"{name} {kind}: " + ", ".join(f"{k} {v:.3f}" for k, v in res[kind].items()))
-        import sglang.srt.models.opt as opt
-        undo = [stamped(model, "forward_dense", "forward_dense"), stamped(opt.DensePrefill, "plan", "plan"),
-                stamped(decoder.prefill_graphs, "run", "graphs.run"),
-                stamped(decoder.prefill_graphs, "_fingerprint", "fingerprint"),
+        undo = [stamped(engine, "forward", "engine.forward"), stamped(dense.DensePrefill, "plan", "plan"),
+                stamped(engine.graphs, "run", "graphs.run"),
+                stamped(engine.graphs, "_fingerprint", "fingerprint"),
                 stamped(torch.cuda.CUDAGraph, "replay", "replay")]
         try:
             for kind in ("prefill", "prefill runner"):
@@ -160,7 +161,7 @@ def breakdown_shape(name, a):
         finally:
             for u in undo:
                 u()
-        entry = next(iter(decoder.prefill_graphs.graphs.values()))
+        entry = next(iter(engine.graphs.graphs.values()))
         e = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
         entry.graph.replay()
         torch.cuda.synchronize()
@@ -170,7 +171,7 @@ def breakdown_shape(name, a):
         e[1].record()
         e[1].synchronize()
         res["replay_back_to_back_ms"] = e[0].elapsed_time(e[1]) / 10
-        model.enable_prefill_graphs(0)
+        engine.enable_graphs(0)
         for kind in ("prefill", "prefill runner"):
             res[kind + " eager"] = breakdown(fns[kind])
             log(f"{name} {kind} eager: " + ", ".join(f"{k} {v:.3f}" for k, v in res[kind + ' eager'].items()))

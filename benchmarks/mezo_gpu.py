@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""MeZO steps/s and peak memory: scripts/mezo.py on SGLang's runner vs an HF reference MeZO, one GPU.
+"""MeZO steps/s and peak memory: sglang/overlay/mezo.py on SGLang's runner vs an HF reference MeZO, one GPU.
 
     PYTHONPATH=/tmp/site:. python3 benchmarks/mezo_gpu.py [--shape opt-1.3b --batch 16 --prompt 128 --target 128]
 
@@ -9,7 +9,7 @@ batch ``--batch`` x (``--prompt`` + ``--target``) tokens, loss = mean NLL over t
 parameter by parameter in HF ``named_parameters()`` order, so both sides draw the same z and their
 losses and projected gradients should agree to half-precision noise (printed).
 
-- SGLang: ``MeZO(StandaloneRunner, MeZOConfig)`` from scripts/mezo.py; each loss is one EXTEND
+- SGLang: ``MeZO(StandaloneRunner, MeZOConfig)`` from sglang/overlay/mezo.py; each loss is one EXTEND
   forward of the batch (``StandaloneRunner.loss``).
 - HF reference (written here): ``OPTForCausalLM(input_ids, labels=...)`` under ``no_grad``, prompt
   positions labelled -100.
@@ -29,7 +29,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
 
 import torch  # noqa: E402
 
@@ -62,10 +61,10 @@ def peak_of(fn) -> int:
 
 
 class HFMeZO:
-    """The reference: MeZO on an HF OPTForCausalLM, same z stream as scripts/mezo.py."""
+    """The reference: MeZO on an HF OPTForCausalLM, same z stream as sglang/overlay/mezo.py."""
 
     def __init__(self, model, lr: float, eps: float, seed: int):
-        from mezo import derive_seed
+        from sglang.overlay.mezo import derive_seed
 
         self.model, self.lr, self.eps, self.seed, self.k = model, lr, eps, seed, 0
         self.derive_seed = derive_seed
@@ -109,7 +108,7 @@ def main() -> None:
     ap.add_argument("--kv-tokens", type=int, default=8192)
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
-    from mezo import MeZO, MeZOConfig
+    from sglang.overlay.mezo import MeZO, MeZOConfig
 
     path = common.checkpoint(a.shape)
     g = torch.Generator().manual_seed(11)
@@ -147,7 +146,7 @@ def main() -> None:
     log(f"MeZO {a.shape} {a.dtype}, batch {a.batch} x {a.prompt}+{a.target} tokens, median of {a.steps} steps")
     log("| side | steps/s | peak GiB (step) | peak GiB (inference) | step/inference | L+, L-, g of the 1st timed step |")
     log("|---|---|---|---|---|---|")
-    for side, name in (("sgl", "SGLang (scripts/mezo.py)"), ("hf", "HF reference")):
+    for side, name in (("sgl", "SGLang (sglang/overlay/mezo.py)"), ("hf", "HF reference")):
         first = ", ".join(f"{x:.4f}" for x in row[f"{side}_first"])
         log(f"| {name} | {row[f'{side}_steps_per_s']:.2f} | {row[f'{side}_step_peak'] / gib:.2f} "
             f"| {row[f'{side}_infer_peak'] / gib:.2f} | {row[f'{side}_step_peak'] / row[f'{side}_infer_peak']:.2f} "

@@ -12,7 +12,7 @@ states at every position go through the same fp32 head (tests/gpu/common.py).
 
 Variants: ``sgl`` (the native OPT as shipped), ``sgl-torch-ln`` (torch's add and LayerNorm instead
 of the fused Triton kernel), ``sgl-backend-attn`` (the Triton backend's extend attention instead of
-DensePrefill's torch flash kernels), ``hf-sdpa`` (HF as the test runs it), ``hf-eager`` (HF's eager
+the dense engine's torch flash kernels), ``hf-sdpa`` (HF as the test runs it), ``hf-eager`` (HF's eager
 attention: another valid half-precision forward).
 Columns: mean argmax agreement with fp32 over the sets, its standard deviation and minimum, the mean
 relative error vs fp32, the per-set difference to ``hf-sdpa`` (mean, standard deviation, worst), and
@@ -48,18 +48,19 @@ def metrics(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, torch.Tensor]:
 
 @contextlib.contextmanager
 def sgl_variant(name: str):
-    """The native OPT with one of its GPU paths swapped for the generic one."""
-    from sglang.srt.models import opt
+    """The native OPT's scoring path with one of its GPU paths swapped for the generic one."""
+    from sglang.overlay import dense
+    from sglang.srt.layers import add_layernorm
 
-    saved_ln, saved_plan = opt.add_layer_norm, opt.DensePrefill.__dict__["plan"]
+    saved_triton, saved_plan = add_layernorm.triton, dense.DensePrefill.__dict__["plan"]
     if name == "sgl-torch-ln":
-        opt.add_layer_norm = None
-    elif name == "sgl-backend-attn":
-        opt.DensePrefill.plan = classmethod(lambda cls, *args, **kwargs: None)
+        add_layernorm.triton = None
+    elif name == "sgl-backend-attn":  # the engine declines: ModelRunner.forward with the backend
+        dense.DensePrefill.plan = classmethod(lambda cls, *args, **kwargs: None)
     try:
         yield
     finally:
-        opt.add_layer_norm, opt.DensePrefill.plan = saved_ln, saved_plan
+        add_layernorm.triton, dense.DensePrefill.plan = saved_triton, saved_plan
 
 
 def measure(shape: str, dtypes: list[str], sets_count: int) -> list[dict]:

@@ -7,7 +7,7 @@
 # Unpacks the staged site (patched sglang 0.5.17, transformers 5.12.1, ...) into /tmp/site once per
 # machine, then runs the GPU tests (tests/gpu) and/or the benchmark (benchmarks/bench_opt.py).
 # Logs and results go under $OUT (what the device tool brings back; /tmp/gpu-out elsewhere).
-# Knobs: OPT_GPU_SHAPES (tests), GATE=0 (skip the DensePrefill gate), BENCH_SHAPES, BENCH_ARGS (e.g.
+# Knobs: OPT_GPU_SHAPES (tests), GATE=0 (skip the dense-engine gate), BENCH_SHAPES, BENCH_ARGS (e.g.
 # --ab --profile), MEZO_ARGS, SPREAD_SHAPES, SPREAD_ARGS (e.g. --sets 16), TESTS_TIMEOUT, BENCH_TIMEOUT,
 # MEZO_TIMEOUT, SPREAD_TIMEOUT (seconds).
 set -o pipefail
@@ -29,7 +29,7 @@ if [ "$(cat $SITE/.stage-stamp 2>/dev/null)" != "$stamp" ]; then
 fi
 # The overlay's own files (python/sglang/...: whole new files, no patches) come from this working tree
 # on every run, so a change to opt.py needs no restaging; the archives carry the patched upstream files.
-(cd "$REPO/python" && find sglang -name '*.py' -exec cp {} "$SITE/{}" \; -print) | tr '\n' ' ' \
+(cd "$REPO/python" && find sglang -name '*.py' -exec cp --parents {} "$SITE" \; -print) | tr '\n' ' ' \
   | sed 's/^/overlay files from the working tree: /'; echo
 export PYTHONPATH=$SITE:$REPO PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 # NVLink multicast stays off (the device's rule), also for subprocesses.
@@ -53,9 +53,9 @@ if [ "$MODE" = smoke ]; then
     --decode-steps 16 --json "$OUT/bench.json" ${BENCH_ARGS:---profile} 2>&1 | tee "$OUT/bench.log" || rc=$?
 fi
 if [ "$MODE" = all ] || [ "$MODE" = tests ]; then
-  if [ "${GATE:-1}" = 1 ]; then  # opt.py's GPU fast path against the backend's path first: stop early if broken
-    timeout 240 python3 -m pytest tests/gpu -q -s -rA -p no:cacheprovider -k dense_prefill 2>&1 \
-      | tee "$OUT/pytest.log" || { echo "run_gpu.sh: DensePrefill gate failed"; exit 3; }
+  if [ "${GATE:-1}" = 1 ]; then  # the dense engine against the backend's path first: stop early if broken
+    timeout 240 python3 -m pytest tests/gpu -q -s -rA -p no:cacheprovider -k dense_engine 2>&1 \
+      | tee "$OUT/pytest.log" || { echo "run_gpu.sh: dense-engine gate failed"; exit 3; }
   fi
   OPT_GPU_REPORT=$OUT/parity.jsonl timeout "${TESTS_TIMEOUT:-560}" python3 -m pytest tests/gpu -v -s -rA \
     -p no:cacheprovider -k "not dense_prefill" "$@" 2>&1 | tee -a "$OUT/pytest.log" || rc=$?

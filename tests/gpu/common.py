@@ -1,6 +1,6 @@
 """Shared pieces of the GPU tests and benchmarks: OPT shapes, random checkpoints, runners.
 
-Runners come from the overlay's public in-process API (``sglang.srt.standalone``). Nothing here
+Runners come from the overlay's public in-process API (``sglang.overlay``). Nothing here
 imports torch or sglang at module level, so CPU collection of tests/gpu never depends on them.
 """
 
@@ -67,7 +67,7 @@ def runner(path, dtype: str, *, distributed: str = "fresh", max_total_tokens: in
            mem_fraction_static: float = 0.5, prefill_graphs: int = 0, **server_args: Any):
     """A StandaloneRunner on the GPU (triton attention; CUDA graphs off unless ``server_args`` turn them on,
     the model's prefill graphs off unless ``prefill_graphs``)."""
-    from sglang.srt.standalone import RunnerConfig, StandaloneRunner
+    from sglang.overlay import RunnerConfig, StandaloneRunner
 
     return StandaloneRunner(RunnerConfig(
         model_path=str(path), device="cuda", dtype=dtype, attention_backend="triton",
@@ -112,12 +112,15 @@ def hf_logits_per_set(path, dtype: str, sets, attn: str = "sdpa"):
 
 
 def sgl_logits(standalone_runner, seqs):
-    """SGLang's fp32-head logits at every position (one EXTEND of all ``seqs``), ``[sum(len), vocab]``
-    on the CPU, and its LogitsProcessor's own last-position logits ``[len(seqs), vocab]`` (fp32)."""
-    from sglang.srt.standalone import prefill
+    """SGLang's fp32-head logits at every position of one EXTEND of all ``seqs``, ``[sum(len), vocab]``
+    on the CPU, from the scoring path users get (``score``: the dense engine where it takes the batch),
+    and the LogitsProcessor's own last-position logits ``[len(seqs), vocab]`` (fp32) of the same batch
+    through ModelRunner.forward (the model file with the configured attention backend)."""
+    from sglang.overlay.forward import prefill, score
 
     vocab = standalone_runner.vocab_size
-    fwd = prefill(standalone_runner.runner, seqs, all_positions=True)
-    assert fwd.hidden_states is not None and fwd.hidden_states.shape[0] == sum(map(len, seqs))
-    return (fp32_head(fwd.hidden_states, fwd.lm_head.weight, vocab).cpu(),
-            fwd.next_token_logits[:, :vocab].float().cpu())
+    scored = score(standalone_runner.runner, seqs, engine=standalone_runner.engine)
+    hidden = scored.every_hidden_state()
+    logits = fp32_head(hidden, scored.lm_head.weight, vocab).cpu()
+    last = prefill(standalone_runner.runner, seqs).next_token_logits[:, :vocab].float().cpu()
+    return logits, last

@@ -1,15 +1,15 @@
 """The native OPT's GPU fast paths against the plain computation they replace.
 
-- ``opt_kernels.add_layer_norm`` (residual add + LayerNorm in one Triton kernel) against torch's
+- ``add_layernorm.add_layer_norm`` (residual add + LayerNorm in one Triton kernel) against torch's
   add and ``layer_norm``;
-- ``target_logprobs.gather_logprobs`` (one-read log-sum-exp) against ``log_softmax(logits.float())``;
+- ``sglang.overlay.logprobs.gather_logprobs`` (one-read log-sum-exp) against ``log_softmax(logits.float())``;
 - prefill CUDA graphs (``RunnerConfig(prefill_graphs=...)``): the eager run, the capture and the
   replays give the same hidden states, ragged lengths included, a replay sees an in-place
   weight update (MeZO's case), and assigning a new Parameter drops the graphs;
-- the scoring path (``standalone.final_hidden_states`` / ``score``: the native OPT's
-  ``forward_dense``, no attention-backend metadata, no LogitsProcessor) gives ModelRunner.forward's
-  hidden states bit for bit, eager and from graphs; without ``keep_kv`` it leaves the KV pool
-  untouched, with it it writes the same K/V as the runner;
+- the scoring path (``forward.final_hidden_states`` / ``score`` on the dense engine: no
+  attention-backend metadata, no LogitsProcessor) gives the engine's eager hidden states bit for bit
+  from graphs; without ``keep_kv`` it leaves the KV pool untouched, with it it writes the K/V (the
+  engine against ModelRunner.forward: test_opt_gpu.py::test_dense_engine_matches_backend);
 - ``StandaloneRunner.generate`` (token ids kept on the device) against one decode step at a time
   with a host round trip per token (tests/support/logits.decode).
 """
@@ -27,7 +27,7 @@ def test_add_layer_norm_matches_torch(hidden, affine, dtype):
     import torch
     import torch.nn.functional as F
 
-    from sglang.srt.models.opt_kernels import add_layer_norm
+    from sglang.srt.layers.add_layernorm import add_layer_norm
 
     g = torch.Generator(device="cuda").manual_seed(hidden)
     dt = getattr(torch, dtype)
@@ -52,7 +52,7 @@ def test_add_layer_norm_matches_torch(hidden, affine, dtype):
 def test_gather_logprobs_matches_log_softmax(dtype):
     import torch
 
-    from sglang.srt.layers.target_logprobs import gather_logprobs
+    from sglang.overlay.logprobs import gather_logprobs
 
     g = torch.Generator(device="cuda").manual_seed(3)
     logits = (3 * torch.randn(1537, 50272, device="cuda", generator=g)).to(getattr(torch, dtype))
@@ -68,9 +68,9 @@ def test_gather_logprobs_matches_log_softmax(dtype):
 
 
 def _hidden(standalone_runner, seqs):
-    from sglang.srt.standalone import prefill
+    from sglang.overlay.forward import score
 
-    return prefill(standalone_runner.runner, seqs, all_positions=True).hidden_states.clone()
+    return score(standalone_runner.runner, seqs, engine=standalone_runner.engine).every_hidden_state().clone()
 
 
 @pytest.mark.parametrize("shape", ["opt-125m", "opt-350m"])
@@ -82,10 +82,10 @@ def test_prefill_graphs_replay_eager(shape):
     equal = [[2] + torch.randint(3, 50000, (255,), generator=g).tolist() for _ in range(4)]
     ragged = [[2] + torch.randint(3, 50000, (n - 1,), generator=g).tolist() for n in (300, 7, 128, 1)]
     with common.runner(path, "float16", prefill_graphs=4) as r:
-        graphs = r.model.model.decoder.prefill_graphs
+        graphs = r.engine.graphs
         for seqs in (equal, ragged):
             runs = [_hidden(r, seqs) for _ in range(4)]  # eager, capture + replay, replay, replay
-            assert (tuple(map(len, seqs)), True) in graphs.graphs, "no graph was captured"
+            assert (tuple(map(len, seqs)), False) in graphs.graphs, "no graph was captured"
             for i, out in enumerate(runs[1:], 1):
                 assert torch.equal(out, runs[0]), f"run {i}: max diff {(out - runs[0]).abs().max().item()}"
         # An in-place weight update (what MeZO does) is seen by the replay.
@@ -98,7 +98,7 @@ def test_prefill_graphs_replay_eager(shape):
         original = fc2.bias
         fc2.bias = torch.nn.Parameter(original + 0.5, requires_grad=False)
         assigned = [_hidden(r, equal) for _ in range(3)]  # eager, capture + replay, replay
-        r.model.enable_prefill_graphs(0)
+        r.engine.enable_graphs(0)
         eager = _hidden(r, equal)
         fc2.bias = original
         eager_restored = _hidden(r, equal)
@@ -110,37 +110,46 @@ def test_prefill_graphs_replay_eager(shape):
 
 
 @pytest.mark.parametrize("graphs", [0, 4])
-def test_scoring_path_matches_runner_forward(graphs):
+def test_scoring_path_keeps_or_skips_the_kv(graphs):
     import torch
 
-    from sglang.srt import standalone
+    from sglang.overlay import compat, forward
 
     path = common.checkpoint("opt-125m")
     g = torch.Generator().manual_seed(13)
     equal = [[2] + torch.randint(3, 50000, (199,), generator=g).tolist() for _ in range(3)]
     ragged = [[2] + torch.randint(3, 50000, (n - 1,), generator=g).tolist() for n in (90, 1, 257)]
     with common.runner(path, "float16", prefill_graphs=graphs) as r:
-        runner = r.runner
+        runner, engine = r.runner, r.engine
         for seqs in (equal, ragged):
-            fb = standalone.to_forward_batch(runner, standalone.extend_batch(runner, seqs))
+            fb = compat.forward_batch_of(runner, forward.extend_batch(runner, seqs))
             key = runner.token_to_kv_pool.get_key_buffer(0)
-            ref = standalone._runner_forward(runner, fb, all_positions=True)[1].clone()
+            ref = engine.run(fb.input_ids, fb.positions, _plan(engine, fb, runner, write_kv=True)).clone()
             ref_key = key[fb.out_cache_loc].clone()
             key[fb.out_cache_loc] = 0
             for i in range(3):  # eager, then (graphs) capture + replay, replay
-                hidden, head = standalone.final_hidden_states(runner, fb, keep_kv=False)
+                hidden, head = forward.final_hidden_states(runner, fb, engine=engine, keep_kv=False)
                 assert head is r.model.lm_head
                 assert torch.equal(hidden, ref), f"run {i}: max diff {(hidden - ref).abs().max().item()}"
             assert not key[fb.out_cache_loc].any(), "keep_kv=False wrote K/V"
             for i in range(3):
-                hidden, _ = standalone.final_hidden_states(runner, fb, keep_kv=True)
+                hidden, _ = forward.final_hidden_states(runner, fb, engine=engine, keep_kv=True)
                 assert torch.equal(hidden, ref), f"keep_kv run {i}: max diff {(hidden - ref).abs().max().item()}"
             assert torch.equal(key[fb.out_cache_loc], ref_key)
             if graphs:
-                assert {(tuple(map(len, seqs)), False), (tuple(map(len, seqs)), True)} <= set(
-                    r.model.model.decoder.prefill_graphs.graphs)
-        scored = standalone.score(runner, ragged)
+                assert {(tuple(map(len, seqs)), False), (tuple(map(len, seqs)), True)} <= set(engine.graphs.graphs)
+        scored = forward.score(runner, ragged, engine=engine)
         assert scored.batch is None and torch.equal(scored.every_hidden_state(), ref)
+
+
+def _plan(engine, forward_batch, runner, write_kv: bool):
+    from sglang.overlay.dense import DensePrefill
+
+    weight = engine.decoder.embed_positions.weight
+    plan = DensePrefill.plan(forward_batch, engine.attention, weight.dtype, weight.device,
+                             runner.token_to_kv_pool, write_kv)
+    assert plan is not None, "the engine declined the batch"
+    return plan
 
 
 def test_generate_matches_stepwise_decode():

@@ -1,7 +1,7 @@
 """Native OPT on the GPU: parity with HuggingFace at real OPT shapes, and runner reuse under NCCL.
 
 Parity: random weights (HF init) at the opt-125m / 350m / 1.3b / 6.7b shapes, fp16 and bf16.
-SGLang's final hidden states at EVERY position (``sglang.srt.standalone.prefill(all_positions=True)``)
+SGLang's final hidden states at EVERY position (the scoring path, ``sglang.overlay.forward.score``)
 of 4 token sets, each 7 sequences of mixed lengths (2048 tokens) prefilled in one EXTEND batch, and
 HF's for the same sequences, go through the same fp32 head. An fp32 HF forward is the exact
 reference. Each row is appended to $OPT_GPU_REPORT (JSON lines). Asserted over the 8192 positions:
@@ -113,33 +113,31 @@ def test_parity_all_positions(shape, dtype):
 
 
 @pytest.mark.parametrize("lengths", [[256] * 4, [300, 7, 128, 1]], ids=["equal", "ragged"])
-def test_dense_prefill_matches_backend(lengths):
-    """opt.py's DensePrefill (torch SDPA for equal lengths, flash varlen otherwise) gives the logits
-    of the configured backend's RadixAttention path, and writes the same K/V to the pool."""
+def test_dense_engine_matches_backend(lengths):
+    """The dense scoring engine (torch SDPA for equal lengths, flash varlen otherwise, its own QKV and fc1
+    GEMMs) gives the logits of the model's RadixAttention path through ModelRunner.forward with the
+    configured backend, and, keeping the K/V, writes the same layer-0 K/V to the pool."""
     import torch
 
-    from sglang.srt.models import opt
+    from sglang.overlay import compat, forward
 
     path = common.checkpoint("opt-125m")
     g = torch.Generator().manual_seed(5)
     seqs = [[2] + torch.randint(3, 50000, (n - 1,), generator=g).tolist() if n > 1 else [2] for n in lengths]
-    plan = opt.DensePrefill.__dict__["plan"]
-    calls = []
     with common.runner(path, "float16") as r:
-        pool = r.runner.token_to_kv_pool
-        opt.DensePrefill.plan = classmethod(lambda cls, *a: calls.append(plan.__func__(cls, *a)) or calls[-1])
-        try:
-            fast, _ = common.sgl_logits(r, seqs)
-            kv_fast = [b.clone() for b in pool.get_kv_buffer(0)]  # layer 0: same inputs on both paths
-            opt.DensePrefill.plan = classmethod(lambda cls, *a: None)
-            slow, _ = common.sgl_logits(r, seqs)
-            kv_slow = [b.clone() for b in pool.get_kv_buffer(0)]
-        finally:
-            opt.DensePrefill.plan = plan
-    assert calls and calls[0] is not None, "the fast path was not taken"
+        runner, vocab, pool = r.runner, r.vocab_size, r.runner.token_to_kv_pool
+        fb = compat.forward_batch_of(runner, forward.extend_batch(runner, seqs))
+        hidden = r.engine.forward(fb, pool, write_kv=True)
+        assert hidden is not None, "the engine declined the batch"
+        fast = common.fp32_head(hidden, r.model.lm_head.weight, vocab).cpu()
+        kv_fast = [b[fb.out_cache_loc].clone() for b in pool.get_kv_buffer(0)]  # layer 0: same inputs
+        ref = forward.prefill(runner, seqs, all_positions=True)
+        slow = common.fp32_head(ref.every_hidden_state(), ref.lm_head.weight, vocab).cpu()
+        loc = ref.batch.out_cache_loc
+        kv_slow = [b[loc].clone() for b in pool.get_kv_buffer(0)]
     rel, agree = _metrics(fast, slow)
     kv_equal = all(torch.equal(a, b) for a, b in zip(kv_fast, kv_slow))
-    print(f"DENSE_PREFILL {lengths}: rel {rel:.2e} argmax {agree:.4f} kv_equal {kv_equal}", flush=True)
+    print(f"DENSE_ENGINE {lengths}: rel {rel:.2e} argmax {agree:.4f} kv_equal {kv_equal}", flush=True)
     assert kv_equal
     assert rel < 2e-3, rel
 

@@ -5,7 +5,7 @@
 First one spawned process builds a TP=1 ``StandaloneRunner`` on GPU 0; then ``N`` (default 2)
 spawned processes build one rank each, ``RunnerConfig(tp_size=N, tp_rank=r, dist_port=PORT)``
 with one shared free port, rank r on GPU r. Each prefills the same sequences in one EXTEND
-(``sglang.srt.standalone.prefill(all_positions=True)``) and saves its final hidden states at
+(``sglang.overlay.forward.prefill(all_positions=True)``) and saves its final hidden states at
 every position, the LogitsProcessor's last-token logits, the head's logits at every position
 (``Forward.all_logits``: gathered over the TP group at N > 1) and ``token_logprobs``. The parent
 never touches CUDA: it compares rank 0 (and checks the other ranks agree) with TP=1 and prints
@@ -54,7 +54,8 @@ def _rank(tag: str, model: str, dtype: str, tp_size: int, tp_rank: int, port: Op
     try:
         import torch
 
-        from sglang.srt.standalone import RunnerConfig, StandaloneRunner, prefill
+        from sglang.overlay import RunnerConfig, StandaloneRunner
+        from sglang.overlay.forward import prefill
 
         tic = time.perf_counter()
         config = RunnerConfig(
@@ -174,7 +175,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     import torch
 
-    from sglang.srt.standalone import _free_port
+    from sglang.overlay.compat import free_port as _free_port
 
     with tempfile.TemporaryDirectory(prefix="tp_gpu-") as out:
         failure = _run("ref-", args.model, args.dtype, 1, None, out, args.timeout)
