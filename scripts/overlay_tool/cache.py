@@ -1,0 +1,99 @@
+"""The release cache: upstream wheels from PyPI, and release trees shaped like upstream's repository."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Optional
+
+from .errors import OverlayError
+from .gitutil import git, log, run
+
+# The identity of the commits the tool makes itself (release trees, checkouts).
+GIT_IDENTITY = {
+    "GIT_AUTHOR_NAME": "SGLang upstream",
+    "GIT_AUTHOR_EMAIL": "upstream@sglang.invalid",
+    "GIT_COMMITTER_NAME": "sglang-overlay",
+    "GIT_COMMITTER_EMAIL": "overlay@sglang-overlay.invalid",
+    "GIT_AUTHOR_DATE": "2000-01-01T00:00:00Z",
+    "GIT_COMMITTER_DATE": "2000-01-01T00:00:00Z",
+}
+# `git am` takes the author from each patch; the committer side is fixed.
+COMMITTER_IDENTITY = {k: v for k, v in GIT_IDENTITY.items() if k.startswith("GIT_COMMITTER")}
+
+
+class Cache:
+    """Upstream releases from PyPI wheels, as git repositories shaped like upstream's.
+
+    ``<root>/wheels/`` holds the downloaded wheels, ``<root>/releases/X/`` a git
+    repository with ``python/sglang/...`` committed once and tagged ``vX``.
+    The root is $SGLANG_OVERLAY_CACHE, else $XDG_CACHE_HOME/sglang-overlay, else
+    ~/.cache/sglang-overlay.
+    """
+
+    def __init__(self, root: Optional[Path] = None) -> None:
+        if root is None:
+            env = os.environ.get("SGLANG_OVERLAY_CACHE")
+            xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+            root = Path(env) if env else Path(xdg) / "sglang-overlay"
+        self.root = root
+
+    def wheel(self, version: str) -> Path:
+        """The cached PyPI wheel of ``version`` (downloaded when missing)."""
+        wheels = self.root / "wheels"
+        found = self._find_wheel(wheels, version)
+        if found:
+            return found
+        wheels.mkdir(parents=True, exist_ok=True)
+        log(f"downloading sglang=={version} from PyPI into {wheels}")
+        proc = run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--progress-bar", "on",
+             "-d", str(wheels), f"sglang=={version}"],
+            check=False, capture=False,
+        )
+        found = self._find_wheel(wheels, version)
+        if proc.returncode != 0 or not found:
+            raise OverlayError(
+                f"could not download the sglang {version} wheel from PyPI (pip exit {proc.returncode}); "
+                f"check the network, or put the wheel into {wheels} by hand"
+            )
+        return found
+
+    @staticmethod
+    def _find_wheel(wheels: Path, version: str) -> Optional[Path]:
+        matches = sorted(wheels.glob(f"sglang-{version}-*.whl"))
+        return matches[0] if matches else None
+
+    def release_tree(self, version: str) -> Path:
+        """The cached upstream git repository of ``version`` (fetched when missing)."""
+        repo = self.root / "releases" / version
+        if (repo / ".git").is_dir() and git("tag", "--list", f"v{version}", cwd=repo).strip():
+            return repo
+        wheel = self.wheel(version)
+        (self.root / "releases").mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=self.root / "releases"))
+        try:
+            with zipfile.ZipFile(wheel) as zf:
+                members = [m for m in zf.namelist() if m.startswith("sglang/") and not m.endswith("/")]
+                if not members:
+                    raise OverlayError(f"{wheel} holds no sglang/ package")
+                for member in members:
+                    target = staging / "python" / member
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(zf.read(member))
+            git("init", "-q", "-b", "main", cwd=staging)
+            git("add", "-A", cwd=staging)
+            git("commit", "-q", "--no-verify", "-m", f"sglang {version}\n\nUpstream source from {wheel.name} (PyPI).",
+                cwd=staging, env=GIT_IDENTITY)
+            git("tag", f"v{version}", cwd=staging)
+            if repo.exists():
+                shutil.rmtree(repo)
+            staging.rename(repo)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging)
+        return repo
