@@ -58,7 +58,7 @@ if [ "$MODE" = all ] || [ "$MODE" = tests ]; then
       | tee "$OUT/pytest.log" || { echo "run_gpu.sh: dense-engine gate failed"; exit 3; }
   fi
   OPT_GPU_REPORT=$OUT/parity.jsonl timeout "${TESTS_TIMEOUT:-560}" python3 -m pytest tests/gpu -v -s -rA \
-    -p no:cacheprovider -k "not dense_prefill" "$@" 2>&1 | tee -a "$OUT/pytest.log" || rc=$?
+    -p no:cacheprovider -k "not dense_engine" "$@" 2>&1 | tee -a "$OUT/pytest.log" || rc=$?
   python3 - "$OUT/parity.jsonl" <<'EOF' 2>&1 | tee "$OUT/parity.md"
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])] if __import__("os").path.exists(sys.argv[1]) else []
