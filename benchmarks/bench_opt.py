@@ -129,6 +129,7 @@ def fast_paths_off(engine, off: set):
     "dense_prefill" off: the engine declines and ModelRunner.forward runs), and fresh prefill graphs
     (captured again for what is on) when they stay on."""
     from sglang.overlay import dense
+    from sglang.overlay.graphs import enable_graphs
     from sglang.srt.layers import add_layernorm
 
     plan, triton = dense.DensePrefill.__dict__["plan"], add_layernorm.triton
@@ -140,13 +141,13 @@ def fast_paths_off(engine, off: set):
         add_layernorm.triton = None
     engine.fuse_fc1_relu = fused and "fc1_relu" not in off
     engine.split_qkv = split and "split_qkv" not in off
-    engine.enable_graphs(0 if "prefill_graphs" in off else max_graphs)
+    enable_graphs(engine, 0 if "prefill_graphs" in off else max_graphs)
     try:
         yield
     finally:
         dense.DensePrefill.plan, add_layernorm.triton = plan, triton
         engine.fuse_fc1_relu, engine.split_qkv = fused, split
-        engine.enable_graphs(max_graphs)
+        enable_graphs(engine, max_graphs)
 
 
 def ab_prefill(engine, fns: dict, iters: int, tokens: int) -> dict:

@@ -128,7 +128,7 @@ def host_ms(fn, iters=50):
 def breakdown_shape(name, a):
     from sglang.overlay import dense
     from sglang.overlay.dense import DensePrefill
-    from sglang.overlay.graphs import PrefillGraphs
+    from sglang.overlay.graphs import PrefillGraphs, enable_graphs
 
     path = common.checkpoint(name)
     sr = bo.build(path, a, graphs=False)
@@ -171,7 +171,7 @@ def breakdown_shape(name, a):
         e[1].record()
         e[1].synchronize()
         res["replay_back_to_back_ms"] = e[0].elapsed_time(e[1]) / 10
-        engine.enable_graphs(0)
+        enable_graphs(engine, 0)
         for kind in ("prefill", "prefill runner"):
             res[kind + " eager"] = breakdown(fns[kind])
             log(f"{name} {kind} eager: " + ", ".join(f"{k} {v:.3f}" for k, v in res[kind + ' eager'].items()))

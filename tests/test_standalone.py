@@ -75,12 +75,10 @@ def test_generate_matches_huggingface_greedy(runner, tiny_opt: Path) -> None:
             want = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6,
                                do_sample=False, pad_token_id=1)[0, len(prompt):].tolist()
             assert got == want, (prompt, got, want)
-    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+    with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1"):
         runner.generate(prompts, max_new_tokens=0)
     with pytest.raises(ValueError, match="context length"):
         runner.generate([[2] * 10], max_new_tokens=runner.runner.model_config.context_len)
-    with pytest.raises(ValueError, match="KV slots"):
-        runner.generate([[2] * 20] * 70, max_new_tokens=100)  # 70 x 120 slots > the 8192 of a CPU runner
 
 
 def test_no_stale_kv_after_an_in_place_weight_change(runner, tiny_opt: Path) -> None:

@@ -77,6 +77,8 @@ def _hidden(standalone_runner, seqs):
 def test_prefill_graphs_replay_eager(shape):
     import torch
 
+    from sglang.overlay.graphs import enable_graphs
+
     path = common.checkpoint(shape)
     g = torch.Generator().manual_seed(11)
     equal = [[2] + torch.randint(3, 50000, (255,), generator=g).tolist() for _ in range(4)]
@@ -98,7 +100,7 @@ def test_prefill_graphs_replay_eager(shape):
         original = fc2.bias
         fc2.bias = torch.nn.Parameter(original + 0.5, requires_grad=False)
         assigned = [_hidden(r, equal) for _ in range(3)]  # eager, capture + replay, replay
-        r.engine.enable_graphs(0)
+        enable_graphs(r.engine, 0)
         eager = _hidden(r, equal)
         fc2.bias = original
         eager_restored = _hidden(r, equal)

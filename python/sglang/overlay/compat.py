@@ -12,6 +12,7 @@ and the trainer are written once. Supporting a new API era means a branch here.
 - ``forward_batch_of``: the ForwardBatch of a prepared ScheduleBatch.
 - ``logits_output_of``: ModelRunner.forward's LogitsProcessor output.
 - ``distributed_exists`` / ``tp_group``: the process's distributed state.
+- ``decode_graph_server_args``: the ServerArgs fields of decode CUDA graphs.
 """
 
 from __future__ import annotations
@@ -270,3 +271,20 @@ def forward_batch_of(model_runner, batch):
 def logits_output_of(out) -> Any:
     """The LogitsProcessor output of what ModelRunner.forward returned (a tuple up to 0.5.7)."""
     return out[0] if isinstance(out, tuple) else out.logits_output
+
+
+def decode_graph_server_args(batch_sizes: Optional[Sequence[int]]) -> dict[str, Any]:
+    """The ServerArgs fields (besides ``disable_cuda_graph=False``) that give decode CUDA graphs for
+    ``batch_sizes`` (the release's default sizes when None) and no prefill CUDA graphs of SGLang's own:
+    ``cuda_graph_bs_decode`` / ``disable_prefill_cuda_graph`` from 0.5.15, ``cuda_graph_bs`` before."""
+    import dataclasses
+
+    from sglang.srt.server_args import ServerArgs
+
+    names = {f.name for f in dataclasses.fields(ServerArgs)}
+    out: dict[str, Any] = {}
+    if "disable_prefill_cuda_graph" in names:
+        out["disable_prefill_cuda_graph"] = True
+    if batch_sizes is not None:
+        out["cuda_graph_bs_decode" if "cuda_graph_bs_decode" in names else "cuda_graph_bs"] = list(batch_sizes)
+    return out

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+
+from sglang.overlay import compat
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -53,31 +56,29 @@ class RunnerConfig:
     tp_size: int = 1
     tp_rank: int = 0
     dist_port: Optional[int] = None
+    cuda_graphs: bool = False
+    cuda_graph_batch_sizes: Optional[tuple[int, ...]] = None
+
+    def device_kind(self) -> str:
+        """'cuda' or 'cpu': what ``device`` means on this machine ("auto": CUDA when torch sees it)."""
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
 
     def resolved(self) -> "RunnerConfig":
         """The config with the device's defaults filled in, validated."""
-        device = self.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        cpu = device == "cpu"
-        config = RunnerConfig(
-            model_path=self.model_path,
-            device=device,
+        self.validate()
+        cpu = self.device_kind() == "cpu"
+        return dataclasses.replace(
+            self,
+            device=self.device_kind(),
             dtype=self.dtype or ("float32" if cpu else "auto"),
             attention_backend=self.attention_backend or ("torch_native" if cpu else "triton"),
             mem_fraction_static=self.mem_fraction_static or (0.05 if cpu else 0.3),
             max_total_tokens=self.max_total_tokens or (8192 if cpu else None),
-            max_running_requests=self.max_running_requests,
-            distributed=self.distributed,
-            random_seed=self.random_seed,
-            prefill_graphs=self.prefill_graphs,
             server_args=dict(self.server_args),
-            tp_size=self.tp_size,
-            tp_rank=self.tp_rank,
-            dist_port=self.dist_port,
+            cuda_graph_batch_sizes=None if self.cuda_graph_batch_sizes is None else tuple(self.cuda_graph_batch_sizes),
         )
-        config.validate()
-        return config
 
     def validate(self) -> None:
         path = Path(self.model_path)
@@ -92,9 +93,11 @@ class RunnerConfig:
             raise ValueError("device 'cuda' was asked for, but torch sees no CUDA device; use device='cpu'")
         if self.dtype is not None and self.dtype not in _DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {_DTYPES}")
-        if self.device == "cpu" and self.attention_backend not in (None, "torch_native"):
+        cpu = self.device_kind() == "cpu"
+        if cpu and self.attention_backend not in (None, "torch_native"):
             raise ValueError(
-                f"attention_backend {self.attention_backend!r} does not run on CPU; use 'torch_native'"
+                f"attention_backend {self.attention_backend!r} does not run on CPU (device={self.device!r} is the "
+                "CPU here); use 'torch_native'"
             )
         if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static <= 1:
             raise ValueError(f"mem_fraction_static must be in (0, 1], got {self.mem_fraction_static}")
@@ -102,8 +105,16 @@ class RunnerConfig:
             raise ValueError(f"max_running_requests must be >= 1, got {self.max_running_requests}")
         if self.prefill_graphs < 0:
             raise ValueError(f"prefill_graphs must be >= 0, got {self.prefill_graphs}")
-        if self.prefill_graphs and self.device == "cpu":
+        if self.prefill_graphs and cpu:
             raise ValueError("prefill_graphs are CUDA graphs: use device='cuda' or prefill_graphs=0")
+        if self.cuda_graphs and cpu:
+            raise ValueError("cuda_graphs are CUDA graphs: use device='cuda' or cuda_graphs=False")
+        if self.cuda_graph_batch_sizes is not None:
+            if not self.cuda_graphs:
+                raise ValueError("cuda_graph_batch_sizes is given but cuda_graphs is False: set cuda_graphs=True")
+            sizes = list(self.cuda_graph_batch_sizes)
+            if not sizes or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in sizes):
+                raise ValueError(f"cuda_graph_batch_sizes must be a non-empty list of ints >= 1, got {sizes!r}")
         if self.distributed not in ("fresh", "reuse"):
             raise ValueError(f"distributed must be 'fresh' or 'reuse', got {self.distributed!r}")
         self._validate_tensor_parallel()
@@ -175,5 +186,7 @@ def make_server_args(config: RunnerConfig):
     )
     if config.max_total_tokens is not None:
         kwargs["max_total_tokens"] = config.max_total_tokens
+    if config.cuda_graphs:
+        kwargs.update(disable_cuda_graph=False, **compat.decode_graph_server_args(config.cuda_graph_batch_sizes))
     kwargs.update(config.server_args)
     return ServerArgs(**kwargs)

@@ -137,6 +137,16 @@ class DensePrefill:
             )
         return plan
 
+    def static_copy(self) -> "DensePrefill":
+        """The same plan on copies of its tensors (a graph's own inputs)."""
+        return DensePrefill(
+            self.lens,
+            None if self.cu_seqlens is None else self.cu_seqlens.clone(),
+            self.pool,
+            self.out_cache_loc.clone(),
+            self.write_kv,
+        )
+
     def __call__(
         self, attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
@@ -188,6 +198,7 @@ class DenseEngine:
         self.fuse_fc1_relu = model.config.enable_bias and all(
             isinstance(layer.activation_fn, nn.ReLU) for layer in layers
         )
+        # Prefill CUDA graphs of this decoder (sglang.overlay.graphs.enable_graphs), or None.
         self.graphs = None
 
     @classmethod
@@ -198,17 +209,6 @@ class DenseEngine:
         if getattr(model, "quant_config", None) is not None:
             return None
         return cls(model)
-
-    def enable_graphs(self, max_graphs: int) -> None:
-        """Replay CUDA graphs of the decoder for batches whose lengths were seen before, keeping at
-        most ``max_graphs`` (``sglang.overlay.graphs.PrefillGraphs``); 0 turns them off and frees them."""
-        from sglang.overlay.graphs import PrefillGraphs
-
-        if max_graphs < 0:
-            raise ValueError(f"max_graphs must be >= 0, got {max_graphs}")
-        self.close()
-        if max_graphs:
-            self.graphs = PrefillGraphs(max_graphs)
 
     def close(self) -> None:
         """Drop the graphs (and their hold on torch's registration hooks)."""

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
 from sglang.overlay import compat
-from sglang.overlay.dense import DensePrefill
+from sglang.overlay.dense import DenseEngine, DensePrefill
 
-if TYPE_CHECKING:
-    from sglang.overlay.dense import DenseEngine
+
+def enable_graphs(engine: DenseEngine, max_graphs: int) -> None:
+    """Replay CUDA graphs of the engine's decoder for batches whose lengths were seen before, keeping
+    at most ``max_graphs`` (PrefillGraphs); 0 turns them off and frees them."""
+    if max_graphs < 0:
+        raise ValueError(f"max_graphs must be >= 0, got {max_graphs}")
+    engine.close()
+    if max_graphs:
+        engine.graphs = PrefillGraphs(max_graphs)
 
 
 class _ModuleTreeChanges:
@@ -75,7 +82,7 @@ class PrefillGraphs:
     module tree is compared after any such assignment in the process
     (_ModuleTreeChanges; assigning ``param.data`` is not detected). At most
     ``max_graphs`` are kept, least recently used first out; they share one
-    memory pool. Off unless ``DenseEngine.enable_graphs`` is called.
+    memory pool. Off unless ``enable_graphs`` is called.
     """
 
     def __init__(self, max_graphs: int) -> None:
@@ -117,7 +124,7 @@ class PrefillGraphs:
 
     def run(
         self,
-        engine: "DenseEngine",
+        engine: DenseEngine,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         prefill: DensePrefill,
@@ -156,19 +163,13 @@ class PrefillGraphs:
 
     def _capture(
         self,
-        engine: "DenseEngine",
+        engine: DenseEngine,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         prefill: DensePrefill,
     ) -> _PrefillGraph:
         static_ids, static_positions = input_ids.clone(), positions.clone()
-        plan = DensePrefill(
-            prefill.lens,
-            None if prefill.cu_seqlens is None else prefill.cu_seqlens.clone(),
-            prefill.pool,
-            prefill.out_cache_loc.clone(),
-            prefill.write_kv,
-        )
+        plan = prefill.static_copy()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         if self.stream is None:

@@ -38,10 +38,11 @@ from typing import Sequence
 
 import torch
 
-from sglang.overlay import compat
+from sglang.overlay import compat, inputs
 from sglang.overlay.config import RunnerConfig, make_server_args
 from sglang.overlay.dense import DenseEngine
 from sglang.overlay.forward import decode, prefill, score, target_logprobs
+from sglang.overlay.graphs import enable_graphs
 
 
 @dataclass
@@ -92,6 +93,14 @@ class StandaloneRunner:
         _CREATED.world |= not world_before and torch.distributed.is_initialized()
         _CREATED.groups |= not groups_before and compat.model_parallel_exists()
         _LIVE_RUNNERS.append(self)
+        runner = self.runner
+        self.limits = inputs.Limits(
+            vocab_size=runner.model_config.vocab_size,
+            context_len=runner.model_config.context_len,
+            kv_tokens=runner.max_total_num_tokens,
+            max_requests=runner.req_to_token_pool.size,
+            page_size=compat.page_size(runner),
+        )
         self.engine = DenseEngine.attach(self.runner.model)
         if self.config.prefill_graphs:
             if self.engine is None:
@@ -100,7 +109,7 @@ class StandaloneRunner:
                     f"{type(self.runner.model).__name__} has no prefill CUDA graphs (the dense engine takes the "
                     "native OPT without quantization): build with prefill_graphs=0"
                 )
-            self.engine.enable_graphs(self.config.prefill_graphs)
+            enable_graphs(self.engine, self.config.prefill_graphs)
 
     def _reuse_allowed(self):
         if self.config.distributed != "reuse":
@@ -119,16 +128,27 @@ class StandaloneRunner:
 
     def logits(self, seqs: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """fp32 logits at every position: one ``[len(seq), vocab]`` tensor per sequence."""
-        return score(self.runner, seqs, engine=self.engine).all_logits(self.vocab_size)
+        seqs = self._checked(seqs, "seqs")
+        out: list[torch.Tensor] = []
+        for part in self._batches([len(s) for s in seqs], "seqs"):
+            out += score(self.runner, [seqs[i] for i in part], engine=self.engine).all_logits(self.vocab_size)
+        return out
 
     def token_logprobs(self, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """log p(target[t] | prompt, target[:t]) for every target token, one tensor per pair."""
+        prompts = inputs.sequences(prompts, "prompts", self.limits)
+        targets = inputs.sequences(targets, "targets", self.limits)
         if len(prompts) != len(targets):
-            raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
-        if any(len(p) == 0 for p in prompts) or any(len(t) == 0 for t in targets):
-            raise ValueError("every prompt and every target needs at least one token")
-        seqs = [list(p) + list(t) for p, t in zip(prompts, targets)]
-        fwd = score(self.runner, seqs, engine=self.engine)
+            raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets: give one target per prompt")
+        seqs = [p + t for p, t in zip(prompts, targets)]
+        inputs.within_context([len(s) for s in seqs], "prompts + targets", self.limits)
+        out: list[torch.Tensor] = []
+        for part in self._batches([len(s) for s in seqs], "prompts + targets"):
+            out += self._token_logprobs([prompts[i] for i in part], [targets[i] for i in part])
+        return out
+
+    def _token_logprobs(self, prompts: list[list[int]], targets: list[list[int]]) -> list[torch.Tensor]:
+        fwd = score(self.runner, [p + t for p, t in zip(prompts, targets)], engine=self.engine)
         rows, start = [], 0
         for prompt, target, length in zip(prompts, targets, fwd.lengths):
             rows.extend(range(start + len(prompt) - 1, start + len(prompt) - 1 + len(target)))
@@ -143,23 +163,18 @@ class StandaloneRunner:
         """Greedy continuations: ``max_new_tokens`` token ids after each prompt (no stop tokens).
 
         One prefill, then one decode forward per token for the whole batch (the decode CUDA graph
-        when the runner has one); the token ids stay on the device until the end."""
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("give at least one prompt, each with at least one token")
-        longest = max(map(len, prompts)) + max_new_tokens
-        if longest > self.runner.model_config.context_len:
-            raise ValueError(
-                f"a prompt of {max(map(len, prompts))} tokens + {max_new_tokens} new tokens exceeds the model's "
-                f"context length {self.runner.model_config.context_len}"
-            )
-        kv_tokens = sum(map(len, prompts)) + len(prompts) * max_new_tokens
-        if kv_tokens > self.runner.max_total_num_tokens:
-            raise ValueError(
-                f"the batch needs {kv_tokens} KV slots, the runner's pool holds {self.runner.max_total_num_tokens}: "
-                "build with a larger max_total_tokens or generate for fewer prompts / tokens"
-            )
+        when the runner has one); the token ids stay on the device until the end. A batch larger
+        than the KV pool runs in parts (the same tokens: greedy decoding is per sequence)."""
+        prompts = inputs.sequences(prompts, "prompts", self.limits)
+        max_new_tokens = inputs.positive_int(max_new_tokens, "max_new_tokens")
+        totals = [len(p) + max_new_tokens for p in prompts]
+        inputs.within_context(totals, "prompts", self.limits, what=f"tokens with max_new_tokens={max_new_tokens}")
+        out: list[list[int]] = []
+        for part in self._batches(totals, "prompts"):
+            out += self._generate([prompts[i] for i in part], max_new_tokens)
+        return out
+
+    def _generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         vocab = self.vocab_size
         fwd = prefill(self.runner, prompts)
         ids = fwd.next_token_logits[:, :vocab].argmax(-1)
@@ -168,6 +183,14 @@ class StandaloneRunner:
             ids = decode(self.runner, fwd.batch, ids).next_token_logits[:, :vocab].argmax(-1)
             out.append(ids)
         return torch.stack(out, 1).tolist()
+
+    def _checked(self, seqs, name: str) -> list[list[int]]:
+        seqs = inputs.sequences(seqs, name, self.limits)
+        inputs.within_context([len(s) for s in seqs], name, self.limits)
+        return seqs
+
+    def _batches(self, lengths: list[int], name: str) -> list[range]:
+        return inputs.batches([self.limits.slots(n) for n in lengths], name, self.limits)
 
     def loss(self, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) -> torch.Tensor:
         """Mean negative log-likelihood over all target tokens of the batch (fp32 scalar)."""
