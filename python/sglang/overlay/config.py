@@ -118,9 +118,14 @@ class RunnerConfig:
         if self.distributed not in ("fresh", "reuse"):
             raise ValueError(f"distributed must be 'fresh' or 'reuse', got {self.distributed!r}")
         self._validate_tensor_parallel()
-        architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+        try:
+            architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+        except ValueError as error:
+            raise ValueError(f"{path / 'config.json'} is not valid JSON ({error})") from None
         if not architectures:
             raise ValueError(f"{path / 'config.json'} names no architectures; SGLang cannot pick a model class")
+        for weights in sorted(path.glob("*.safetensors")):
+            _check_safetensors(weights)
 
     def _validate_tensor_parallel(self) -> None:
         if self.tp_size < 1:
@@ -154,6 +159,25 @@ class RunnerConfig:
                     f"machine has {nodes}; set SGLANG_CPU_OMP_THREADS_BIND to one core list per rank, separated "
                     "by '|' (e.g. '0-3|4-7' for tp_size=2), in every rank's environment"
                 )
+
+
+def _check_safetensors(path: Path) -> None:
+    """Raise ValueError naming ``path`` when it is not a whole safetensors file (its header and size)."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            if size < 8 or header_len > size - 8:
+                raise ValueError(f"a header of {header_len} bytes in a file of {size}")
+            header = json.loads(f.read(header_len))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as error:
+        raise ValueError(f"{path} is not a readable safetensors file ({error}): save or download it again") from None
+    if 8 + header_len + end > size:
+        raise ValueError(
+            f"{path} is truncated: its header describes {8 + header_len + end} bytes, the file has {size}; save or "
+            "download it again"
+        )
 
 
 def _numa_nodes() -> Optional[int]:

@@ -63,9 +63,11 @@ import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
 import torch
+
+from sglang.overlay.mezo_data import Batch, load_batches
 
 if TYPE_CHECKING:
     from sglang.overlay.runner import StandaloneRunner
@@ -114,13 +116,6 @@ class StepResult:
     loss_minus: float
     projected_grad: float
     loss: float
-
-
-class Batch(NamedTuple):
-    """Token ids: one prompt and one target per example; the loss is over the targets."""
-
-    prompts: list[list[int]]
-    targets: list[list[int]]
 
 
 def derive_seed(seed: int, *labels: object) -> int:
@@ -350,54 +345,63 @@ def _lora_hook(adapters: list[tuple[slice, torch.Tensor, torch.Tensor]], scale: 
     return hook
 
 
-def load_batches(path: Path, batch_size: int, model_dir: str) -> list[Batch]:
-    """Batches of ``batch_size`` from a JSON Lines file of {"prompt": ..., "target": ...}."""
-    tokenizer = None
-    examples: list[tuple[list[int], list[int]]] = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        record = json.loads(line)
-        if not isinstance(record, dict) or "prompt" not in record or "target" not in record:
-            raise ValueError(f"{path}:{number}: each line must be an object with 'prompt' and 'target'")
-        if isinstance(record["prompt"], str) or isinstance(record["target"], str):
-            if tokenizer is None:
-                from transformers import AutoTokenizer
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
 
-                tokenizer = AutoTokenizer.from_pretrained(model_dir)
-            prompt = tokenizer(record["prompt"])["input_ids"]
-            target = tokenizer(record["target"], add_special_tokens=False)["input_ids"]
-        else:
-            prompt, target = record["prompt"], record["target"]
-        if not prompt or not target or not all(isinstance(t, int) for t in [*prompt, *target]):
-            raise ValueError(f"{path}:{number}: prompt and target must be non-empty token id lists or strings")
-        examples.append((prompt, target))
-    if not examples:
-        raise ValueError(f"{path} has no examples")
-    return [Batch([p for p, _ in chunk], [t for _, t in chunk])
-            for chunk in (examples[i : i + batch_size] for i in range(0, len(examples), batch_size))]
+    return parse
+
+
+_NUMBER_FLAGS = ("--lr", "--eps", "--weight-decay", "--lora-alpha", "--seed", "--steps", "--batch-size", "--lora-rank")
+
+
+def _join_negative_numbers(argv: Sequence[str]) -> list[str]:
+    """``--eps -1e-3`` as ``--eps=-1e-3``: argparse takes ``-1e-3`` for an option, not a number, and
+    says "expected one argument" instead of what is wrong with the value."""
+    out: list[str] = []
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg in _NUMBER_FLAGS and args and args[0].startswith("-"):
+            try:
+                float(args[0])
+            except ValueError:
+                pass
+            else:
+                arg = f"{arg}={args.pop(0)}"
+        out.append(arg)
+    return out
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="MeZO (zeroth-order SGD) on SGLang's in-process OPT runner.")
-    parser.add_argument("--model", required=True, help="HF OPT model directory")
+    parser = argparse.ArgumentParser(prog="python -m sglang.overlay.mezo",
+                                     description="MeZO (zeroth-order SGD) on SGLang's in-process OPT runner.")
+    parser.add_argument("--model", required=True, help="HF OPT model directory (local)")
     parser.add_argument("--data", required=True, type=Path, help='JSON Lines of {"prompt": ..., "target": ...}')
-    parser.add_argument("--steps", required=True, type=int)
+    parser.add_argument("--steps", required=True, type=_int_at_least(1))
     parser.add_argument("--out", required=True, type=Path, help="where the trained HF checkpoint goes")
     parser.add_argument("--lr", type=float, default=MeZOConfig.lr)
     parser.add_argument("--eps", type=float, default=MeZOConfig.eps)
-    parser.add_argument("--seed", type=int, default=MeZOConfig.seed)
+    parser.add_argument("--seed", type=_int_at_least(0), default=MeZOConfig.seed)
     parser.add_argument("--weight-decay", type=float, default=MeZOConfig.weight_decay)
-    parser.add_argument("--lora-rank", type=int, default=None, help="train LoRA on q_proj/v_proj with this rank")
+    parser.add_argument("--lora-rank", type=_int_at_least(1), default=None,
+                        help="train LoRA on q_proj/v_proj with this rank")
     parser.add_argument("--lora-alpha", type=float, default=MeZOConfig.lora_alpha)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=_int_at_least(1), default=8)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--dtype", default=None, choices=("auto", "float32", "float16", "bfloat16"))
     parser.add_argument("--no-progress", action="store_true")
-    return parser.parse_args(argv)
+    return parser.parse_args(_join_negative_numbers(sys.argv[1:] if argv is None else argv))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line; a user error (bad flag value, data, model folder) is one ``error:`` line."""
     from sglang.overlay.config import RunnerConfig
     from sglang.overlay.runner import StandaloneRunner
 
@@ -406,15 +410,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha)
     try:
         config.validate()
-        if args.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        runner_config = RunnerConfig(model_path=args.model, device=args.device, dtype=args.dtype)
+        runner_config.validate()
         batches = load_batches(args.data, args.batch_size, args.model)
+        with StandaloneRunner(runner_config) as runner:
+            trainer = MeZO(runner, config)
+            results = trainer.train(batches, args.steps, progress=not args.no_progress)
+            out = trainer.save_pretrained(args.out)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
-    with StandaloneRunner(RunnerConfig(model_path=args.model, device=args.device, dtype=args.dtype)) as runner:
-        trainer = MeZO(runner, config)
-        results = trainer.train(batches, args.steps, progress=not args.no_progress)
-        out = trainer.save_pretrained(args.out)
     (out / "mezo_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
     (out / "mezo_log.jsonl").write_text("".join(json.dumps(asdict(r)) + "\n" for r in results))
     print(f"saved {out} after {len(results)} steps; last loss {results[-1].loss:.4f}" if results else f"saved {out}")
