@@ -377,3 +377,21 @@ def test_tp2_matches_tp1_on_cpu(runner, tiny_opt: Path, tmp_path: Path) -> None:
         assert res["generated"] == want_generated
         assert res["closed"] is True
     assert all(torch.equal(a, b) for a, b in zip(ranks[0]["logits"], ranks[1]["logits"]))
+
+
+def test_cuda_graph_fields_mean_the_same_on_every_release(tiny_opt: Path) -> None:
+    """RunnerConfig(cuda_graphs, cuda_graph_batch_sizes) become this release's own ServerArgs fields."""
+    import inspect
+
+    from sglang.overlay import RunnerConfig
+    from sglang.overlay import compat
+    from sglang.srt.server_args import ServerArgs
+
+    fields = compat.decode_graph_server_args([1, 8, 64])
+    assert set(fields) <= set(inspect.signature(ServerArgs).parameters), fields
+    assert [1, 8, 64] in fields.values()
+    assert compat.decode_graph_server_args(None).get("cuda_graph_bs_decode", None) is None
+    with pytest.raises(ValueError, match="cuda_graphs are CUDA graphs"):
+        RunnerConfig(model_path=str(tiny_opt), device="cpu", cuda_graphs=True).validate()
+    with pytest.raises(ValueError, match="cuda_graph_batch_sizes is given but cuda_graphs is False"):
+        RunnerConfig(model_path=str(tiny_opt), device="cpu", cuda_graph_batch_sizes=(1, 2)).validate()

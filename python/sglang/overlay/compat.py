@@ -277,11 +277,9 @@ def decode_graph_server_args(batch_sizes: Optional[Sequence[int]]) -> dict[str, 
     """The ServerArgs fields (besides ``disable_cuda_graph=False``) that give decode CUDA graphs for
     ``batch_sizes`` (the release's default sizes when None) and no prefill CUDA graphs of SGLang's own:
     ``cuda_graph_bs_decode`` / ``disable_prefill_cuda_graph`` from 0.5.15, ``cuda_graph_bs`` before."""
-    import dataclasses
-
     from sglang.srt.server_args import ServerArgs
 
-    names = {f.name for f in dataclasses.fields(ServerArgs)}
+    names = set(inspect.signature(ServerArgs).parameters)  # 0.5.21+: not a dataclass
     out: dict[str, Any] = {}
     if "disable_prefill_cuda_graph" in names:
         out["disable_prefill_cuda_graph"] = True
