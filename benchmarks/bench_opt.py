@@ -220,7 +220,7 @@ def build(path, a, graphs: bool):
     kw = dict(max_total_tokens=a.kv_tokens, max_running_requests=max(64, a.batch, a.decode_batch),
               mem_fraction_static=0.6, prefill_graphs=a.prefill_graphs)
     if graphs:
-        kw.update(disable_cuda_graph=False, disable_prefill_cuda_graph=True, cuda_graph_bs_decode=[a.decode_batch])
+        kw.update(cuda_graphs=True, cuda_graph_batch_sizes=(a.decode_batch,))
     return common.runner(path, a.dtype, **kw)
 
 

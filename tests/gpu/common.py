@@ -64,15 +64,17 @@ def free_cuda() -> None:
 
 
 def runner(path, dtype: str, *, distributed: str = "fresh", max_total_tokens: int = 8192,
-           mem_fraction_static: float = 0.5, prefill_graphs: int = 0, **server_args: Any):
-    """A StandaloneRunner on the GPU (triton attention; CUDA graphs off unless ``server_args`` turn them on,
-    the model's prefill graphs off unless ``prefill_graphs``)."""
+           mem_fraction_static: float = 0.5, prefill_graphs: int = 0, cuda_graphs: bool = False,
+           cuda_graph_batch_sizes=None, **server_args: Any):
+    """A StandaloneRunner on the GPU (triton attention; decode CUDA graphs off unless ``cuda_graphs``,
+    the engine's prefill graphs off unless ``prefill_graphs``)."""
     from sglang.overlay import RunnerConfig, StandaloneRunner
 
     return StandaloneRunner(RunnerConfig(
         model_path=str(path), device="cuda", dtype=dtype, attention_backend="triton",
         max_total_tokens=max_total_tokens, mem_fraction_static=mem_fraction_static,
-        distributed=distributed, prefill_graphs=prefill_graphs, server_args=server_args,
+        distributed=distributed, prefill_graphs=prefill_graphs, cuda_graphs=cuda_graphs,
+        cuda_graph_batch_sizes=cuda_graph_batch_sizes, server_args=server_args,
     ))
 
 
