@@ -1,0 +1,252 @@
+"""MeZO's noise z: a function of (step seed, global element offset), applied to the weights in one pass.
+
+The z of element i of HF parameter p is ``normal(seed, base(p) + i)``, where
+``base(p)`` is the number of elements of the parameters before p in HF
+``OPTForCausalLM.named_parameters()`` order (a tied ``lm_head`` is not
+repeated; LoRA's A/B tensors have an order of their own). It does not depend on
+how SGLang stores p (fused QKV, padded vocabulary, tensor-parallel shards) or
+on the device, so every layout, every rank and the HF reference draw the same z.
+
+``normal(seed, o)``: Philox4x32-10 with key ``(seed mod 2^32, seed >> 32 mod
+2^32)`` and counter ``(q mod 2^32, q >> 32, 0, 0)``, ``q = o >> 2``, gives four
+uint32 words; each becomes a uniform ``u`` in [0, 1) (bit-cast to int32, ``~x``
+where negative, times 4.6566127342e-10, in fp32), and the Box-Muller pairs
+``(u0, u1)``, ``(u2, u3)`` give the normals of offsets ``4q .. 4q + 3``
+(``r = sqrt(-2 log max(u_a, 1e-7))``, ``r cos(2 pi u_b)``, ``r sin(2 pi u_b)``).
+
+One pass over the weights computes, in fp32 with one rounding per element,
+``w = k * w + sum_s (k * a_s + b_s) * z_s`` for one or two noise streams
+``(seed_s, a_s, b_s)``, where ``k`` is ``keep`` for tensors that decay and 1
+for the others: a perturbation (``k = 1``), MeZO's restore-and-update, and the
+update of one step folded into the next step's first perturbation. On CUDA one
+Triton kernel runs the pass over a table of every tensor, reading and writing
+each element once and storing no noise; elsewhere (and as the reference) the
+same arithmetic in torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton: the torch implementation everywhere
+    triton = None
+
+_MASK32 = 0xFFFFFFFF
+_KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
+_ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
+_UNIFORM_SCALE = 4.6566127342e-10
+_TWO_PI = 6.283185307179586
+
+
+def _mul32(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32-bit words of a * b for uint32 values held in int64 (a tensor, b a constant)."""
+    p1 = (a >> 16) * b  # < 2^48
+    p0 = (a & 0xFFFF) * b  # < 2^48
+    high = (p1 + (p0 >> 16)) >> 16
+    low = (((p1 & 0xFFFF) << 16) + p0) & _MASK32
+    return high, low
+
+
+def philox4x32(seed: int, q: torch.Tensor, c2: int = 0, c3: int = 0) -> tuple[torch.Tensor, ...]:
+    """Philox4x32-10 of counters ``(q lo, q hi, c2, c3)`` under ``seed``: four int64 tensors of uint32 words
+    (z uses c2 = c3 = 0; the others are for Random123's known-answer vectors)."""
+    c0, c1 = q & _MASK32, (q >> 32) & _MASK32
+    c2 = torch.full_like(c0, c2)
+    c3 = torch.full_like(c0, c3)
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for _ in range(10):
+        hi_b, lo_b = _mul32(c2, _ROUND_B)
+        hi_a, lo_a = _mul32(c0, _ROUND_A)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _KEY_A) & _MASK32, (k1 + _KEY_B) & _MASK32
+    return c0, c1, c2, c3
+
+
+def _uniform(x: torch.Tensor) -> torch.Tensor:
+    signed = torch.where(x >= 1 << 31, x - (1 << 32), x)  # the int32 bit pattern
+    signed = torch.where(signed < 0, -signed - 1, signed)  # ~x
+    return signed.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
+
+
+def _box_muller(u_a: torch.Tensor, u_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    r = torch.sqrt(-2.0 * torch.log(torch.clamp(u_a, min=1e-7)))
+    theta = torch.tensor(_TWO_PI, dtype=torch.float32) * u_b
+    return r * torch.cos(theta), r * torch.sin(theta)
+
+
+def normal(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """z at the given global element offsets (int64 tensor), fp32: the definition (module docstring)."""
+    q = offsets >> 2
+    words = philox4x32(seed, q)
+    u = [_uniform(w) for w in words]
+    z01, z23 = _box_muller(u[0], u[1]), _box_muller(u[2], u[3])
+    z = torch.stack([z01[0], z01[1], z23[0], z23[1]], dim=-1)
+    return z.gather(-1, (offsets & 3).unsqueeze(-1)).squeeze(-1)
+
+
+@dataclass(frozen=True)
+class Stream:
+    """One noise stream of a pass: z of ``seed``, coefficient ``keep * a + b`` (``keep`` where a tensor decays)."""
+
+    seed: int
+    a: float
+    b: float = 0.0
+
+
+class NoisePass:
+    """Passes ``w = k * w + sum_s (k * a_s + b_s) * z_s`` over named tensors at given global offsets.
+
+    ``tensors`` are contiguous views (HF parameters, or their shards: ``offsets`` then gives, for
+    each, the global offset of its element 0 and a row stride ``(row_length, global_row_stride)``
+    when its rows are not contiguous in the HF parameter). ``decays`` names the tensors ``keep``
+    applies to.
+    """
+
+    BLOCK = 2048
+
+    def __init__(self, tensors: dict[str, torch.Tensor], bases: dict[str, int],
+                 decays: Sequence[str] = (), rows: Optional[dict[str, tuple[int, int]]] = None) -> None:
+        rows = rows or {}
+        self.tensors = tensors
+        self.decays = frozenset(decays)
+        # Segments: (name, first local element, length, global offset of that element).
+        self.segments: list[tuple[str, int, int, int]] = []
+        for name, tensor in tensors.items():
+            if not tensor.is_contiguous():
+                raise ValueError(f"{name}: the noise pass needs a contiguous tensor (view)")
+            if name in rows:
+                length, stride = rows[name]
+                self.segments += [(name, r * length, length, bases[name] + r * stride)
+                                  for r in range(tensor.numel() // length)]
+            else:
+                self.segments.append((name, 0, tensor.numel(), bases[name]))
+        devices = {t.device for t in tensors.values()}
+        dtypes = {t.dtype for t in tensors.values()}
+        self.device = next(iter(devices)) if len(devices) == 1 else None
+        self.dtype = next(iter(dtypes)) if len(dtypes) == 1 else None
+        self._table = None
+
+    def uses_kernel(self) -> bool:
+        return (triton is not None and self.device is not None and self.device.type == "cuda"
+                and self.dtype in (torch.float32, torch.float16, torch.bfloat16))
+
+    def __call__(self, streams: Sequence[Stream], keep: float = 1.0) -> None:
+        if not 1 <= len(streams) <= 2:
+            raise ValueError(f"a noise pass takes one or two streams, got {len(streams)}")
+        if self.uses_kernel():
+            self._kernel_pass(streams, keep)
+        else:
+            self._torch_pass(streams, keep)
+
+    def _torch_pass(self, streams: Sequence[Stream], keep: float) -> None:
+        for name, start, length, base in self.segments:
+            flat = self.tensors[name].view(-1)[start : start + length]
+            k = keep if name in self.decays else 1.0
+            offsets = torch.arange(base, base + length, dtype=torch.int64, device=flat.device)
+            out = flat.float() * k if k != 1.0 else flat.float()
+            for s in streams:
+                out = out + (k * s.a + s.b) * normal(s.seed, offsets)
+            flat.copy_(out)
+
+    def _kernel_pass(self, streams: Sequence[Stream], keep: float) -> None:
+        if self._table is None:
+            self._table = self._build_table()
+        seg_ptr, seg_len, seg_base, seg_decay, blk_seg, blk_g = self._table
+        second = streams[1] if len(streams) == 2 else Stream(0, 0.0, 0.0)
+        _zo_pass_kernel[(blk_seg.numel(),)](
+            blk_seg, blk_g, seg_ptr, seg_len, seg_base, seg_decay,
+            streams[0].seed, float(streams[0].a), float(streams[0].b),
+            second.seed, float(second.a), float(second.b), float(keep),
+            DTYPE=_TL_DTYPES[self.dtype], TWO=len(streams) == 2, BLOCK=self.BLOCK,
+        )
+
+    def _build_table(self):
+        """Per segment: element pointer, length, global offset, decays; per block: segment, first global offset."""
+        block = self.BLOCK
+        ptr, length, base, decay, blk_seg, blk_g = [], [], [], [], [], []
+        for i, (name, start, n, g) in enumerate(self.segments):
+            tensor = self.tensors[name]
+            ptr.append(tensor.data_ptr() + start * tensor.element_size())
+            length.append(n)
+            base.append(g)
+            decay.append(1 if name in self.decays else 0)
+            first = g & ~3  # blocks start on a multiple of 4: one Philox call serves 4 offsets
+            count = math.ceil((g + n - first) / block)
+            blk_seg += [i] * count
+            blk_g += [first + j * block for j in range(count)]
+        as_tensor = lambda values, dtype: torch.tensor(values, dtype=dtype, device=self.device)  # noqa: E731
+        return (as_tensor(ptr, torch.int64), as_tensor(length, torch.int64), as_tensor(base, torch.int64),
+                as_tensor(decay, torch.int32), as_tensor(blk_seg, torch.int32), as_tensor(blk_g, torch.int64))
+
+
+if triton is not None:
+    _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+    @triton.jit
+    def _normals(seed, q):
+        """The four normals of Philox counter q (int64 block) under seed: offsets 4q, 4q+1, 4q+2, 4q+3."""
+        seed = seed.to(tl.int64)  # a seed below 2^31 arrives as int32
+        c0 = (q & 0xFFFFFFFF).to(tl.uint32)
+        c1 = ((q >> 32) & 0xFFFFFFFF).to(tl.uint32)
+        c2 = c0 * 0
+        c3 = c0 * 0
+        k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+        k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+        for _ in tl.static_range(10):
+            _c0, _c2 = c0, c2
+            c0 = tl.umulhi(_c2, 0xCD9E8D57) ^ c1 ^ k0
+            c2 = tl.umulhi(_c0, 0xD2511F53) ^ c3 ^ k1
+            c1 = _c2 * 0xCD9E8D57
+            c3 = _c0 * 0xD2511F53
+            k0 = k0 + 0x9E3779B9
+            k1 = k1 + 0xBB67AE85
+        u0 = _uniform_tl(c0)
+        u1 = _uniform_tl(c1)
+        u2 = _uniform_tl(c2)
+        u3 = _uniform_tl(c3)
+        r01 = tl.sqrt(-2.0 * tl.log(tl.maximum(u0, 1e-7)))
+        r23 = tl.sqrt(-2.0 * tl.log(tl.maximum(u2, 1e-7)))
+        t01 = 6.283185307179586 * u1
+        t23 = 6.283185307179586 * u3
+        return r01 * tl.cos(t01), r01 * tl.sin(t01), r23 * tl.cos(t23), r23 * tl.sin(t23)
+
+    @triton.jit
+    def _uniform_tl(x):
+        x = x.to(tl.int32, bitcast=True)
+        x = tl.where(x < 0, ~x, x)
+        return x.to(tl.float32) * 4.6566127342e-10
+
+    @triton.jit
+    def _noise_block(seed, g0, BLOCK: tl.constexpr):
+        """z of global offsets g0 .. g0 + BLOCK (g0 a multiple of 4), in order."""
+        q = (g0 >> 2) + tl.arange(0, BLOCK // 4).to(tl.int64)
+        z0, z1, z2, z3 = _normals(seed, q)
+        return tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), [BLOCK])
+
+    @triton.jit
+    def _zo_pass_kernel(blk_seg, blk_g, seg_ptr, seg_len, seg_base, seg_decay,
+                        seed0, a0, b0, seed1, a1, b1, keep,
+                        DTYPE: tl.constexpr, TWO: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        seg = tl.load(blk_seg + pid)
+        g0 = tl.load(blk_g + pid)
+        n = tl.load(seg_len + seg)
+        local = g0 - tl.load(seg_base + seg) + tl.arange(0, BLOCK).to(tl.int64)
+        mask = (local >= 0) & (local < n)
+        ptr = tl.load(seg_ptr + seg).to(tl.pointer_type(DTYPE))
+        k = tl.where(tl.load(seg_decay + seg) != 0, keep, 1.0)
+        w = tl.load(ptr + local, mask=mask, other=0.0).to(tl.float32)
+        out = k * w + (k * a0 + b0) * _noise_block(seed0, g0, BLOCK)
+        if TWO:
+            out += (k * a1 + b1) * _noise_block(seed1, g0, BLOCK)
+        if DTYPE == tl.float32:
+            tl.store(ptr + local, out, mask=mask)
+        else:
+            tl.store(ptr + local, out.to(DTYPE, fp_downcast_rounding="rtne"), mask=mask)

@@ -1,0 +1,124 @@
+"""MeZO's noise (sglang.overlay.zo_noise): Philox against Random123's known answers, z independent of the
+layout (fused, sharded by rows or by columns), and the Triton pass kernel against the torch definition
+(run by Triton's interpreter on the CPU, in a subprocess: TRITON_INTERPRET is read at import)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.sglang
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_philox_matches_random123_known_answers() -> None:
+    import torch
+
+    from sglang.overlay.zo_noise import philox4x32
+
+    assert [int(w) for w in philox4x32(0, torch.tensor([0]))] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    q = 0x243F6A88 | (0x85A308D3 << 32)  # c1 >= 2^31: as a negative int64
+    seed = 0xA4093822 | (0x299F31D0 << 32)
+    words = philox4x32(seed, torch.tensor([q - (1 << 64)]), 0x13198A2E, 0x03707344)
+    assert [int(w) for w in words] == [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
+
+
+def test_normal_is_standard_normal_and_decorrelated() -> None:
+    import torch
+
+    from sglang.overlay.zo_noise import normal
+
+    z = normal(12345, torch.arange(1 << 20) + (1 << 40))
+    assert abs(z.mean().item()) < 4e-3 and abs(z.std().item() - 1) < 4e-3
+    assert abs((z[:-1] * z[1:]).mean().item()) < 4e-3
+    assert abs((z * normal(12346, torch.arange(1 << 20) + (1 << 40))).mean().item()) < 4e-3
+    assert torch.equal(z[5:9], normal(12345, torch.arange(5, 9) + (1 << 40)))  # a function of the offset
+
+
+def test_z_does_not_depend_on_the_layout() -> None:
+    """One HF matrix [6, 8] at global offset 1000: perturbed whole, as row thirds of a fused tensor, and as
+    two column shards (rows 8 long in the HF layout, 4 in the shard): the same values."""
+    import torch
+
+    from sglang.overlay.zo_noise import NoisePass, Stream
+
+    g = torch.Generator().manual_seed(0)
+    whole = torch.randn(6, 8, generator=g)
+    streams = [Stream(99, 0.5)]
+    full = whole.clone()
+    NoisePass({"w": full}, {"w": 1000})(streams)
+    fused = torch.cat([whole, torch.randn(2, 8, generator=g)])  # other rows after it: not touched
+    before = fused.clone()
+    NoisePass({"w": fused[:6]}, {"w": 1000})(streams)
+    assert torch.equal(fused[:6], full) and torch.equal(fused[6:], before[6:])
+    for c0 in (0, 4):
+        shard = whole[:, c0 : c0 + 4].contiguous()
+        NoisePass({"w": shard}, {"w": 1000 + c0}, rows={"w": (4, 8)})(streams)
+        assert torch.equal(shard, full[:, c0 : c0 + 4])
+    rows = whole[2:5].clone()
+    NoisePass({"w": rows}, {"w": 1000 + 2 * 8})(streams)
+    assert torch.equal(rows, full[2:5])
+
+
+def test_a_pass_is_one_fp32_expression_with_decay_only_where_asked() -> None:
+    import torch
+
+    from sglang.overlay.zo_noise import NoisePass, Stream, normal
+
+    w = {"a.weight": torch.randn(10), "a.bias": torch.randn(3)}
+    bases = {"a.weight": 0, "a.bias": 10}
+    old = {k: v.clone() for k, v in w.items()}
+    NoisePass(w, bases, decays=["a.weight"])([Stream(7, 0.1, -0.2), Stream(8, 0.0, 0.3)], keep=0.9)
+    for name, k in (("a.weight", 0.9), ("a.bias", 1.0)):
+        offsets = torch.arange(bases[name], bases[name] + old[name].numel())
+        want = k * old[name] + (k * 0.1 - 0.2) * normal(7, offsets) + 0.3 * normal(8, offsets)
+        assert torch.allclose(w[name], want, atol=1e-6)
+
+
+KERNEL_CHECK = r"""
+import json, sys, torch
+from sglang.overlay import zo_noise
+assert zo_noise.triton is not None
+out = {}
+for dtype in (torch.float32, torch.float16):
+    g = torch.Generator().manual_seed(1)
+    shapes = {"emb": (37, 24), "qkv": (3000,), "cols": (5, 6), "tiny": (3,)}
+    base = {"emb": (1 << 33) - 5, "qkv": (1 << 33) + 900, "cols": (1 << 34) + 2, "tiny": 11}
+    rows = {"cols": (6, 13)}
+    start = {k: torch.randn(s, generator=g).to(dtype) for k, s in shapes.items()}
+    ref = {k: v.clone() for k, v in start.items()}
+    ker = {k: v.clone() for k, v in start.items()}
+    streams = [zo_noise.Stream(0x123456789ABC, 0.25, -0.5), zo_noise.Stream(42, 0.0, 1e-2)]
+    zo_noise.NoisePass(ref, base, decays=["emb"], rows=rows)._torch_pass(streams, 0.75)
+    p = zo_noise.NoisePass(ker, base, decays=["emb"], rows=rows)
+    p._kernel_pass(streams, 0.75)
+    for one in (streams[:1],):  # one stream too
+        zo_noise.NoisePass(ref, base, rows=rows)._torch_pass(one, 1.0)
+        zo_noise.NoisePass(ker, base, rows=rows)._kernel_pass(one, 1.0)
+    out[str(dtype)] = {k: [float((ker[k].float() - ref[k].float()).abs().max()),
+                           float((ker[k] != ref[k]).float().mean())] for k in shapes}
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_the_triton_kernel_computes_the_definition() -> None:
+    """The pass kernel (two streams, decay, a column-sharded tensor, offsets past 2^32) against the torch
+    definition, under Triton's CPU interpreter: fp32 within 1e-6 (transcendentals differ in the last bit),
+    fp16 the same after rounding except where fp32 differed at a rounding boundary. (bf16 is checked on
+    the GPU: the interpreter rounds fp32 to bf16 by truncation, not to nearest even as the GPU does.)"""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", KERNEL_CHECK], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-4000:]
+    result = json.loads(lines[-1][len("RESULT "):])
+    for name, (max_diff, _) in result["torch.float32"].items():
+        assert max_diff <= 1e-6, (name, result)
+    for name, (max_diff, differ) in result["torch.float16"].items():
+        assert differ <= 0.01 and max_diff <= 2 ** -8, (name, result)
