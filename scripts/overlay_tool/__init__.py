@@ -9,7 +9,7 @@
 - ``cache``: upstream release wheels and release trees (git repositories tagged vX);
 - ``apply``: Target, FilePlan; apply, revert, status;
 - ``patches``: checkout, refresh (export_patches), check;
-- ``envs``: CPU venvs: per release, the shared base venv and its transformers layers;
+- ``envs``: CPU venvs: per release, the shared base venv and its transformers layers; patched trees, the demo;
 - ``matrix``: the release matrix, PyPI's newest release, the table;
 - ``export_changes`` / ``export_pr``: the upstream PR branch (upstream layer only);
 - ``build_backend``: the PEP 517 backend of the fork wheel (pyproject.toml);

@@ -10,7 +10,7 @@ Verbs (``python scripts/overlay.py VERB --help`` for each):
   refresh CHECKOUT    regenerate patches/<variant>/ from a patched checkout
   check [X ...]       fail when patches/ is stale or does not apply
   venv X DIR          a CPU virtual environment with release X, patched
-  demo [X]            set up the venv and run the demo (native OPT vs HuggingFace)
+  demo [X]            run the demo (native OPT vs HuggingFace) in matrix's shared venvs
   matrix [X ...]      fetch, apply, byte-compile and test each release (--newest: PyPI's newest)
   export-pr UPSTREAM  an upstream PR branch from tag vX, upstream layer only (git-filter-repo)
 
@@ -21,7 +21,6 @@ Exit status: 0 success, 1 failure (the message says what to do), 2 unsupported r
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -29,7 +28,7 @@ from typing import Optional, Sequence
 from . import export_pr
 from .apply import apply, revert, status
 from .cache import Cache
-from .envs import make_venv
+from .envs import make_venv, run_demo
 from .errors import OverlayError
 from .gitutil import log
 from .matrix import FULL, RELEASE, matrix, newest_release, require_newest_supported, test_level
@@ -60,9 +59,9 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("venv", help="a CPU venv in DIR with release X patched; prints its python")
     p.add_argument("version")
     p.add_argument("dest", type=Path)
-    p = sub.add_parser("demo", help="build the venv of X and run the demo (native OPT vs HuggingFace)")
+    p = sub.add_parser("demo", help="run the demo (native OPT vs HuggingFace) on X, in matrix's shared venvs")
     p.add_argument("version", nargs="?")
-    p.add_argument("--venvs", type=Path, help="where the per-release venvs live (default: CACHE/venvs)")
+    p.add_argument("--venvs", type=Path, help="where the shared venvs live, as for matrix (default: CACHE/venvs)")
     p = sub.add_parser("export-pr", help="an upstream PR branch in UPSTREAM from tag vX (nothing is pushed)")
     export_pr.add_arguments(p)
     p = sub.add_parser("matrix", help="for each release: fetch, apply, byte-compile, run the CPU tests")
@@ -130,9 +129,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.verb == "venv":
         print(make_venv(args.version, args.dest.resolve(), overlay, cache))
     elif args.verb == "demo":
-        version = args.version or overlay.default
-        python = make_venv(version, venvs / version, overlay, cache)
-        return subprocess.call([str(python), str(overlay.root / "scripts" / "demo.py")])
+        return run_demo(args.version or overlay.default, overlay, cache, venvs)
     elif args.verb == "export-pr":
         print(export_pr.export_pr_from_args(args, overlay, cache))
     elif args.verb == "matrix":

@@ -1,18 +1,23 @@
-"""CPU virtual environments: one per release (``venv``, ``demo``), and for ``matrix`` a shared
-base venv (CPU torch, torchvision, the runtime packages) with one thin layer per transformers pin."""
+"""CPU virtual environments: one per release (``venv``), and for ``matrix`` and ``demo`` a shared
+base venv (CPU torch, torchvision, the runtime packages) with one thin layer per transformers pin,
+sglang coming from a patched release tree on PYTHONPATH (``patched_tree``)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
 
-from .apply import apply
+from .apply import apply, status
 from .cache import Cache
+from .errors import OverlayError
 from .gitutil import log, read_bytes, run, sha256
 from .releases import Overlay
 
@@ -161,3 +166,39 @@ def make_deps_env(transformers: str, overlay: Overlay, envs: Path) -> Path:
     (directory / VENV_MARKER).write_text(json.dumps({"deps": deps}, indent=1))
     log(f"transformers {transformers} venv built in {time.monotonic() - started:.0f} s")
     return python
+
+
+def patched_tree(version: str, dest: Path, overlay: Overlay, cache: Cache) -> Path:
+    """``dest/python/sglang``: release ``version`` with the overlay applied, importable from ``dest/python``.
+
+    Files are hard links into the release cache where possible; apply replaces
+    the files it writes (never writes through a link). A minimal dist-info says
+    which sglang this is, for code that reads its own metadata.
+    """
+    tree = cache.release_tree(version)
+    try:
+        shutil.copytree(tree / "python", dest / "python", ignore=shutil.ignore_patterns(".git"), copy_function=os.link)
+    except OSError:
+        shutil.rmtree(dest / "python", ignore_errors=True)
+        shutil.copytree(tree / "python", dest / "python", ignore=shutil.ignore_patterns(".git"))
+    apply(dest, overlay, cache)
+    if status(dest, overlay, cache)[0] != "applied":
+        raise OverlayError("apply did not leave the tree applied")
+    info = dest / "python" / f"sglang-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: sglang\nVersion: {version}\n")
+    (info / "INSTALLER").write_text("sglang-overlay\n")
+    return dest / "python"
+
+
+def run_demo(version: str, overlay: Overlay, cache: Cache, envs: Path) -> int:
+    """scripts/demo.py on release ``version``, in the environment ``matrix`` tests it in: the shared base
+    venv + the layer of its transformers pin, its patched tree first on PYTHONPATH; the demo's exit status."""
+    release = overlay.release(version)
+    python = make_deps_env(release.transformers, overlay, envs)
+    with tempfile.TemporaryDirectory(prefix="sglang-overlay-demo-") as tmp:
+        path = patched_tree(version, Path(tmp) / version, overlay, cache)
+        env = {**os.environ, "SGLANG_OVERLAY_RELEASE": version,
+               "PYTHONPATH": os.pathsep.join([str(path), *filter(None, [os.environ.get("PYTHONPATH")])])}
+        log(f"demo: sglang {version} (patched tree {path}) on {python}")
+        return subprocess.call([str(python), str(overlay.root / "scripts" / "demo.py")], env=env)

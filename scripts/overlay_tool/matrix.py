@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-from .apply import apply, patched_files, status
+from .apply import patched_files, status
 from .cache import Cache
-from .envs import make_base_env, make_deps_env
+from .envs import make_base_env, make_deps_env, patched_tree
 from .errors import OverlayError, UnsupportedRelease
 from .gitutil import log, run
 from .releases import Overlay, Release, version_key
@@ -56,29 +55,6 @@ def dependency_groups(versions: Iterable[str], overlay: Overlay) -> dict[str, li
         if test_level(release, overlay) != COMPILE:
             groups.setdefault(release.transformers, []).append(version)
     return groups
-
-
-def patched_tree(version: str, dest: Path, overlay: Overlay, cache: Cache) -> Path:
-    """``dest/python/sglang``: release ``version`` with the overlay applied, importable from ``dest/python``.
-
-    Files are hard links into the release cache where possible; apply replaces
-    the files it writes (never writes through a link). A minimal dist-info says
-    which sglang this is, for code that reads its own metadata.
-    """
-    tree = cache.release_tree(version)
-    try:
-        shutil.copytree(tree / "python", dest / "python", ignore=shutil.ignore_patterns(".git"), copy_function=os.link)
-    except OSError:
-        shutil.rmtree(dest / "python", ignore_errors=True)
-        shutil.copytree(tree / "python", dest / "python", ignore=shutil.ignore_patterns(".git"))
-    apply(dest, overlay, cache)
-    if status(dest, overlay, cache)[0] != "applied":
-        raise OverlayError("apply did not leave the tree applied")
-    info = dest / "python" / f"sglang-{version}.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: sglang\nVersion: {version}\n")
-    (info / "INSTALLER").write_text("sglang-overlay\n")
-    return dest / "python"
 
 
 def fork_site(version: str, dest: Path, python: Path, overlay: Overlay, cache: Cache) -> Path:
