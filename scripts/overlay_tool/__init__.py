@@ -3,7 +3,7 @@
 ``scripts/overlay.py`` is the command line (``overlay_tool.cli``). The modules, leaves first
 (no module imports one that comes after it in this list):
 
-- ``errors``: OverlayError (exit 1) and UnsupportedRelease (exit 2);
+- ``errors``: OverlayError (exit 1), UnsupportedRelease and NotOnCPU (exit 2);
 - ``gitutil``: running commands and git, byte helpers (project-agnostic);
 - ``releases``: patches/releases.toml: Release, Variant, Overlay, version_key;
 - ``cache``: upstream release wheels and release trees (git repositories tagged vX);

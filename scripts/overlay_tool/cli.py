@@ -15,7 +15,8 @@ Verbs (``python scripts/overlay.py VERB --help`` for each):
   export-pr UPSTREAM  an upstream PR branch from tag vX, upstream layer only (git-filter-repo)
 
 Everything the tool knows about releases comes from patches/releases.toml.
-Exit status: 0 success, 1 failure (the message says what to do), 2 unsupported release.
+Exit status: 0 success, 1 failure (the message says what to do), 2 unsupported release
+(also: venv / demo of a release that does not run on CPU).
 """
 
 from __future__ import annotations

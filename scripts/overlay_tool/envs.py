@@ -53,8 +53,10 @@ def runtime_deps(overlay: Overlay) -> dict:
 
 
 def make_venv(version: str, directory: Path, overlay: Overlay, cache: Cache) -> Path:
-    """A venv where ``import sglang`` is release ``version`` with the overlay applied, on CPU."""
-    release = overlay.release(version)
+    """A venv where ``import sglang`` is release ``version`` with the overlay applied, on CPU.
+
+    A release that does not run on CPU is refused (NotOnCPU) before anything is downloaded or created."""
+    release = overlay.cpu_release(version, "venv")
     runtime = overlay.runtime
     python = venv_python(directory)
     deps = {**runtime_deps(overlay), "transformers": release.transformers, "sglang": version}
@@ -193,8 +195,10 @@ def patched_tree(version: str, dest: Path, overlay: Overlay, cache: Cache) -> Pa
 
 def run_demo(version: str, overlay: Overlay, cache: Cache, envs: Path) -> int:
     """scripts/demo.py on release ``version``, in the environment ``matrix`` tests it in: the shared base
-    venv + the layer of its transformers pin, its patched tree first on PYTHONPATH; the demo's exit status."""
-    release = overlay.release(version)
+    venv + the layer of its transformers pin, its patched tree first on PYTHONPATH; the demo's exit status.
+
+    A release that does not run on CPU is refused (NotOnCPU) before anything is downloaded or created."""
+    release = overlay.cpu_release(version, "demo")
     python = make_deps_env(release.transformers, overlay, envs)
     with tempfile.TemporaryDirectory(prefix="sglang-overlay-demo-") as tmp:
         path = patched_tree(version, Path(tmp) / version, overlay, cache)

@@ -13,3 +13,8 @@ class UnsupportedRelease(OverlayError):
     """The release is not in patches/releases.toml. Exit status 2."""
 
     exit_code = 2
+
+
+class NotOnCPU(UnsupportedRelease):
+    """The release is listed but does not run on CPU (``cpu = false``): nothing CPU-only is built for it.
+    Exit status 2."""

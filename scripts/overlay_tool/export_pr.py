@@ -95,6 +95,8 @@ def export_pr(upstream: Path, base: str, branch: str, *, force: bool, overlay: O
     upstream = upstream.resolve()
     source_repo = source_repo.resolve()
     release = _release_of(base, overlay)
+    if run_tests and not test_python:
+        overlay.cpu_release(release.version, "export-pr --run-tests")  # refuse before any work
     tag = f"v{release.version}"
     _check_upstream(upstream, tag, branch, force)
     filter_repo = require_filter_repo()

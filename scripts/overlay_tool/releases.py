@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
-from .errors import OverlayError, UnsupportedRelease
+from .errors import NotOnCPU, OverlayError, UnsupportedRelease
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE_PREFIX = "python/sglang/"
@@ -94,6 +94,37 @@ class Overlay:
 
     def versions(self) -> list[str]:
         return sorted(self.releases, key=version_key)
+
+    def cpu_release(self, version: str, verb: str) -> Release:
+        """``version``'s Release when it runs on CPU; else NotOnCPU (exit 2), saying why and what would run.
+
+        Only releases.toml is read: ``verb`` refuses before anything is downloaded or created."""
+        release = self.release(version)
+        if release.cpu:
+            return release
+        why = release.cpu_note or "patches/releases.toml marks it cpu = false"
+        torch = f" (torch {release.upstream_torch})" if release.upstream_torch else ""
+        raise NotOnCPU(
+            f"sglang {version} does not run on CPU ({why}), so `{verb}` builds nothing for it; nothing was "
+            f"downloaded or created.\n  What runs: pick a release from {self.cpu_ranges()} (`overlay.py releases` "
+            f"lists them; default {self.default}), or use {version} on a GPU machine with upstream's CUDA torch pin{torch}: "
+            f"`pip install` the fork (`SGLANG_OVERLAY_BUILD_RELEASE={version} pip install .` in this repository "
+            f"installs it with upstream's dependencies)."
+        )
+
+    def cpu_ranges(self) -> str:
+        """The releases that run on CPU as runs of consecutive releases: ``0.5.13 to 0.5.23``."""
+        runs: list[list[str]] = []
+        previous_cpu = False
+        for version in self.versions():
+            cpu = self.releases[version].cpu
+            if cpu:
+                if previous_cpu:
+                    runs[-1].append(version)
+                else:
+                    runs.append([version])
+            previous_cpu = cpu
+        return ", ".join(r[0] if len(r) == 1 else f"{r[0]} to {r[-1]}" for r in runs) or "none"
 
     def patches(self, release: Release) -> list[Path]:
         return sorted((self.root / "patches" / release.variant).glob("*.patch"))
