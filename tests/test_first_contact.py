@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from overlay_tool.cache import GIT_IDENTITY, Cache  # noqa: E402
 from overlay_tool.errors import NotOnCPU  # noqa: E402
+from overlay_tool.matrix import format_progress, matrix  # noqa: E402
 from overlay_tool.releases import Overlay  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -57,3 +59,58 @@ def test_every_release_that_does_not_run_on_cpu_is_refused_with_its_note() -> No
                 real.cpu_release(version, "venv")
             assert info.value.exit_code == 2 and release.cpu_note in str(info.value)
     assert real.cpu_ranges() == "0.5.13 to 0.5.23"  # README, Supported releases
+
+
+def test_progress_line_format() -> None:
+    row = {"release": "0.5.17", "variant": "bootstrap", "level": "release", "apply": "ok", "compile": "ok",
+           "tests": "ok", "seconds": 81.4}
+    assert format_progress(3, 52, row) == "[3/52] 0.5.17 ok 81 s"
+    assert format_progress(4, 52, {**row, "tests": "FAILED (pytest exit 1)", "seconds": 95.0}) == \
+        "[4/52] 0.5.17 tests FAILED (pytest exit 1) 95 s"
+    assert format_progress(1, 2, {**row, "release": "0.5.4", "apply": "FAILED", "compile": "-", "tests": "-",
+                                  "seconds": 1.2}) == "[1/2] 0.5.4 apply FAILED 1 s"
+    assert format_progress(2, 2, {**row, "release": "0.4.9", "level": "compile", "tests": "n/a: imports vllm",
+                                  "seconds": 0.4}) == "[2/2] 0.4.9 ok (apply+compile only) 0 s"
+
+
+def _git(*args: str, cwd: Path) -> None:
+    subprocess.run(["git", *args], cwd=cwd, env={**os.environ, **GIT_IDENTITY}, check=True, capture_output=True)
+
+
+def _fake_release_tree(cache: Cache, version: str) -> None:
+    """A release tree in the cache as ``Cache.release_tree`` leaves it (a git repository tagged vX)."""
+    repo = cache.root / "releases" / version
+    (repo / "python" / "sglang").mkdir(parents=True)
+    (repo / "python" / "sglang" / "version.py").write_text(f'__version__ = "{version}"\n')
+    _git("init", "-q", "-b", "main", cwd=repo)
+    _git("add", "-A", cwd=repo)
+    _git("commit", "-q", "--no-verify", "-m", f"sglang {version}", cwd=repo)
+    _git("tag", f"v{version}", cwd=repo)
+
+
+def test_matrix_prints_a_progress_line_per_row_as_it_finishes(tmp_path: Path, capsys) -> None:
+    root = tmp_path / "overlay"
+    (root / "patches" / "good").mkdir(parents=True)
+    (root / "patches" / "bad").mkdir()
+    (root / "patches" / "releases.toml").write_text(
+        'default = "1.0"\n[runtime]\ntorch = "2.13.0"\ntorchvision = "0.28.0"\npackages = []\n'
+        '[variants.good]\nbase = "1.0"\n[variants.bad]\nbase = "2.0"\n'
+        '[releases."1.0"]\nvariant = "good"\ntransformers = "4.0"\ncpu = false\ncpu_note = "fixture: no CPU"\n'
+        '[releases."2.0"]\nvariant = "bad"\ntransformers = "4.0"\ncpu = false\ncpu_note = "fixture: no CPU"\n')
+    (root / "python" / "sglang").mkdir(parents=True)
+    (root / "python" / "sglang" / "overlay_fixture.py").write_text("HOOKED = True\n")
+    (root / "patches" / "bad" / "0001-hook.patch").write_text(  # a context line upstream does not have
+        "From: Fixture <fixture@example.invalid>\nSubject: [PATCH] hook\n\n---\n"
+        "diff --git a/python/sglang/version.py b/python/sglang/version.py\n"
+        "--- a/python/sglang/version.py\n+++ b/python/sglang/version.py\n"
+        "@@ -1 +1,2 @@\n no such line in upstream\n+HOOK = True\n")
+    cache = Cache(tmp_path / "cache")
+    for version in ("1.0", "2.0"):
+        _fake_release_tree(cache, version)
+    overlay = Overlay.load(root)
+    assert matrix(["1.0", "2.0"], overlay, cache, tmp_path / "venvs", []) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "[1/2] 1.0 ok (apply+compile only) 0 s"
+    assert out[1] == "[2/2] 2.0 apply FAILED 0 s"
+    assert out[2].startswith("| release ")  # then the table, as before
+    assert not (tmp_path / "venvs").exists()
