@@ -61,6 +61,35 @@ def test_every_release_that_does_not_run_on_cpu_is_refused_with_its_note() -> No
     assert real.cpu_ranges() == "0.5.13 to 0.5.23"  # README, Supported releases
 
 
+@pytest.mark.parametrize("args", [["releases"], ["--help"], ["matrix", "--help"]])
+def test_a_pipe_closed_early_ends_quietly(args: list[str]) -> None:
+    # `overlay.py releases | head -1`: the reader is gone before the tool writes (closed before it
+    # starts, so the broken pipe happens every time, not only when head wins the race).
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, str(OVERLAY_PY), *args], stdout=write_end, stderr=subprocess.PIPE,
+                              text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr, proc.stderr
+    assert "Exception ignored" not in proc.stderr, proc.stderr
+    # A verb's output: exit 1, its output was cut short. --help: argparse ignores the failed write, exit 0.
+    assert proc.returncode == (0 if "--help" in args else 1)
+
+
+def test_a_reader_that_takes_one_line_gets_it_and_no_traceback() -> None:
+    proc = subprocess.Popen([sys.executable, str(OVERLAY_PY), "releases"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.stdout is not None and proc.stderr is not None
+    first = proc.stdout.readline()
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=60) in (0, 1)  # 0 when every line was written before the pipe closed
+    assert first.startswith(Overlay.load(REPO).versions()[0] + " ")
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
+
+
 def test_progress_line_format() -> None:
     row = {"release": "0.5.17", "variant": "bootstrap", "level": "release", "apply": "ok", "compile": "ok",
            "tests": "ok", "seconds": 81.4}

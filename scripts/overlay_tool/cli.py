@@ -22,6 +22,7 @@ Exit status: 0 success, 1 failure (the message says what to do), 2 unsupported r
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -80,7 +81,22 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run one verb; returns the exit status. An OverlayError is printed as ``error: ...``."""
+    """Run one verb; returns the exit status. An OverlayError is printed as ``error: ...``.
+
+    A reader that closes stdout early (``overlay.py releases | head -1``) ends the verb quietly,
+    exit 1 (Python docs, "Note on SIGPIPE"): no BrokenPipeError traceback."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+        return code
+    except BrokenPipeError:
+        # Python flushes stdout again at exit: point it at devnull so that flush cannot fail too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     args = parser().parse_args(argv)
     try:
         return _run(args)
