@@ -5,13 +5,18 @@ string tokenized with the model folder's tokenizer. Every problem is a
 ``ValueError`` naming the file and the line: bad JSON, a missing field, text
 without a usable tokenizer, a token id outside the model's vocabulary, a pair
 longer than its context. Nothing is trained on data that does not pass.
+
+Held-out data (``--eval-data``, :func:`load_eval_examples`) is checked the same
+way; its lines may also list ``"candidates"`` (each a target) and ``"gold"`` (the
+index of the right one) for the paper's prompt-based classification accuracy.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
-from typing import Any, NamedTuple, Optional
+from typing import Any, Iterator, NamedTuple, Optional
 
 
 class Batch(NamedTuple):
@@ -72,17 +77,13 @@ def _token_ids(value: Any, field: str, where: str, vocab: int) -> list[int]:
     return value
 
 
-def load_batches(path: Path, batch_size: int, model_dir: str) -> list[Batch]:
-    """Batches of ``batch_size`` from a JSON Lines file of {"prompt": ..., "target": ...}, every
-    example checked against the model in ``model_dir`` first."""
+def _records(path: Path, flag: str) -> Iterator[tuple[str, dict]]:
+    """(``file:line``, object) for every non-blank line of a JSON Lines file."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as error:
-        raise ValueError(f"--data {path}: {error.strerror or error}") from None
-    vocab, context = model_limits(model_dir)
-    tokenize = _Tokenizer(model_dir)
-    examples: list[tuple[list[int], list[int]]] = []
+        raise ValueError(f"{flag} {path}: {error.strerror or error}") from None
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -91,20 +92,102 @@ def load_batches(path: Path, batch_size: int, model_dir: str) -> list[Batch]:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise ValueError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
+        yield where, record
+
+
+class _Checker:
+    """Turns a field (token ids or text) into checked token ids of the model in ``model_dir``."""
+
+    def __init__(self, model_dir: str) -> None:
+        self.vocab, self.context = model_limits(model_dir)
+        self.tokenize = _Tokenizer(model_dir)
+
+    def ids(self, value: Any, field: str, where: str, special: bool) -> list[int]:
+        if isinstance(value, str):
+            value = self.tokenize(value, where, special)
+        return _token_ids(value, field, where, self.vocab)
+
+    def fits(self, prompt: list[int], target: list[int], what: str, where: str) -> None:
+        if len(prompt) + len(target) > self.context:
+            raise ValueError(f"{where}: prompt + {what} is {len(prompt) + len(target)} tokens, more than the "
+                             f"model's context length {self.context}")
+
+
+def load_batches(path: Path, batch_size: int, model_dir: str) -> list[Batch]:
+    """Batches of ``batch_size`` from a JSON Lines file of {"prompt": ..., "target": ...}, every
+    example checked against the model in ``model_dir`` first. Step k trains on batch k % len(batches)."""
+    check = _Checker(model_dir)
+    examples: list[tuple[list[int], list[int]]] = []
+    for where, record in _records(path, "--data"):
         if not isinstance(record, dict) or "prompt" not in record or "target" not in record:
             raise ValueError(f"{where}: each line must be an object with 'prompt' and 'target'")
-        pair = []
-        for field, special in (("prompt", True), ("target", False)):
-            value = record[field]
-            if isinstance(value, str):
-                value = tokenize(value, where, special)
-            pair.append(_token_ids(value, field, where, vocab))
-        prompt, target = pair
-        if len(prompt) + len(target) > context:
-            raise ValueError(f"{where}: prompt + target is {len(prompt) + len(target)} tokens, more than the "
-                             f"model's context length {context}")
+        prompt = check.ids(record["prompt"], "prompt", where, True)
+        target = check.ids(record["target"], "target", where, False)
+        check.fits(prompt, target, "target", where)
         examples.append((prompt, target))
     if not examples:
         raise ValueError(f"{path} has no examples")
     return [Batch([p for p, _ in chunk], [t for _, t in chunk])
             for chunk in (examples[i : i + batch_size] for i in range(0, len(examples), batch_size))]
+
+
+class EvalExample(NamedTuple):
+    """A held-out example: its NLL is over ``target`` (or the gold candidate where ``target`` is None);
+    with ``candidates``, the prediction is the candidate of highest total log-likelihood."""
+
+    prompt: list[int]
+    target: Optional[list[int]]
+    candidates: list[list[int]]
+    gold: Optional[int]
+
+    @property
+    def nll_target(self) -> list[int]:
+        return self.target if self.target is not None else self.candidates[self.gold]
+
+
+def load_eval_examples(path: Path, model_dir: str) -> list[EvalExample]:
+    """Held-out examples from a JSON Lines file, checked like the training data. Each line has a
+    "prompt" and a "target", or "candidates" (a non-empty list of targets: token ids or text) with
+    "gold" (the index of the right one), or all three."""
+    check = _Checker(model_dir)
+    examples: list[EvalExample] = []
+    for where, record in _records(path, "--eval-data"):
+        if not isinstance(record, dict) or "prompt" not in record or not ("target" in record or "candidates" in record):
+            raise ValueError(f"{where}: each line must be an object with 'prompt' and 'target', or 'prompt', "
+                             "'candidates' and 'gold'")
+        if ("candidates" in record) != ("gold" in record):
+            raise ValueError(f"{where}: 'candidates' and 'gold' go together: give both (gold is the index of the "
+                             "right candidate) or neither")
+        prompt = check.ids(record["prompt"], "prompt", where, True)
+        target = None
+        if "target" in record:
+            target = check.ids(record["target"], "target", where, False)
+            check.fits(prompt, target, "target", where)
+        candidates, gold = [], None
+        if "candidates" in record:
+            values, gold = record["candidates"], record["gold"]
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"{where}: 'candidates' must be a non-empty list of targets (token id lists or "
+                                 f"strings), got {values!r:.60}")
+            for i, value in enumerate(values):
+                if not isinstance(value, (str, list)):
+                    raise ValueError(f"{where}: candidates[{i}] is {value!r:.30}: each candidate is a target, a "
+                                     "list of token ids or a string")
+                candidates.append(check.ids(value, f"candidates[{i}]", where, False))
+                check.fits(prompt, candidates[-1], f"candidates[{i}]", where)
+            if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(candidates):
+                raise ValueError(f"{where}: 'gold' must be the index of the right candidate, an int in "
+                                 f"[0, {len(candidates)}), got {gold!r:.30}")
+        examples.append(EvalExample(prompt, target, candidates, gold))
+    if not examples:
+        raise ValueError(f"{path} has no examples")
+    return examples
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes (a resumed run checks that its data did not change)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
