@@ -16,13 +16,19 @@ updates it in two passes; one pass does both here (the same arithmetic up to
 rounding, a quarter less time spent perturbing). ``loss`` is the runner's mean NLL over all target
 tokens of the batch (fp32).
 
+n-SPSA (``n_samples`` q > 1, the paper's appendix): q projected gradients at θ,
+each with its own z, and θ -= lr·((1/q)·Σ g_i·z_i + wd·θ). ``lr_schedule``
+"linear" uses lr·(1 - k/total_steps) at step k (a pure function of k, so a
+resumed run stays exact); "constant" uses lr.
+
 Determinism. Step k (0-based) of a trainer with ``MeZOConfig.seed`` S uses
-``derive_seed(S, "step", k)`` (63 bits of SHA-256). z is drawn from one
+``derive_seed(S, "step", k)`` (63 bits of SHA-256); with q > 1 samples,
+sample i uses ``derive_seed(S, "step", k, "sample", i)``. z is drawn from one
 ``torch.Generator`` on the model's device seeded with it, parameter by
 parameter in HuggingFace ``OPTForCausalLM.named_parameters()`` order (a tied
 ``lm_head`` is not repeated), each with the HF tensor's shape. The same seed
 gives the same z on the same device type (CPU and CUDA generators differ).
-:func:`hf_parameter_views` maps every HF parameter onto a view of the SGLang
+:func:`hf_parameter_views` (in ``mezo_params``) maps every HF parameter onto a view of the SGLang
 parameter that holds it: q/k/v are row thirds of the fused ``qkv_proj``;
 ``embed_tokens`` and an untied ``lm_head`` are their first ``vocab_size`` rows
 (SGLang pads the vocabulary to a multiple of 64; padding rows are never read).
@@ -51,30 +57,42 @@ list of token ids, or a string tokenized with the model directory's
 tokenizer)::
 
     python -m sglang.overlay.mezo --model DIR --data train.jsonl --steps 1000 \\
-        --lr 1e-6 --eps 1e-3 --seed 0 --out DIR [--lora-rank 8 --lora-alpha 16]
+        --lr 1e-6 --eps 1e-3 --seed 0 --out DIR [--lora-rank 8 --lora-alpha 16] \\
+        [--save-every 100 [--resume]] [--eval-data dev.jsonl --eval-every 100] \\
+        [--n-samples 2] [--lr-schedule linear]
+
+The step log, checkpoints, resume and evaluation are ``mezo_run`` /
+``mezo_checkpoint`` / ``mezo_eval``; a resumed run ends bit-identical to an
+uninterrupted one (same device type and dtype).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import hashlib
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
-from sglang.overlay.mezo_data import Batch, load_batches
+from sglang.overlay import mezo_checkpoint
+from sglang.overlay.mezo_data import Batch, EvalExample, file_sha256, load_batches, load_eval_examples
+from sglang.overlay.mezo_eval import EvalResult, evaluate
+from sglang.overlay.mezo_params import QKV as _QKV
+from sglang.overlay.mezo_params import hf_parameter_shapes, hf_parameter_views  # noqa: F401  (public here too)
+from sglang.overlay.mezo_run import Progress, plan_resume, run_training
 
 if TYPE_CHECKING:
     from sglang.overlay.runner import StandaloneRunner
 
 LORA_TARGETS = ("q_proj", "v_proj")
-_QKV = ("q_proj", "k_proj", "v_proj")
-_VOCAB_PARAMS = ("model.decoder.embed_tokens.weight", "lm_head.weight")
+LR_SCHEDULES = ("constant", "linear")
 
 
 @dataclass(frozen=True)
@@ -88,6 +106,9 @@ class MeZOConfig:
     lora_rank: Optional[int] = None
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = LORA_TARGETS
+    n_samples: int = 1
+    lr_schedule: str = "constant"
+    total_steps: Optional[int] = None
 
     def validate(self) -> None:
         for name in ("lr", "eps", "lora_alpha"):
@@ -104,11 +125,29 @@ class MeZOConfig:
         targets = tuple(self.lora_targets)
         if not targets or len(set(targets)) != len(targets) or not set(targets) <= set(_QKV):
             raise ValueError(f"lora_targets must be distinct names among {_QKV}, got {self.lora_targets!r}")
+        if not isinstance(self.n_samples, int) or isinstance(self.n_samples, bool) or self.n_samples < 1:
+            raise ValueError(f"n_samples must be an int >= 1 (perturbations per step), got {self.n_samples!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.total_steps is not None and (not isinstance(self.total_steps, int) or self.total_steps < 1):
+            raise ValueError(f"total_steps must be an int >= 1 or None, got {self.total_steps!r}")
+        if self.lr_schedule == "linear" and self.total_steps is None:
+            raise ValueError("lr_schedule='linear' needs total_steps, the run's step count (lr reaches 0 there)")
+
+    def lr_at(self, step: int) -> float:
+        """The lr of step ``step`` (0-based): ``lr``, or linear: ``lr·(1 - step/total_steps)``."""
+        if self.lr_schedule == "constant":
+            return self.lr
+        if not 0 <= step < self.total_steps:
+            raise ValueError(f"step {step} is past the linear schedule's total_steps {self.total_steps}: "
+                             "train at most total_steps steps")
+        return self.lr * (1 - step / self.total_steps)
 
 
 @dataclass(frozen=True)
 class StepResult:
-    """One MeZO step: its index, z seed, both losses, g and the loss at θ, (L+ + L-) / 2."""
+    """One MeZO step: its index, z seed (n-SPSA: the first sample's), both losses, g and the loss at θ,
+    (L+ + L-) / 2 (n-SPSA: each the mean over the samples), and the step's scheduled lr."""
 
     step: int
     seed: int
@@ -116,6 +155,7 @@ class StepResult:
     loss_minus: float
     projected_grad: float
     loss: float
+    lr: float
 
 
 def derive_seed(seed: int, *labels: object) -> int:
@@ -124,83 +164,9 @@ def derive_seed(seed: int, *labels: object) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
 
-def hf_parameter_shapes(hf_config: Any) -> list[tuple[str, torch.Size]]:
-    """HF ``OPTForCausalLM.named_parameters()`` names and shapes, in order (built on the meta device)."""
-    from transformers import OPTForCausalLM
-
-    with torch.device("meta"):
-        model = OPTForCausalLM(hf_config)
-    return [(name, param.shape) for name, param in model.named_parameters()]
-
-
-def _sglang_location(hf_name: str, shape: torch.Size) -> tuple[str, int, tuple[int, ...]]:
-    """The SGLang parameter holding HF parameter ``hf_name``, the row where it starts, and the shape
-    that parameter must have (the vocabulary parameters: before SGLang's padding)."""
-    for index, proj in enumerate(_QKV):
-        if f".self_attn.{proj}." in hf_name:
-            return hf_name.replace(f".{proj}.", ".qkv_proj."), index * shape[0], (3 * shape[0], *shape[1:])
-    return hf_name, 0, tuple(shape)
-
-
-def hf_parameter_views(model: torch.nn.Module, hf_config: Any) -> dict[str, torch.Tensor]:
-    """Every HF OPTForCausalLM parameter, in HF order, as a view of the SGLang ``model``'s parameter.
-
-    Raises ValueError naming an HF parameter SGLang lacks, a shape mismatch, or an
-    SGLang parameter whose rows no HF parameter covers (vocabulary padding aside).
-    """
-    params = dict(model.named_parameters())
-    covered = dict.fromkeys(params, 0)
-    views: dict[str, torch.Tensor] = {}
-    for hf_name, shape in hf_parameter_shapes(hf_config):
-        name, start, want = _sglang_location(hf_name, shape)
-        if name not in params:
-            raise ValueError(f"HF parameter {hf_name!r} has no SGLang parameter {name!r}: is this an OPT model?")
-        param = params[name]
-        have = (min(param.shape[0], want[0]), *param.shape[1:]) if name in _VOCAB_PARAMS else tuple(param.shape)
-        if have != want:
-            raise ValueError(
-                f"HF parameter {hf_name!r} {tuple(shape)} does not fit SGLang parameter {name!r} "
-                f"{tuple(param.shape)}: the checkpoint's config.json and the runner's model disagree"
-            )
-        views[hf_name] = param.data.narrow(0, start, shape[0])
-        covered[name] += shape[0]
-    for name, rows in covered.items():
-        want = hf_config.vocab_size if name in _VOCAB_PARAMS else params[name].shape[0]
-        if rows != want:
-            raise ValueError(
-                f"SGLang parameter {name!r} {tuple(params[name].shape)}: HF parameters cover {rows} of its "
-                f"{want} rows; MeZO would leave it untrained. Map it in sglang/overlay/mezo.py:hf_parameter_views"
-            )
-    return views
-
-
 def _decays(name: str) -> bool:
     """MeZO's rule: weight decay applies to every parameter but biases and layer norms."""
     return "bias" not in name and "layer_norm" not in name
-
-
-class _Progress:
-    """A tqdm bar with the loss, or a plain line per step where tqdm is missing."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.enabled, self.bar = total, enabled, None
-        if enabled:
-            try:
-                from tqdm import tqdm
-            except ImportError:
-                return
-            self.bar = tqdm(total=total, desc="MeZO", unit="step")
-
-    def update(self, result: StepResult) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{result.loss:.4f}", refresh=False)
-            self.bar.update()
-        elif self.enabled:
-            print(f"MeZO step {result.step + 1}/{self.total} loss {result.loss:.4f}", file=sys.stderr)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 class MeZO:
@@ -277,38 +243,89 @@ class MeZO:
                 tensor.mul_(keep)
             tensor.add_(z, alpha=keep * eps - lr * projected_grad)
 
-    def step(self, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) -> StepResult:
-        """One MeZO step on a batch; the weights are updated in place."""
-        step, eps = self.steps_done, self.config.eps
-        seed = derive_seed(self.config.seed, "step", step)
-        self.perturb(seed, 1.0)
-        loss_plus = self.runner.loss(prompts, targets).item()
-        self.perturb(seed, -2.0)
-        loss_minus = self.runner.loss(prompts, targets).item()
-        if not (math.isfinite(loss_plus) and math.isfinite(loss_minus)):
-            self.perturb(seed, 1.0)
-            raise FloatingPointError(f"step {step}: loss is not finite (L+={loss_plus}, L-={loss_minus}); "
-                                     "the weights are restored and not updated: lower lr or eps")
-        projected_grad = (loss_plus - loss_minus) / (2 * eps)
-        self._restore_and_update(seed, projected_grad)
-        self.steps_done += 1
-        return StepResult(step, seed, loss_plus, loss_minus, projected_grad, (loss_plus + loss_minus) / 2)
+    def sample_seeds(self, step: int) -> list[int]:
+        """The z seeds of step ``step``: ``derive_seed(seed, "step", step)`` for one sample, else
+        ``derive_seed(seed, "step", step, "sample", i)`` for each sample i."""
+        if self.config.n_samples == 1:
+            return [derive_seed(self.config.seed, "step", step)]
+        return [derive_seed(self.config.seed, "step", step, "sample", i) for i in range(self.config.n_samples)]
 
-    def train(self, batches: Sequence[Batch], steps: int, progress: bool = True) -> list[StepResult]:
-        """``steps`` steps, step k on ``batches[k % len(batches)]``; a progress bar shows the loss."""
+    @contextlib.contextmanager
+    def _lr(self, lr: float) -> Iterator[None]:
+        """``self.config.lr`` (what the update reads) set to the step's scheduled ``lr`` meanwhile."""
+        config = self.config
+        if lr != config.lr:
+            self.config = dataclasses.replace(config, lr=lr)
+        try:
+            yield
+        finally:
+            self.config = config
+
+    def step(self, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) -> StepResult:
+        """One MeZO step on a batch; the weights are updated in place.
+
+        n-SPSA (``n_samples`` q > 1): q projected gradients g_i, each at θ, then
+        θ -= lr·((1/q)·Σ g_i·z_i + wd·θ): the last sample's restore is fused with its
+        update and weight decay, the others are restored after scoring and updated after.
+        """
+        step, eps = self.steps_done, self.config.eps
+        lr, seeds = self.config.lr_at(step), self.sample_seeds(step)
+        pluses, minuses = [], []
+        for i, seed in enumerate(seeds):
+            self.perturb(seed, 1.0)
+            loss_plus = self.runner.loss(prompts, targets).item()
+            self.perturb(seed, -2.0)
+            loss_minus = self.runner.loss(prompts, targets).item()
+            if not (math.isfinite(loss_plus) and math.isfinite(loss_minus)):
+                self.perturb(seed, 1.0)
+                raise FloatingPointError(f"step {step}: loss is not finite (L+={loss_plus}, L-={loss_minus}); "
+                                         "the weights are restored and not updated: lower lr or eps")
+            if i < len(seeds) - 1:
+                self.perturb(seed, 1.0)
+            pluses.append(loss_plus)
+            minuses.append(loss_minus)
+        grads = [(plus - minus) / (2 * eps) for plus, minus in zip(pluses, minuses)]
+        q = len(seeds)
+        with self._lr(lr):
+            self._restore_and_update(seeds[-1], grads[-1] / q)
+        for seed, grad in zip(seeds[:-1], grads[:-1]):
+            self.perturb(seed, -lr * grad / (q * eps))
+        self.steps_done += 1
+        loss_plus, loss_minus = _mean(pluses), _mean(minuses)
+        return StepResult(step, seeds[0], loss_plus, loss_minus, _mean(grads), (loss_plus + loss_minus) / 2, lr)
+
+    def train(self, batches: Sequence[Batch], steps: int, progress: bool = True,
+              callback: Optional[Callable[[StepResult], None]] = None) -> list[StepResult]:
+        """``steps`` more steps; step k (counted from the trainer's first) on ``batches[k % len(batches)]``;
+        ``callback(result)`` after each; a progress bar shows the loss."""
         if steps < 0 or not batches:
             raise ValueError(f"train needs steps >= 0 and at least one batch; got steps={steps}, "
                              f"{len(batches)} batches")
-        bar = _Progress(steps, progress)
+        bar = Progress(steps, progress)
         results = []
         try:
-            for k in range(steps):
-                prompts, targets = batches[k % len(batches)]
+            for _ in range(steps):
+                prompts, targets = batches[self.steps_done % len(batches)]
                 results.append(self.step(prompts, targets))
                 bar.update(results[-1])
+                if callback is not None:
+                    callback(results[-1])
         finally:
             bar.close()
         return results
+
+    def evaluate(self, examples: Sequence[EvalExample], batch_size: int = 32) -> EvalResult:
+        """Held-out NLL and candidate accuracy on the current weights (:mod:`sglang.overlay.mezo_eval`)."""
+        return evaluate(self.runner, examples, batch_size)
+
+    def save_checkpoint(self, directory: str | Path, run: Optional[dict] = None) -> Path:
+        """A resumable checkpoint, written atomically (:mod:`sglang.overlay.mezo_checkpoint`); ``run``:
+        facts a resume must match (data hash, batch size)."""
+        return mezo_checkpoint.save_checkpoint(self, directory, run)
+
+    def load_checkpoint(self, directory: str | Path, run: Optional[dict] = None) -> dict:
+        """Load a checkpoint's weights in place and its ``steps_done``; ValueError for other settings."""
+        return mezo_checkpoint.load_checkpoint(self, directory, run)
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """HF OPTForCausalLM weights (CPU copies), LoRA merged: W0 + (alpha/r)·B A."""
@@ -332,6 +349,10 @@ class MeZO:
         model.tie_weights()
         model.save_pretrained(out_dir)
         return Path(out_dir)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return values[0] if len(values) == 1 else sum(values) / len(values)
 
 
 def _lora_hook(adapters: list[tuple[slice, torch.Tensor, torch.Tensor]], scale: float) -> Callable[..., None]:
@@ -358,7 +379,8 @@ def _int_at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
-_NUMBER_FLAGS = ("--lr", "--eps", "--weight-decay", "--lora-alpha", "--seed", "--steps", "--batch-size", "--lora-rank")
+_NUMBER_FLAGS = ("--lr", "--eps", "--weight-decay", "--lora-alpha", "--seed", "--steps", "--batch-size", "--lora-rank",
+                 "--n-samples", "--save-every", "--keep-checkpoints", "--eval-every", "--eval-batch-size")
 
 
 def _join_negative_numbers(argv: Sequence[str]) -> list[str]:
@@ -396,6 +418,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=_int_at_least(1), default=8)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--dtype", default=None, choices=("auto", "float32", "float16", "bfloat16"))
+    parser.add_argument("--n-samples", type=_int_at_least(1), default=MeZOConfig.n_samples,
+                        help="n-SPSA: perturbations per step, projected gradients averaged")
+    parser.add_argument("--lr-schedule", default=MeZOConfig.lr_schedule, choices=LR_SCHEDULES,
+                        help="linear: lr decays to 0 at --steps")
+    parser.add_argument("--save-every", type=_int_at_least(1), default=None,
+                        help="write a resumable checkpoint to OUT/checkpoints/step-NNNNNN every K steps")
+    parser.add_argument("--keep-checkpoints", type=_int_at_least(1), default=None,
+                        help="keep only the N newest checkpoints (default: all)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest checkpoint in OUT/checkpoints (none: start at step 0)")
+    parser.add_argument("--eval-data", type=Path, default=None,
+                        help='held-out JSON Lines: {"prompt", "target"} and/or {"candidates": [...], "gold": i}')
+    parser.add_argument("--eval-every", type=_int_at_least(1), default=None,
+                        help="evaluate every K steps (always: before the first step and after the last)")
+    parser.add_argument("--eval-batch-size", type=_int_at_least(1), default=32)
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(_join_negative_numbers(sys.argv[1:] if argv is None else argv))
 
@@ -407,21 +444,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     args = parse_args(argv)
     config = MeZOConfig(lr=args.lr, eps=args.eps, seed=args.seed, weight_decay=args.weight_decay,
-                        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha)
+                        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, n_samples=args.n_samples,
+                        lr_schedule=args.lr_schedule, total_steps=args.steps if args.lr_schedule == "linear" else None)
     try:
         config.validate()
+        if args.eval_every is not None and args.eval_data is None:
+            raise ValueError("--eval-every needs --eval-data FILE (held-out examples)")
         runner_config = RunnerConfig(model_path=args.model, device=args.device, dtype=args.dtype)
         runner_config.validate()
         batches = load_batches(args.data, args.batch_size, args.model)
+        examples = load_eval_examples(args.eval_data, args.model) if args.eval_data is not None else None
+        run = {"data_sha256": file_sha256(args.data), "batch_size": args.batch_size,
+               "examples": sum(len(b.prompts) for b in batches)}
+        plan_resume(args.out, args.resume, dataclasses.asdict(config), run)  # before the model is built
         with StandaloneRunner(runner_config) as runner:
             trainer = MeZO(runner, config)
-            results = trainer.train(batches, args.steps, progress=not args.no_progress)
+            results = run_training(trainer, batches, args.steps, args.out, save_every=args.save_every,
+                                   keep_checkpoints=args.keep_checkpoints, eval_examples=examples,
+                                   eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
+                                   resume=args.resume, run=run, progress=not args.no_progress)
             out = trainer.save_pretrained(args.out)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
-    (out / "mezo_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
-    (out / "mezo_log.jsonl").write_text("".join(json.dumps(asdict(r)) + "\n" for r in results))
-    print(f"saved {out} after {len(results)} steps; last loss {results[-1].loss:.4f}" if results else f"saved {out}")
+    (out / "mezo_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    print(f"saved {out} after {trainer.steps_done} steps; last loss {results[-1].loss:.4f}" if results
+          else f"saved {out} after {trainer.steps_done} steps")
     return 0
 
 

@@ -1,0 +1,190 @@
+"""A MeZO run that survives: the step log, periodic checkpoints, resume, evaluation, the progress bar.
+
+:func:`run_training` is what ``python -m sglang.overlay.mezo`` does between building
+the trainer and saving the final checkpoint, for a run of ``steps`` steps in all:
+
+- ``OUT/mezo_log.jsonl`` gets one JSON line per step (``{"kind": "step", ...}``, the
+  StepResult) and per evaluation (``{"kind": "eval", "steps_done": k, "nll": ...,
+  "accuracy": ..., ...}``), each flushed when written;
+- with ``save_every`` K, a checkpoint ``OUT/checkpoints/step-NNNNNN`` after every K
+  steps (:mod:`sglang.overlay.mezo_checkpoint`; ``keep_checkpoints`` N keeps the N newest);
+- with ``eval_examples``: an evaluation before the first step, after every
+  ``eval_every`` steps, and after the last step (once per step count);
+- ``resume``: continue from the newest complete checkpoint under ``OUT/checkpoints``
+  (none: start at step 0). The log keeps its step lines before the checkpoint's
+  step count and its eval lines before that count, and drops the rest (what a
+  crash left after the checkpoint); the evaluation at the checkpoint's step count,
+  if one is due, runs again on the restored weights. A resumed run so writes the
+  same log and weights as one that was never interrupted. Without ``resume``, an
+  ``OUT`` that already holds checkpoints is refused.
+
+This module uses the trainer duck-typed and does not import ``mezo``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from sglang.overlay import mezo_checkpoint as ckpt
+from sglang.overlay.mezo_eval import evaluate
+
+LOG_FILE = "mezo_log.jsonl"
+CHECKPOINTS = "checkpoints"
+
+
+class Progress:
+    """A tqdm bar with the loss and the last evaluation, or plain lines where tqdm is missing."""
+
+    def __init__(self, total: int, enabled: bool, initial: int = 0) -> None:
+        self.total, self.enabled, self.bar, self.postfix = total, enabled, None, {}
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                return
+            self.bar = tqdm(total=total, initial=initial, desc="MeZO", unit="step")
+
+    def update(self, result: Any) -> None:
+        self.postfix["loss"] = f"{result.loss:.4f}"
+        if self.bar is not None:
+            self.bar.set_postfix(self.postfix, refresh=False)
+            self.bar.update()
+        elif self.enabled:
+            print(f"MeZO step {result.step + 1}/{self.total} loss {result.loss:.4f}", file=sys.stderr)
+
+    def show_eval(self, record: dict) -> None:
+        self.postfix["eval_nll"] = f"{record['nll']:.4f}"
+        if record.get("accuracy") is not None:
+            self.postfix["eval_acc"] = f"{record['accuracy']:.3f}"
+        if self.bar is not None:
+            self.bar.set_postfix(self.postfix)
+        elif self.enabled:
+            print(f"MeZO eval after {record['steps_done']} steps: " + " ".join(
+                f"{k} {v}" for k, v in self.postfix.items() if k != "loss"), file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class StepLog:
+    """The run's JSON Lines log, appended and flushed line by line. ``resume_at`` c keeps the step
+    lines of steps < c and the eval lines of step counts < c (a torn last line is dropped); None
+    starts an empty log."""
+
+    def __init__(self, path: str | Path, resume_at: Optional[int] = None) -> None:
+        self.path = Path(path)
+        kept = []
+        if resume_at is not None and self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                count = record.get("step") if record.get("kind") == "step" else record.get("steps_done")
+                if isinstance(count, int) and count < resume_at:
+                    kept.append(line + "\n")
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, self.path)
+        self.handle = open(self.path, "a")
+
+    def write(self, record: dict) -> None:
+        self.handle.write(json.dumps(record) + "\n")
+        self.handle.flush()
+
+    def sync(self) -> None:
+        os.fsync(self.handle.fileno())
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def read_log(path: str | Path) -> list[dict]:
+    """The records of a step log."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plan_resume(out: str | Path, resume: bool, config: dict, run: Optional[dict]) -> Optional[Path]:
+    """The checkpoint a run in ``out`` continues from (None: it starts at step 0), checked against
+    ``config`` and ``run`` before anything is built. ValueError: a fresh run in an ``out`` that has
+    checkpoints, or a checkpoint of other settings."""
+    root = Path(out) / CHECKPOINTS
+    latest = ckpt.latest_checkpoint(root)
+    if latest is None:
+        return None
+    if not resume:
+        raise ValueError(f"--out {out} already holds checkpoints of a run ({latest.name}): pass --resume to "
+                         "continue it, or choose another --out")
+    ckpt.check_compatible(ckpt.read_state(latest), config, None, run, latest)
+    return latest
+
+
+def run_training(trainer: Any, batches: Sequence[Any], steps: int, out: str | Path, *,
+                 save_every: Optional[int] = None, keep_checkpoints: Optional[int] = None,
+                 eval_examples: Optional[Sequence[Any]] = None, eval_every: Optional[int] = None,
+                 eval_batch_size: int = 32, resume: bool = False, run: Optional[dict] = None,
+                 progress: bool = True, callback: Optional[Callable[[Any], None]] = None) -> list[Any]:
+    """Train ``trainer`` to ``steps`` steps in all, logging, evaluating and checkpointing under ``out``
+    (see the module docstring); ``run``: facts a resume must match (data hash, batch size);
+    ``callback(result)`` after each step's log line, eval and checkpoint. Returns this call's StepResults."""
+    for name, value in (("save_every", save_every), ("keep_checkpoints", keep_checkpoints),
+                        ("eval_every", eval_every)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be an int >= 1 or None, got {value!r}")
+    if eval_every is not None and not eval_examples:
+        raise ValueError("--eval-every needs held-out examples: give --eval-data FILE")
+    out = Path(out)
+    root = out / CHECKPOINTS
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt.remove_stale_temps(root)
+    latest = plan_resume(out, resume, asdict(trainer.config), run)
+    state = ckpt.load_checkpoint(trainer, latest, run) if latest is not None else {"extra": {}}
+    start = trainer.steps_done
+    if start > steps:
+        raise ValueError(f"{latest} has {start} steps done, more than --steps {steps}: give --steps >= {start}")
+    log = StepLog(out / LOG_FILE, resume_at=start)
+    bar = Progress(steps, progress, initial=start)
+    last_eval = dict(state["extra"].get("last_eval") or {})
+    if last_eval:
+        bar.show_eval(last_eval)
+
+    def run_eval() -> None:
+        result = evaluate(trainer.runner, eval_examples, eval_batch_size)
+        last_eval.clear()
+        last_eval.update(kind="eval", steps_done=trainer.steps_done, **result.summary())
+        log.write(dict(last_eval))
+        bar.show_eval(last_eval)
+
+    def due(count: int) -> bool:
+        return bool(eval_examples) and (count == 0 or (eval_every is not None and count % eval_every == 0))
+
+    def on_step(result: Any) -> None:
+        log.write({"kind": "step", **asdict(result)})
+        bar.update(result)
+        done = trainer.steps_done
+        if due(done):
+            run_eval()
+        if save_every is not None and done % save_every == 0:
+            log.sync()
+            ckpt.save_checkpoint(trainer, root / ckpt.checkpoint_name(done), run, {"last_eval": dict(last_eval)})
+            if keep_checkpoints is not None:
+                ckpt.prune(root, keep_checkpoints)
+        if callback is not None:
+            callback(result)
+
+    try:
+        if due(start):
+            run_eval()
+        results = trainer.train(batches, steps - start, progress=False, callback=on_step)
+        if eval_examples and last_eval.get("steps_done") != steps:
+            run_eval()
+    finally:
+        bar.close()
+        log.close()
+    return results
