@@ -164,17 +164,23 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_usable(tiny_opt, tmp
     assert sorted(p.name for p in root.iterdir()) == ["step-000002"]
 
 
-def test_the_log_is_written_and_flushed_at_every_step(tiny_opt, tmp_path) -> None:
+def test_the_log_is_written_and_flushed_at_every_step_and_a_finished_run_can_be_extended(tiny_opt, tmp_path) -> None:
     from sglang.overlay.mezo import MeZO, MeZOConfig
     from sglang.overlay.mezo_run import read_log, run_training
 
     seen = []
+    config = MeZOConfig(lr=1e-4, eps=1e-2)
     with runner(tiny_opt) as r:
-        trainer = MeZO(r, MeZOConfig(lr=1e-4, eps=1e-2))
-        results = run_training(trainer, BATCHES, 3, tmp_path, progress=False,
+        trainer = MeZO(r, config)
+        results = run_training(trainer, BATCHES, 3, tmp_path, progress=False, save_every=2,
                                callback=lambda result: seen.append(read_log(tmp_path / "mezo_log.jsonl")))
     assert [[x["step"] for x in log] for log in seen] == [[0], [0, 1], [0, 1, 2]]
     assert seen[-1] == [{"kind": "step", **result.__dict__} for result in results]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
+    with runner(tiny_opt) as r:  # the last step was saved too: --resume with more --steps continues from it
+        more = run_training(MeZO(r, config), BATCHES, 5, tmp_path, progress=False, resume=True)
+    assert [res.step for res in more] == [3, 4]
+    assert [x["step"] for x in read_log(tmp_path / "mezo_log.jsonl")] == [0, 1, 2, 3, 4]
 
 
 def hf_scores(model_dir: Path):

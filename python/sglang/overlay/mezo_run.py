@@ -7,7 +7,8 @@ the trainer and saving the final checkpoint, for a run of ``steps`` steps in all
   StepResult) and per evaluation (``{"kind": "eval", "steps_done": k, "nll": ...,
   "accuracy": ..., ...}``), each flushed when written;
 - with ``save_every`` K, a checkpoint ``OUT/checkpoints/step-NNNNNN`` after every K
-  steps (:mod:`sglang.overlay.mezo_checkpoint`; ``keep_checkpoints`` N keeps the N newest);
+  steps and after the last (:mod:`sglang.overlay.mezo_checkpoint`; ``keep_checkpoints``
+  N keeps the N newest);
 - with ``eval_examples``: an evaluation before the first step, after every
   ``eval_every`` steps, and after the last step (once per step count);
 - ``resume``: continue from the newest complete checkpoint under ``OUT/checkpoints``
@@ -164,17 +165,22 @@ def run_training(trainer: Any, batches: Sequence[Any], steps: int, out: str | Pa
     def due(count: int) -> bool:
         return bool(eval_examples) and (count == 0 or (eval_every is not None and count % eval_every == 0))
 
+    def save() -> None:
+        log.sync()
+        done = trainer.steps_done
+        extra = {"last_eval": dict(last_eval), "batches": len(batches), "next_batch": done % len(batches),
+                 "order": "file order: step k trains on batch k % batches"}
+        ckpt.save_checkpoint(trainer, root / ckpt.checkpoint_name(done), run, extra)
+        if keep_checkpoints is not None:
+            ckpt.prune(root, keep_checkpoints)
+
     def on_step(result: Any) -> None:
         log.write({"kind": "step", **asdict(result)})
         bar.update(result)
-        done = trainer.steps_done
-        if due(done):
+        if due(trainer.steps_done):
             run_eval()
-        if save_every is not None and done % save_every == 0:
-            log.sync()
-            ckpt.save_checkpoint(trainer, root / ckpt.checkpoint_name(done), run, {"last_eval": dict(last_eval)})
-            if keep_checkpoints is not None:
-                ckpt.prune(root, keep_checkpoints)
+        if save_every is not None and trainer.steps_done % save_every == 0:
+            save()
         if callback is not None:
             callback(result)
 
@@ -184,6 +190,8 @@ def run_training(trainer: Any, batches: Sequence[Any], steps: int, out: str | Pa
         results = trainer.train(batches, steps - start, progress=False, callback=on_step)
         if eval_examples and last_eval.get("steps_done") != steps:
             run_eval()
+        if save_every is not None and steps % save_every != 0 and steps > start:
+            save()  # the last step too, so a finished run can be extended (--resume with more --steps)
     finally:
         bar.close()
         log.close()
