@@ -61,6 +61,7 @@ def hf_parameter_views(model: torch.nn.Module, hf_config: Any) -> dict[str, torc
         if rows != want:
             raise ValueError(
                 f"SGLang parameter {name!r} {tuple(params[name].shape)}: HF parameters cover {rows} of its "
-                f"{want} rows; MeZO would leave it untrained. Map it in sglang/overlay/mezo_params.py:hf_parameter_views"
+                f"{want} rows; MeZO would leave it untrained. Map it in "
+                "sglang/overlay/mezo_params.py:hf_parameter_views"
             )
     return views
