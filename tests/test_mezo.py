@@ -182,7 +182,7 @@ def test_unmapped_or_mismatched_parameters_are_refused(build, tiny_opt: Path) ->
         hf_parameter_views(runner.model, AutoConfig.from_pretrained(tiny_opt, ffn_dim=96))
     runner.model.register_parameter("adapter", torch.nn.Parameter(torch.zeros(3)))
     try:
-        with pytest.raises(ValueError, match=r"SGLang parameter 'adapter' \(3,\): HF parameters cover 0 of its 3 rows"):
+        with pytest.raises(ValueError, match=r"SGLang parameter 'adapter' \(3,\): HF parameters cover 0 of its 3 elements"):
             hf_parameter_views(runner.model, config)
     finally:
         del runner.model.adapter
@@ -209,12 +209,15 @@ def test_invalid_configs_say_what_is_wrong(fields: dict, message: str) -> None:
         MeZOConfig(**fields).validate()
 
 
-def test_tensor_parallel_runners_are_refused() -> None:
+def test_pipeline_parallel_and_lora_under_tensor_parallel_are_refused() -> None:
     from sglang.overlay.mezo import MeZO, MeZOConfig
 
-    runner = SimpleNamespace(server_args=SimpleNamespace(tp_size=2, pp_size=1))
-    with pytest.raises(ValueError, match="tensor-parallel size 1 only, the runner has 2"):
+    runner = SimpleNamespace(server_args=SimpleNamespace(tp_size=1, pp_size=2), config=SimpleNamespace(tp_rank=0, tp_size=1))
+    with pytest.raises(ValueError, match="pipeline-parallel size 1 only, the runner has 2"):
         MeZO(runner, MeZOConfig())
+    runner = SimpleNamespace(server_args=SimpleNamespace(tp_size=2, pp_size=1), config=SimpleNamespace(tp_rank=0, tp_size=2))
+    with pytest.raises(ValueError, match="LoRA with tensor parallelism is not supported"):
+        MeZO(runner, MeZOConfig(lora_rank=2))
 
 
 def test_command_line_trains_and_saves_a_checkpoint(tiny_opt: Path, tmp_path: Path, capsys) -> None:

@@ -1,10 +1,12 @@
 """An independent MeZO on HuggingFace ``OPTForCausalLM`` (fp32, CPU): the tests' reference.
 
 Written from the MeZO paper and the spec in ``sglang/overlay/mezo.py``'s docstring (step
-seeds, z order, LoRA scheme), not from its code: each step draws z from a
-``torch.Generator`` seeded with SHA-256 of ``"mezo:<seed>:step:<k>"``, one tensor
-per trainable parameter in ``named_parameters()`` order; the loss is the mean
-NLL over all target tokens, each example run alone through HF's forward.
+seeds, z order, LoRA scheme), not from its code: each step's seed is SHA-256 of
+``"mezo:<seed>:step:<k>"``, and z of element i of trainable parameter p is
+``zo_noise.normal(seed, base(p) + i)`` (the z definition; ``base(p)``: the elements
+of the trainable parameters before p, in ``named_parameters()`` order); the
+perturbations are three separate passes, as in the paper's code. The loss is the
+mean NLL over all target tokens, each example run alone through HF's forward.
 """
 
 from __future__ import annotations
@@ -64,9 +66,12 @@ class ReferenceMeZO:
         return torch.cat(nll).mean().item()
 
     def _z(self, seed: int):
-        generator = torch.Generator().manual_seed(seed)
+        from sglang.overlay.zo_noise import normal
+
+        base = 0
         for name, p in self.params:
-            yield name, p, torch.randn(p.shape, generator=generator)
+            yield name, p, normal(seed, torch.arange(base, base + p.numel())).view(p.shape)
+            base += p.numel()
 
     def _perturb(self, seed: int, scale: float) -> None:
         for _, p, z in self._z(seed):

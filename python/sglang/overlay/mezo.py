@@ -9,12 +9,12 @@ passes only::
     θ += ε·z(s)                          # back to θ (up to rounding), and in the same pass
     θ -= lr·(g·z(s) + wd·θ)              # wd only on weights: not biases, not layer norms
 
-z is never stored: each of the three passes over the weights regenerates it
-from s, one parameter at a time, so training needs the memory of inference
-plus the largest single parameter. The paper's implementation restores θ and
-updates it in two passes; one pass does both here (the same arithmetic up to
-rounding, a quarter less time spent perturbing). ``loss`` is the runner's mean NLL over all target
-tokens of the batch (fp32).
+z is never stored: each pass over the weights recomputes it from (s, element),
+so training needs the memory of inference. Restoring θ and updating it is one
+pass; ``train`` also folds each step's update into the next step's first
+perturbation (``step(defer_update=True)``): 2 passes a step, one rounding per
+element per pass (``sglang.overlay.zo_noise``; on CUDA one Triton kernel a
+pass). ``loss`` is the runner's mean NLL over all target tokens (fp32).
 
 n-SPSA (``n_samples`` q > 1, the paper's appendix): q projected gradients at θ,
 each with its own z, and θ -= lr·((1/q)·Σ g_i·z_i + wd·θ). ``lr_schedule``
@@ -23,24 +23,22 @@ resumed run stays exact); "constant" uses lr.
 
 Determinism. Step k (0-based) of a trainer with ``MeZOConfig.seed`` S uses
 ``derive_seed(S, "step", k)`` (63 bits of SHA-256); with q > 1 samples,
-sample i uses ``derive_seed(S, "step", k, "sample", i)``. z is drawn from one
-``torch.Generator`` on the model's device seeded with it, parameter by
-parameter in HuggingFace ``OPTForCausalLM.named_parameters()`` order (a tied
-``lm_head`` is not repeated), each with the HF tensor's shape. The same seed
-gives the same z on the same device type (CPU and CUDA generators differ).
-:func:`hf_parameter_views` (in ``mezo_params``) maps every HF parameter onto a view of the SGLang
-parameter that holds it: q/k/v are row thirds of the fused ``qkv_proj``;
-``embed_tokens`` and an untied ``lm_head`` are their first ``vocab_size`` rows
-(SGLang pads the vocabulary to a multiple of 64; padding rows are never read).
-Any SGLang parameter (or rows of one) left unmapped, and any shape mismatch,
-raises ``ValueError``. Tensor-parallel and pipeline-parallel size 1 only.
+sample i uses ``derive_seed(S, "step", k, "sample", i)``. z of element i of HF
+parameter p is ``zo_noise.normal(seed, base(p) + i)`` (counter-based Philox,
+``base(p)``: the elements of the parameters before p in HF
+``OPTForCausalLM.named_parameters()`` order), the same on every device and
+layout: ``mezo_params.place`` maps each HF parameter onto this rank's view of
+the SGLang parameter holding it (row thirds of the fused ``qkv_proj``, the
+vocabulary rows of the padded embedding / head, tensor-parallel row or column
+shards) and its offsets. Tensor parallelism: every rank perturbs its shards at
+their HF offsets (TP = 2 draws TP = 1's z); pipeline parallelism: size 1 only.
 
 LoRA (the paper's PEFT setting). With ``lora_rank`` r, each target projection
 (``q_proj`` and ``v_proj``) of every layer gets A (r × in, uniform in
 ±1/sqrt(in), like peft's kaiming-uniform, drawn from ``derive_seed(S,
 "lora-init")`` on CPU, layer by layer, targets in config order) and B (out × r,
-zeros). Only A and B are perturbed and updated, in the order layer → target →
-A, B (names ``...self_attn.q_proj.lora_A.weight`` etc.); the base weights are
+zeros). Only A and B are perturbed and updated, their z at offsets in the order
+layer → target → A, B (names ``...self_attn.q_proj.lora_A.weight`` etc.); the base weights are
 never written. A forward hook on each layer's fused ``qkv_proj`` adds
 ``(alpha/r)·(x Aᵀ) Bᵀ`` to the target's column slice of its output, which is
 peft's unmerged LoRA, and needs no copy of the base weights.
@@ -84,8 +82,11 @@ import torch
 from sglang.overlay import mezo_checkpoint
 from sglang.overlay.mezo_data import Batch, EvalExample, file_sha256, load_batches, load_eval_examples
 from sglang.overlay.mezo_eval import EvalResult, evaluate
+from sglang.overlay import mezo_params
+from sglang.overlay.mezo_lora import add_lora
 from sglang.overlay.mezo_params import QKV as _QKV
 from sglang.overlay.mezo_params import hf_parameter_shapes, hf_parameter_views  # noqa: F401  (public here too)
+from sglang.overlay.zo_noise import NoisePass, Stream
 from sglang.overlay.mezo_run import Progress, plan_resume, run_training
 
 if TYPE_CHECKING:
@@ -176,72 +177,80 @@ class MeZO:
         from transformers import AutoConfig
 
         config.validate()
-        sizes = {"tensor": runner.server_args.tp_size, "pipeline": runner.server_args.pp_size}
-        for kind, size in sizes.items():
-            if size != 1:
-                raise ValueError(f"MeZO runs on {kind}-parallel size 1 only, the runner has {size}: build it with size 1")
+        if runner.server_args.pp_size != 1:
+            raise ValueError(f"MeZO runs on pipeline-parallel size 1 only, the runner has {runner.server_args.pp_size}")
+        self.tp_rank, self.tp_size = runner.config.tp_rank, runner.config.tp_size
+        if self.tp_size > 1 and config.lora_rank is not None:
+            raise ValueError("LoRA with tensor parallelism is not supported: train LoRA with tp_size=1")
         self.runner, self.config, self.steps_done = runner, config, 0
+        # The update of the last deferred step (step(defer_update=True)): (seed, a, b, keep) of its pass.
+        self._pending: Optional[tuple[int, float, float, float]] = None
         self.hf_config = AutoConfig.from_pretrained(runner.config.model_path)
         if self.hf_config.model_type != "opt":
             raise ValueError(f"MeZO here supports OPT checkpoints only, {runner.config.model_path} is "
                              f"{self.hf_config.model_type!r}")
-        self.weights = hf_parameter_views(runner.model, self.hf_config)
+        self.placements = mezo_params.place(runner.model, self.hf_config, self.tp_rank, self.tp_size)
+        self.weights = {name: placement.view for name, placement in self.placements.items()}
         self.device = next(iter(self.weights.values())).device
         self.lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if config.lora_rank is None:
             self.trainables = dict(self.weights)
+            bases = {name: p.base for name, p in self.placements.items()}
+            rows = {name: p.rows for name, p in self.placements.items() if p.rows is not None}
         else:
             self.trainables = self._add_lora(config.lora_rank)
+            bases, rows, offset = {}, {}, 0
+            for name, tensor in self.trainables.items():  # LoRA's z: offsets in A/B order
+                bases[name], offset = offset, offset + tensor.numel()
+        self.noise = NoisePass(self.trainables, bases, [n for n in self.trainables if _decays(n)], rows)
 
     def _add_lora(self, rank: int) -> dict[str, torch.Tensor]:
         """LoRA A/B for every target of every layer, and the qkv_proj hooks that apply them."""
-        if getattr(self.runner.model, "_mezo_lora", False):
-            raise ValueError("this runner's model already carries another MeZO trainer's LoRA hooks: "
-                             "build a new StandaloneRunner for each LoRA trainer")
-        self.runner.model._mezo_lora = True
-        generator = torch.Generator().manual_seed(derive_seed(self.config.seed, "lora-init"))
-        scale = self.config.lora_alpha / rank
-        trainables: dict[str, torch.Tensor] = {}
-        for layer in range(self.hf_config.num_hidden_layers):
-            adapters = []
-            for target in self.config.lora_targets:
-                prefix = f"model.decoder.layers.{layer}.self_attn.{target}"
-                out_features, in_features = self.weights[f"{prefix}.weight"].shape
-                bound = 1 / math.sqrt(in_features)
-                a = (torch.rand((rank, in_features), generator=generator) * 2 - 1) * bound
-                a = a.to(self.device, self.weights[f"{prefix}.weight"].dtype)
-                b = torch.zeros((out_features, rank), device=self.device, dtype=a.dtype)
-                self.lora[prefix] = (a, b)
-                trainables[f"{prefix}.lora_A.weight"], trainables[f"{prefix}.lora_B.weight"] = a, b
-                columns = slice(_QKV.index(target) * out_features, (_QKV.index(target) + 1) * out_features)
-                adapters.append((columns, a, b))
-            qkv = self.runner.model.get_submodule(f"model.decoder.layers.{layer}.self_attn.qkv_proj")
-            qkv.register_forward_hook(_lora_hook(adapters, scale))
-        return trainables
-
-    def _noise(self, seed: int) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
-        """(name, tensor, z) for every trainable tensor, z regenerated from ``seed``."""
-        generator = torch.Generator(device=self.device).manual_seed(seed)
-        for name, tensor in self.trainables.items():
-            yield name, tensor, torch.randn(tensor.shape, generator=generator, device=tensor.device, dtype=tensor.dtype)
+        self.lora = add_lora(self.runner.model, self.weights, self.hf_config, self.config,
+                             derive_seed(self.config.seed, "lora-init"))
+        return {f"{prefix}.lora_{x}.weight": t for prefix, ab in self.lora.items() for x, t in zip("AB", ab)}
 
     def perturb(self, seed: int, scale: float) -> None:
-        """θ += scale·eps·z(seed), in place."""
-        for _, tensor, z in self._noise(seed):
-            tensor.add_(z, alpha=scale * self.config.eps)
+        """θ += scale·eps·z(seed), in place (a pending deferred update is applied in the same pass)."""
+        self._pass(Stream(seed, 0.0, scale * self.config.eps))
 
     def _restore_and_update(self, seed: int, projected_grad: float) -> None:
         """From θ - eps·z: θ -= lr·(g·z + wd·θ), with θ restored in the same pass over z.
 
         θ_new = θ_r - lr·(g·z + wd·θ_r) with θ_r = θ_m + eps·z, i.e.
-        (1 - lr·wd)·θ_m + ((1 - lr·wd)·eps - lr·g)·z: one pass over the weights, not two.
+        k·θ_m + (k·eps - lr·g)·z with k = 1 - lr·wd where weight decay applies: one pass, not two.
         """
+        self._pass(*self._update(seed, projected_grad))
+
+    def _update(self, seed: int, projected_grad: float) -> tuple[Stream, float]:
         lr, eps, weight_decay = self.config.lr, self.config.eps, self.config.weight_decay
-        for name, tensor, z in self._noise(seed):
-            keep = 1 - lr * weight_decay if weight_decay and _decays(name) else 1.0
-            if keep != 1.0:
-                tensor.mul_(keep)
-            tensor.add_(z, alpha=keep * eps - lr * projected_grad)
+        return Stream(seed, eps, -lr * projected_grad), 1 - lr * weight_decay
+
+    def _pass(self, stream: Stream, keep: float = 1.0) -> None:
+        """One pass over the weights: ``stream`` (and ``keep``), after the pending update if any, which
+        then rides in the same pass (its own decay factor; a perturbation has none)."""
+        if self._pending is None:
+            self.noise([stream], keep)
+            return
+        seed, a, b, pending_keep = self._pending
+        self._pending = None
+        if keep != 1.0:
+            self.noise([Stream(seed, a, b)], pending_keep)
+            self.noise([stream], keep)
+        else:  # k·θ + (k·a + b)·z_pending + (scale·eps)·z: the second stream's coefficient ignores k
+            self.noise([Stream(seed, a, b), Stream(stream.seed, 0.0, stream.a + stream.b)], pending_keep)
+
+    def sync(self) -> None:
+        """Apply a deferred update: the weights are then θ exactly (done before anything reads them)."""
+        if self._pending is not None:
+            seed, a, b, keep = self._pending
+            self._pending = None
+            self.noise([Stream(seed, a, b)], keep)
+
+    def local_part(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        """This rank's part of the whole HF tensor ``full`` named ``name`` (a LoRA tensor: all of it)."""
+        placement = self.placements.get(name)
+        return full if placement is None else mezo_params.local_part(placement, full)
 
     def sample_seeds(self, step: int) -> list[int]:
         """The z seeds of step ``step``: ``derive_seed(seed, "step", step)`` for one sample, else
@@ -261,8 +270,14 @@ class MeZO:
         finally:
             self.config = config
 
-    def step(self, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) -> StepResult:
+    def step(self, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], *,
+             defer_update: bool = False) -> StepResult:
         """One MeZO step on a batch; the weights are updated in place.
+
+        ``defer_update`` (one sample per step): the update is not applied now but in the same pass as
+        the next step's first perturbation (2 passes over the weights a step instead of 3); until then
+        the weights are θ - eps·z: ``sync()`` applies it (``train``, ``evaluate``, the checkpoints and
+        ``hf_state_dict`` do).
 
         n-SPSA (``n_samples`` q > 1): q projected gradients g_i, each at θ, then
         θ -= lr·((1/q)·Σ g_i·z_i + wd·θ): the last sample's restore is fused with its
@@ -287,7 +302,11 @@ class MeZO:
         grads = [(plus - minus) / (2 * eps) for plus, minus in zip(pluses, minuses)]
         q = len(seeds)
         with self._lr(lr):
-            self._restore_and_update(seeds[-1], grads[-1] / q)
+            if defer_update and q == 1:
+                stream, keep = self._update(seeds[-1], grads[-1])
+                self._pending = (stream.seed, stream.a, stream.b, keep)
+            else:
+                self._restore_and_update(seeds[-1], grads[-1] / q)
         for seed, grad in zip(seeds[:-1], grads[:-1]):
             self.perturb(seed, -lr * grad / (q * eps))
         self.steps_done += 1
@@ -306,30 +325,40 @@ class MeZO:
         try:
             for _ in range(steps):
                 prompts, targets = batches[self.steps_done % len(batches)]
-                results.append(self.step(prompts, targets))
+                results.append(self.step(prompts, targets, defer_update=True))
                 bar.update(results[-1])
                 if callback is not None:
                     callback(results[-1])
         finally:
+            self.sync()
             bar.close()
         return results
 
     def evaluate(self, examples: Sequence[EvalExample], batch_size: int = 32) -> EvalResult:
         """Held-out NLL and candidate accuracy on the current weights (:mod:`sglang.overlay.mezo_eval`)."""
+        self.sync()
         return evaluate(self.runner, examples, batch_size)
 
     def save_checkpoint(self, directory: str | Path, run: Optional[dict] = None) -> Path:
         """A resumable checkpoint, written atomically (:mod:`sglang.overlay.mezo_checkpoint`); ``run``:
         facts a resume must match (data hash, batch size)."""
+        if self.tp_size > 1:
+            raise ValueError("checkpoints at tensor parallelism > 1 are not supported yet: save_pretrained works")
+        self.sync()
         return mezo_checkpoint.save_checkpoint(self, directory, run)
 
     def load_checkpoint(self, directory: str | Path, run: Optional[dict] = None) -> dict:
         """Load a checkpoint's weights in place and its ``steps_done``; ValueError for other settings."""
+        if self.tp_size > 1:
+            raise ValueError("checkpoints at tensor parallelism > 1 are not supported yet")
+        self._pending = None  # the checkpoint's weights replace whatever is there
         return mezo_checkpoint.load_checkpoint(self, directory, run)
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
-        """HF OPTForCausalLM weights (CPU copies), LoRA merged: W0 + (alpha/r)·B A."""
-        state = {name: view.detach().to("cpu", copy=True) for name, view in self.weights.items()}
+        """HF OPTForCausalLM weights (CPU copies), LoRA merged: W0 + (alpha/r)·B A. At tensor
+        parallelism > 1 the shards are gathered: every rank calls it."""
+        self.sync()
+        state = mezo_params.gather(self.placements, self.hf_config, self.tp_size)
         if self.config.lora_rank is not None:
             scale = self.config.lora_alpha / self.config.lora_rank
             for prefix, (a, b) in self.lora.items():
@@ -347,23 +376,13 @@ class MeZO:
             state["lm_head.weight"] = state["model.decoder.embed_tokens.weight"]
         model.load_state_dict(state, strict=True, assign=True)
         model.tie_weights()
-        model.save_pretrained(out_dir)
+        if self.tp_rank == 0:  # every rank gathers; one writes
+            model.save_pretrained(out_dir)
         return Path(out_dir)
 
 
 def _mean(values: Sequence[float]) -> float:
     return values[0] if len(values) == 1 else sum(values) / len(values)
-
-
-def _lora_hook(adapters: list[tuple[slice, torch.Tensor, torch.Tensor]], scale: float) -> Callable[..., None]:
-    """A forward hook on a fused qkv_proj: adds scale·(x Aᵀ) Bᵀ to each target's columns of its output."""
-
-    def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...], output: tuple[torch.Tensor, Any]) -> None:
-        x, out = args[0], output[0]
-        for columns, a, b in adapters:
-            out[..., columns].add_((x @ a.T) @ b.T, alpha=scale)
-
-    return hook
 
 
 def _int_at_least(low: int) -> Callable[[str], int]:
