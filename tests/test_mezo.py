@@ -234,3 +234,98 @@ def test_command_line_trains_and_saves_a_checkpoint(tiny_opt: Path, tmp_path: Pa
     assert [r["step"] for r in log] == [0, 1, 2]
     assert json.loads((out / "mezo_config.json").read_text())["lora_rank"] == 2
     load_saved(out)
+
+
+def test_folded_updates_equal_unfolded_steps(build, tiny_opt: Path) -> None:
+    """train() folds each update into the next step's first perturbation (2 weight passes a step);
+    step() without defer_update restores and updates in a pass of its own (3): after 20 steps the
+    weights and losses agree (fp32: the folded pass rounds once where the unfolded rounds twice)."""
+    from sglang.overlay import RunnerConfig, StandaloneRunner
+    from sglang.overlay.mezo import MeZO, MeZOConfig
+
+    hyper = MeZOConfig(lr=1e-4, eps=1e-2, seed=5, weight_decay=0.5)
+    folded_runner = build(tiny_opt)
+
+    with StandaloneRunner(RunnerConfig(model_path=str(tiny_opt), device="cpu", distributed="reuse")) as plain_runner:
+        folded, plain = MeZO(folded_runner, hyper), MeZO(plain_runner, hyper)
+        initial = {k: v.clone() for k, v in plain.weights.items()}
+        calls = []
+        original = folded.noise.__call__
+        folded.noise = lambda streams, keep=1.0: (calls.append(len(streams)), original(streams, keep))[1]
+        got = folded.train([(PROMPTS, TARGETS)], STEPS, progress=False)
+        want = [plain.step(PROMPTS, TARGETS) for _ in range(STEPS)]
+        assert len(calls) == 2 * STEPS + 1, "2 passes a step and the final sync"
+        assert calls.count(2) == STEPS - 1, "every step after the first folds the previous update"
+        for a, b in zip(got, want):
+            assert abs(a.loss_plus - b.loss_plus) < TOL and abs(a.loss_minus - b.loss_minus) < TOL
+        diff = max((folded.weights[k] - plain.weights[k]).abs().max().item() for k in folded.weights)
+        moved = max((plain.weights[k] - initial[k]).abs().max().item() for k in plain.weights)
+        assert diff < 1e-6 < moved, diff
+
+
+def tp_mezo_main(model: str, rank: int, port: int, out: str) -> None:
+    """One rank of the MeZO TP=2 test (its own interpreter): 20 steps, then the gathered HF weights."""
+    import torch
+
+    from sglang.overlay import RunnerConfig, StandaloneRunner
+    from sglang.overlay.mezo import MeZO, MeZOConfig
+
+    with StandaloneRunner(RunnerConfig(model_path=model, device="cpu", tp_size=2, tp_rank=rank, dist_port=port)) as r:
+        trainer = MeZO(r, MeZOConfig(**TP_HYPER))
+        results = trainer.train([(PROMPTS, TARGETS)], STEPS, progress=False)
+        shards = {name: tuple(p.view.shape) for name, p in trainer.placements.items()}
+        torch.save(dict(losses=[(x.loss_plus, x.loss_minus) for x in results], state=trainer.hf_state_dict(),
+                        shards=shards), out)
+
+
+TP_HYPER = dict(lr=1e-4, eps=1e-2, seed=9, weight_decay=0.5)
+
+
+@pytest.mark.slow
+def test_tp2_trajectory_equals_tp1(build, tiny_opt: Path, tmp_path: Path) -> None:
+    """Two processes (gloo), one TP rank each, every rank perturbing its shards (q/k/v/fc1 rows, out_proj/fc2
+    columns, vocabulary rows) at their HF offsets: TP = 2 draws TP = 1's z, and 20 steps give TP = 1's losses
+    and weights within 1e-5."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    from sglang.overlay.compat import free_port
+    from sglang.overlay.mezo import MeZO, MeZOConfig
+    from tests.test_standalone import TP_TIMEOUT, _omp_bind
+
+    runner = build(tiny_opt)
+    trainer = MeZO(runner, MeZOConfig(**TP_HYPER))
+    want = trainer.train([(PROMPTS, TARGETS)], STEPS, progress=False)
+    want_state = trainer.hf_state_dict()
+    runner.close()  # the ranks run in their own interpreters
+
+    root = Path(__file__).resolve().parents[1]
+    port = free_port()
+    env = dict(os.environ)
+    env.setdefault("SGLANG_CPU_OMP_THREADS_BIND", _omp_bind(2))
+    procs = [subprocess.Popen(
+        [sys.executable, "-c", "import sys; from tests.test_mezo import tp_mezo_main; "
+         "tp_mezo_main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])",
+         str(tiny_opt), str(rank), str(port), str(tmp_path / f"rank{rank}.pt")],
+        cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=TP_TIMEOUT)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    for rank, (proc, output) in enumerate(zip(procs, outputs)):
+        assert proc.returncode == 0, f"rank {rank} failed (rc={proc.returncode}):\n{output[-6000:]}"
+    for rank in (0, 1):
+        res = torch.load(tmp_path / f"rank{rank}.pt")
+        assert res["shards"]["model.decoder.layers.0.fc2.weight"] == (64, 64), "fc2 is not a column shard"
+        assert res["shards"]["model.decoder.layers.0.self_attn.q_proj.weight"] == (32, 64)
+        for (plus, minus), step in zip(res["losses"], want):
+            assert abs(plus - step.loss_plus) < TOL and abs(minus - step.loss_minus) < TOL
+        assert max_weight_diff(res["state"], want_state) < TOL
