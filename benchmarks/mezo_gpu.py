@@ -1,21 +1,24 @@
 #!/usr/bin/env python3
-"""MeZO steps/s and peak memory: sglang/overlay/mezo.py on SGLang's runner vs an HF reference MeZO, one GPU.
+"""MeZO on the GPU: steps/s against an HF reference MeZO and against the hardware's roofline; drift.
 
     PYTHONPATH=/tmp/site:. python3 benchmarks/mezo_gpu.py [--shape opt-1.3b --batch 16 --prompt 128 --target 128]
 
-Both sides run the same algorithm on the same random checkpoint (tests/gpu/common.py), model dtype,
-batch ``--batch`` x (``--prompt`` + ``--target``) tokens, loss = mean NLL over the target tokens:
-θ += εz; L+; θ -= 2εz; L-; θ += εz; θ -= lr·g·z, with z regenerated from one CUDA generator per step,
-parameter by parameter in HF ``named_parameters()`` order, so both sides draw the same z and their
-losses and projected gradients should agree to half-precision noise (printed).
+Both sides run MeZO on the same random checkpoint (tests/gpu/common.py), model dtype, batch
+``--batch`` x (``--prompt`` + ``--target``) tokens, loss = mean NLL over the target tokens.
 
-- SGLang: ``MeZO(StandaloneRunner, MeZOConfig)`` from sglang/overlay/mezo.py; each loss is one EXTEND
-  forward of the batch (``StandaloneRunner.loss``).
-- HF reference (written here): ``OPTForCausalLM(input_ids, labels=...)`` under ``no_grad``, prompt
-  positions labelled -100.
-Peak memory: ``torch.cuda.max_memory_allocated`` during the timed steps, against the same side's
-inference (one loss forward of the same batch, no perturbation) — both include that side's weights,
-and SGLang's includes its (small, ``--kv-tokens``) KV pool.
+- SGLang: ``MeZO(StandaloneRunner, MeZOConfig)`` (sglang/overlay/mezo.py) as ``train`` runs it:
+  ``step(defer_update=True)``, so a step is 2 loss forwards (the dense engine) + 2 passes over the
+  weights (sglang/overlay/zo_noise.py: z from (seed, element offset) inside one Triton kernel a pass,
+  the update of each step folded into the next step's first perturbation).
+- HF reference (written here, the paper's scheme): ``OPTForCausalLM(input_ids, labels=...)`` under
+  ``no_grad``, z from ``torch.randn`` per parameter, 4 passes a step (+εz, -2εz, +εz, -lr·g·z). Its z is
+  not SGLang's (different generators): compare the mean loss (L+ + L-)/2, not L+ and L- apart.
+Roofline of a step: 2 loss forwards at the bf16 matmul peak measured in the run + 2 weight passes
+(each reads and writes every weight) at the copy bandwidth measured in the run. Perturbation share:
+the time of SGLang's two passes alone (CUDA events) over its step time. Peak memory:
+``torch.cuda.max_memory_allocated`` during the timed steps against the same side's inference (one loss
+forward). Drift (``--drift-steps N``): N steps with lr = 0 (the passes only: with lr = 0 the losses do
+not change what is written), then max and mean |θ - θ0| over all weights, for both schemes.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 import torch  # noqa: E402
 
@@ -97,6 +101,15 @@ class HFMeZO:
         return lp, lm, g
 
 
+def copy_bandwidth(nbytes: int = 1 << 31) -> float:
+    """Bytes per second read + written by a device-to-device copy of ``nbytes``, timed like the workloads."""
+    from bench_opt import cuda_time
+
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * nbytes / cuda_time(lambda: dst.copy_(src), 20, warmup=5)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="opt-1.3b")
@@ -106,6 +119,7 @@ def main() -> None:
     ap.add_argument("--target", type=int, default=128)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--kv-tokens", type=int, default=8192)
+    ap.add_argument("--drift-steps", type=int, default=300)
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     from sglang.overlay.mezo import MeZO, MeZOConfig
@@ -117,15 +131,60 @@ def main() -> None:
     cfg = MeZOConfig(lr=1e-6, eps=1e-3, seed=0)
     row = dict(shape=a.shape, dtype=a.dtype, batch=a.batch, tokens=a.prompt + a.target, steps=a.steps)
 
+    from bench_opt import cuda_time, flops_per_token, matmul_peak_tflops
+    from sglang.overlay.zo_noise import Stream
+
+    row["matmul_peak_tflops"] = matmul_peak_tflops()
+    row["copy_tb_s"] = copy_bandwidth() / 1e12
+    log(f"in-run ceilings: bf16 matmul {row['matmul_peak_tflops']:.0f} TFLOP/s, copy {row['copy_tb_s']:.2f} TB/s")
+
     # SGLang
     with common.runner(path, a.dtype, max_total_tokens=a.kv_tokens, mem_fraction_static=0.5) as r:
         trainer = MeZO(r, cfg)
+        assert trainer.noise.uses_kernel(), "the Triton pass kernel is not used"
+        weight_bytes = sum(w.numel() * w.element_size() for w in trainer.weights.values())
+        row["weight_bytes"], row["weight_tensors"] = weight_bytes, len(trainer.weights)
         row["sgl_infer_peak"] = peak_of(lambda: r.loss(prompts, targets).item())
-        t, res = timed_steps(lambda: trainer.step(prompts, targets), a.steps)
+        row["sgl_loss_ms"] = cuda_time(lambda: r.loss(prompts, targets).item(), 5) * 1e3
+        t, res = timed_steps(lambda: trainer.step(prompts, targets, defer_update=True), a.steps)
+        trainer.sync()
         row["sgl_step_peak"] = torch.cuda.max_memory_allocated()
         row["sgl_steps_per_s"] = 1 / t
         row["sgl_first"] = [res[0].loss_plus, res[0].loss_minus, res[0].projected_grad]
+        one = cuda_time(lambda: trainer.noise([Stream(1, 0.0, 0.0)]), 10) * 1e3
+        two = cuda_time(lambda: trainer.noise([Stream(1, 0.0, 0.0), Stream(2, 0.0, 0.0)]), 10) * 1e3
+        row["sgl_pass_ms"], row["sgl_fold_pass_ms"] = one, two
+        row["sgl_perturb_share"] = (one + two) / 1e3 / t
+        # Drift: train's passes with lr = 0 (fold: the previous step's restore rides in the next
+        # perturbation), then the final sync.
+        eps = cfg.eps
+
+        def sgl_passes(k):
+            if k == 0:
+                trainer.noise([Stream(1000 + k, 0.0, eps)])
+            else:
+                trainer.noise([Stream(1000 + k - 1, 0.0, eps), Stream(1000 + k, 0.0, eps)])
+            trainer.noise([Stream(1000 + k, 0.0, -2 * eps)])
+
+        if a.drift_steps:
+            weights = list(trainer.weights.values())
+            start = [w.detach().float().clone() for w in weights]
+            for k in range(a.drift_steps):
+                sgl_passes(k)
+            trainer.noise([Stream(1000 + a.drift_steps - 1, 0.0, eps)])
+            diffs = [(w.float() - s0).abs() for w, s0 in zip(weights, start)]
+            row["sgl_drift"] = (max(d.max().item() for d in diffs),
+                                sum(d.sum().item() for d in diffs) / sum(d.numel() for d in diffs))
     common.free_cuda()
+    from transformers import AutoConfig
+
+    hf_cfg = AutoConfig.from_pretrained(path)
+    seq = a.prompt + a.target
+    loss_flops = a.batch * seq * flops_per_token(hf_cfg, seq, with_head=True)
+    roof = 2 * loss_flops / (row["matmul_peak_tflops"] * 1e12) + 2 * 2 * weight_bytes / (row["copy_tb_s"] * 1e12)
+    row["roofline_steps_per_s"] = 1 / roof
+    row["fraction_of_roofline"] = row["sgl_steps_per_s"] / row["roofline_steps_per_s"]
+    row["sgl_tokens_per_s"] = a.batch * seq * row["sgl_steps_per_s"]
 
     # HF reference
     hf = common.hf_model(path, a.dtype)
@@ -138,20 +197,43 @@ def main() -> None:
     t, res = timed_steps(lambda: ref.step(ids, labels), a.steps)
     row["hf_step_peak"] = torch.cuda.max_memory_allocated()
     row["hf_steps_per_s"] = 1 / t
+    row["hf_tokens_per_s"] = a.batch * seq * row["hf_steps_per_s"]
     row["hf_first"] = list(res[0])
     row["ratio"] = row["sgl_steps_per_s"] / row["hf_steps_per_s"]
+    if a.drift_steps:
+        params = ref.params
+        start = [p.detach().float().clone() for p in params]
+        with torch.no_grad():
+            for k in range(a.drift_steps):
+                seed = 1000 + k
+                ref.perturb(seed, 1.0)
+                ref.perturb(seed, -2.0)
+                ref.perturb(seed, 1.0)
+        diffs = [(p.float() - s0).abs() for p, s0 in zip(params, start)]
+        row["hf_drift"] = (max(d.max().item() for d in diffs),
+                           sum(d.sum().item() for d in diffs) / sum(d.numel() for d in diffs))
     if a.json:
         a.json.write_text(json.dumps(row, indent=1) + "\n")
     gib = 2**30
-    log(f"MeZO {a.shape} {a.dtype}, batch {a.batch} x {a.prompt}+{a.target} tokens, median of {a.steps} steps")
-    log("| side | steps/s | peak GiB (step) | peak GiB (inference) | step/inference | L+, L-, g of the 1st timed step |")
-    log("|---|---|---|---|---|---|")
+    log(f"MeZO {a.shape} {a.dtype}, batch {a.batch} x {a.prompt}+{a.target} tokens, median of {a.steps} steps; "
+        f"{row['weight_tensors']} weight tensors, {weight_bytes / 1e9:.2f} GB")
+    log("| side | steps/s | tokens/s | peak GiB (step) | peak GiB (inference) | step/inference | mean loss 1st step |")
+    log("|---|---|---|---|---|---|---|")
     for side, name in (("sgl", "SGLang (sglang/overlay/mezo.py)"), ("hf", "HF reference")):
-        first = ", ".join(f"{x:.4f}" for x in row[f"{side}_first"])
-        log(f"| {name} | {row[f'{side}_steps_per_s']:.2f} | {row[f'{side}_step_peak'] / gib:.2f} "
-            f"| {row[f'{side}_infer_peak'] / gib:.2f} | {row[f'{side}_step_peak'] / row[f'{side}_infer_peak']:.2f} "
-            f"| {first} |")
+        first = row[f"{side}_first"]
+        log(f"| {name} | {row[f'{side}_steps_per_s']:.2f} | {row[f'{side}_tokens_per_s']:,.0f} "
+            f"| {row[f'{side}_step_peak'] / gib:.2f} | {row[f'{side}_infer_peak'] / gib:.2f} "
+            f"| {row[f'{side}_step_peak'] / row[f'{side}_infer_peak']:.3f} | {(first[0] + first[1]) / 2:.4f} |")
     log(f"steps/s SGLang / HF: {row['ratio']:.2f}")
+    log(f"roofline: {row['roofline_steps_per_s']:.2f} steps/s (2 loss forwards at {row['matmul_peak_tflops']:.0f} TFLOP/s "
+        f"+ 2 weight passes at {row['copy_tb_s']:.2f} TB/s); SGLang at {row['fraction_of_roofline']:.1%} of it")
+    log(f"SGLang step {1e3 / row['sgl_steps_per_s']:.2f} ms: loss forward {row['sgl_loss_ms']:.2f} ms x 2, "
+        f"perturbation pass {row['sgl_pass_ms']:.3f} ms + folded pass {row['sgl_fold_pass_ms']:.3f} ms "
+        f"({row['sgl_perturb_share']:.1%} of the step; a pass at the copy bandwidth: "
+        f"{2 * weight_bytes / (row['copy_tb_s'] * 1e12) * 1e3:.3f} ms)")
+    if a.drift_steps:
+        log(f"drift after {a.drift_steps} lr=0 steps, max / mean |θ - θ0|: SGLang {row['sgl_drift'][0]:.3e} / "
+            f"{row['sgl_drift'][1]:.3e}, HF reference {row['hf_drift'][0]:.3e} / {row['hf_drift'][1]:.3e}")
 
 
 if __name__ == "__main__":

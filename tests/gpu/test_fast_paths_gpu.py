@@ -10,6 +10,7 @@
   attention-backend metadata, no LogitsProcessor) gives the engine's eager hidden states bit for bit
   from graphs; without ``keep_kv`` it leaves the KV pool untouched, with it it writes the K/V (the
   engine against ModelRunner.forward: test_opt_gpu.py::test_dense_engine_matches_backend);
+- MeZO's noise-pass kernel against its torch definition;
 - ``StandaloneRunner.generate`` (token ids kept on the device) against one decode step at a time
   with a host round trip per token (tests/support/logits.decode).
 """
@@ -174,3 +175,35 @@ def test_generate_matches_stepwise_decode():
         with pytest.raises(ValueError, match="context length"):
             r.generate([[2] * 2000], 100)
     assert generated == stepwise
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_zo_noise_kernel_matches_definition(dtype):
+    """MeZO's pass kernel (sglang.overlay.zo_noise) against the torch definition on the GPU: two streams,
+    decay, a column-sharded tensor, offsets past 2^32; fp32 within 2e-6, half precision equal after
+    rounding except where the fp32 results straddle a rounding boundary."""
+    import torch
+
+    from sglang.overlay.zo_noise import NoisePass, Stream
+
+    dt = getattr(torch, dtype)
+    g = torch.Generator(device="cuda").manual_seed(3)
+    shapes = {"emb": (5003, 64), "qkv": (3 * 768, 768), "cols": (768, 1536), "bias": (7,)}
+    base = {"emb": (1 << 33) - 5, "qkv": (1 << 34) + 6, "cols": 1 << 35, "bias": 11}
+    rows = {"cols": (1536, 3072)}
+    start = {k: torch.randn(s, device="cuda", generator=g).to(dt) for k, s in shapes.items()}
+    ref = {k: v.clone() for k, v in start.items()}
+    ker = {k: v.clone() for k, v in start.items()}
+    streams = [Stream(0x123456789ABC, 0.25, -0.5), Stream(42, 0.0, 1e-2)]
+    NoisePass(ref, base, decays=["emb"], rows=rows)._torch_pass(streams, 0.75)
+    kernel = NoisePass(ker, base, decays=["emb"], rows=rows)
+    assert kernel.uses_kernel()
+    kernel(streams, 0.75)
+    for name in shapes:
+        diff = (ker[name].float() - ref[name].float()).abs().max().item()
+        differ = (ker[name] != ref[name]).float().mean().item()
+        print(f"ZO_NOISE {dtype} {name}: max diff {diff:.2e}, {differ:.4%} differ", flush=True)
+        if dtype == "float32":
+            assert diff <= 2e-6
+        else:
+            assert differ <= 1e-3 and diff <= 2 * (2 ** -7 if dtype == "bfloat16" else 2 ** -10) * 8
