@@ -329,3 +329,74 @@ def test_tp2_trajectory_equals_tp1(build, tiny_opt: Path, tmp_path: Path) -> Non
         for (plus, minus), step in zip(res["losses"], want):
             assert abs(plus - step.loss_plus) < TOL and abs(minus - step.loss_minus) < TOL
         assert max_weight_diff(res["state"], want_state) < TOL
+
+
+def dp_mezo_main(model: str, out: str) -> None:
+    """One replica of the MeZO DP=2 test (its own interpreter, torchrun's variables in the environment)."""
+    import torch
+
+    from sglang.overlay import RunnerConfig, StandaloneRunner
+    from sglang.overlay.mezo import MeZO, MeZOConfig
+    from sglang.overlay.mezo_dp import DataParallel
+
+    dp = DataParallel.from_env()
+    with StandaloneRunner(RunnerConfig(model_path=model, device="cpu")) as r:
+        trainer = MeZO(r, MeZOConfig(**TP_HYPER), data_parallel=dp)
+        results = trainer.train([(PROMPTS, TARGETS)], STEPS, progress=False)
+        torch.save(dict(losses=[(x.loss_plus, x.loss_minus) for x in results], state=trainer.hf_state_dict(),
+                        share=dp.share(PROMPTS), rank=dp.rank, size=dp.size), out)
+
+
+@pytest.mark.slow
+def test_dp2_trajectory_equals_one_replica_on_the_union_batch(build, tiny_opt: Path, tmp_path: Path) -> None:
+    """Two replicas as torchrun starts them (RANK, WORLD_SIZE, MASTER_ADDR/PORT and the agent's store), each
+    scoring half of every batch and exchanging (NLL sum, token count) through the store: both end with the
+    same weights, bit for bit, and follow one replica on the whole batch within 1e-5 over 20 steps."""
+    import os
+    import subprocess
+    import sys
+    from datetime import timedelta
+
+    import torch
+
+    from sglang.overlay.compat import free_port
+    from sglang.overlay.mezo import MeZO, MeZOConfig
+    from tests.test_standalone import TP_TIMEOUT
+
+    runner = build(tiny_opt)
+    trainer = MeZO(runner, MeZOConfig(**TP_HYPER))
+    want = trainer.train([(PROMPTS, TARGETS)], STEPS, progress=False)
+    want_state = trainer.hf_state_dict()
+    runner.close()
+
+    port = free_port()
+    store = torch.distributed.TCPStore("127.0.0.1", port, world_size=None, is_master=True,
+                                       timeout=timedelta(seconds=TP_TIMEOUT), wait_for_workers=False)
+    root = Path(__file__).resolve().parents[1]
+    procs = []
+    for rank in (0, 1):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   TORCHELASTIC_USE_AGENT_STORE="True")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-c", "import sys; from tests.test_mezo import dp_mezo_main; "
+             "dp_mezo_main(sys.argv[1], sys.argv[2])", str(tiny_opt), str(tmp_path / f"rank{rank}.pt")],
+            cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=TP_TIMEOUT)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    del store
+    for rank, (proc, output) in enumerate(zip(procs, outputs)):
+        assert proc.returncode == 0, f"replica {rank} failed (rc={proc.returncode}):\n{output[-6000:]}"
+    replicas = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    assert [r["share"] for r in replicas] == [PROMPTS[0::2], PROMPTS[1::2]] and replicas[1]["size"] == 2
+    assert all(torch.equal(replicas[0]["state"][k], replicas[1]["state"][k]) for k in want_state)
+    assert replicas[0]["losses"] == replicas[1]["losses"]
+    for (plus, minus), step in zip(replicas[0]["losses"], want):
+        assert abs(plus - step.loss_plus) < TOL and abs(minus - step.loss_minus) < TOL
+    assert max_weight_diff(replicas[0]["state"], want_state) < TOL

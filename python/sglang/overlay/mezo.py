@@ -83,6 +83,7 @@ from sglang.overlay import mezo_checkpoint
 from sglang.overlay.mezo_data import Batch, EvalExample, file_sha256, load_batches, load_eval_examples
 from sglang.overlay.mezo_eval import EvalResult, evaluate
 from sglang.overlay import mezo_params
+from sglang.overlay.mezo_dp import DataParallel
 from sglang.overlay.mezo_lora import add_lora
 from sglang.overlay.mezo_params import QKV as _QKV
 from sglang.overlay.mezo_params import hf_parameter_shapes, hf_parameter_views  # noqa: F401  (public here too)
@@ -173,7 +174,10 @@ def _decays(name: str) -> bool:
 class MeZO:
     """MeZO on a :class:`StandaloneRunner`'s model, in place (see the module docstring)."""
 
-    def __init__(self, runner: StandaloneRunner, config: MeZOConfig) -> None:
+    def __init__(self, runner: StandaloneRunner, config: MeZOConfig,
+                 data_parallel: Optional[DataParallel] = None) -> None:
+        """``data_parallel``: this trainer is one replica (``sglang.overlay.mezo_dp``), scoring its share of
+        every batch; every replica takes the same steps."""
         from transformers import AutoConfig
 
         config.validate()
@@ -182,7 +186,7 @@ class MeZO:
         self.tp_rank, self.tp_size = runner.config.tp_rank, runner.config.tp_size
         if self.tp_size > 1 and config.lora_rank is not None:
             raise ValueError("LoRA with tensor parallelism is not supported: train LoRA with tp_size=1")
-        self.runner, self.config, self.steps_done = runner, config, 0
+        self.runner, self.config, self.steps_done, self.dp = runner, config, 0, data_parallel
         # The update of the last deferred step (step(defer_update=True)): (seed, a, b, keep) of its pass.
         self._pending: Optional[tuple[int, float, float, float]] = None
         self.hf_config = AutoConfig.from_pretrained(runner.config.model_path)
@@ -252,6 +256,14 @@ class MeZO:
         placement = self.placements.get(name)
         return full if placement is None else mezo_params.local_part(placement, full)
 
+    def _loss(self, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) -> float:
+        """The mean NLL of the batch's target tokens (with data parallelism: over every replica's share)."""
+        if self.dp is None:
+            return self.runner.loss(prompts, targets).item()
+        prompts, targets = self.dp.share(prompts), self.dp.share(targets)
+        nll = -torch.cat(self.runner.token_logprobs(prompts, targets)) if prompts else torch.zeros(0)
+        return self.dp.mean(nll.sum().item(), nll.numel())
+
     def sample_seeds(self, step: int) -> list[int]:
         """The z seeds of step ``step``: ``derive_seed(seed, "step", step)`` for one sample, else
         ``derive_seed(seed, "step", step, "sample", i)`` for each sample i."""
@@ -288,9 +300,9 @@ class MeZO:
         pluses, minuses = [], []
         for i, seed in enumerate(seeds):
             self.perturb(seed, 1.0)
-            loss_plus = self.runner.loss(prompts, targets).item()
+            loss_plus = self._loss(prompts, targets)
             self.perturb(seed, -2.0)
-            loss_minus = self.runner.loss(prompts, targets).item()
+            loss_minus = self._loss(prompts, targets)
             if not (math.isfinite(loss_plus) and math.isfinite(loss_minus)):
                 self.perturb(seed, 1.0)
                 raise FloatingPointError(f"step {step}: loss is not finite (L+={loss_plus}, L-={loss_minus}); "

@@ -1,0 +1,73 @@
+"""Data parallelism for MeZO: replicas that each score a share of every batch and agree on its losses.
+
+Every replica holds the whole model (or its tensor-parallel group does) and draws
+the same z (``zo_noise``: a function of the step seed and the element), so the
+replicas stay identical as long as they agree on each loss. A replica scores
+every ``size``-th example of the batch and publishes two numbers per loss, the
+sum of its target tokens' NLL and their count, in a key-value store (torchrun's
+store, or any ``torch.distributed.Store``); every replica reads all of them in
+the same order and gets the same mean, bit for bit. One exchange of a few
+scalars per loss, no process group spanning the replicas (each replica's
+SGLang runner owns its own torch.distributed world).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import timedelta
+from typing import Optional, Sequence
+
+import torch
+
+
+class DataParallel:
+    """Replica ``rank`` of ``size`` exchanging losses through ``store``; ``writer``: whether this process
+    publishes its replica's numbers (one process per replica does: tensor-parallel rank 0)."""
+
+    def __init__(self, rank: int, size: int, store, writer: bool = True) -> None:
+        if not 0 <= rank < size:
+            raise ValueError(f"data-parallel rank must be in [0, {size}), got {rank}")
+        self.rank, self.size, self.writer = rank, size, writer
+        self.store = torch.distributed.PrefixStore("sglang-overlay-mezo/", store)
+        self.calls = 0
+
+    @classmethod
+    def from_env(cls, tp_size: int = 1, timeout_s: float = 600.0) -> Optional["DataParallel"]:
+        """The replicas of a ``torchrun`` launch (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT): process
+        r is tensor-parallel rank r % tp_size of replica r // tp_size; None without torchrun's variables
+        or with one replica."""
+        if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+            return None
+        world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+        if world % tp_size:
+            raise ValueError(f"torchrun started {world} processes, not a multiple of tp_size={tp_size}: start "
+                             "replicas x tp_size processes (--nproc-per-node)")
+        if world == tp_size:
+            return None
+        host, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ["MASTER_PORT"])
+        # torchrun's flag makes every later tcp:// init_process_group of this process a client of the
+        # agent's store: SGLang's own world (one per replica, on its own port) would wait forever for a
+        # store nobody hosts. It is consumed here, where the agent's store is used.
+        agent_store = os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None) == "True"
+        store = torch.distributed.TCPStore(host, port, world_size=None if agent_store else world,
+                                           is_master=not agent_store and rank == 0,
+                                           timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+        return cls(rank // tp_size, world // tp_size, store, writer=rank % tp_size == 0)
+
+    def share(self, items: Sequence) -> list:
+        """This replica's examples of a batch: every ``size``-th, from the ``rank``-th."""
+        return list(items[self.rank :: self.size])
+
+    def mean(self, total: float, count: int) -> float:
+        """sum(totals) / sum(counts) over the replicas, the same on every one (a collective: every replica
+        calls it, in the same order)."""
+        self.calls += 1
+        key = str(self.calls)
+        if self.writer:
+            self.store.set(f"{key}/{self.rank}", json.dumps([total, count]))
+        parts = [json.loads(self.store.get(f"{key}/{r}")) for r in range(self.size)]
+        counts = sum(part[1] for part in parts)
+        if counts == 0:
+            raise ValueError("the batch has no target tokens on any replica")
+        return sum(part[0] for part in parts) / counts
