@@ -86,7 +86,7 @@ def close(got, want, atol: float) -> bool:
         (lambda r: r.loss([[2, 3]], [[4], [5]]), "1 prompts but 2 targets"),
         (lambda r: r.loss([[2] * 100], [[3] * 29]), r"prompts \+ targets\[0\] has 129 tokens"),
         (lambda r: r.generate([[2, 3]], 0), r"max_new_tokens must be an int >= 1, got 0"),
-        (lambda r: r.generate([[2] * 120], 9), rf"prompts\[0\] has 129 tokens with max_new_tokens=9"),
+        (lambda r: r.generate([[2] * 120], 9), r"prompts\[0\] has 129 tokens with max_new_tokens=9"),
     ],
 )
 def test_bad_input_is_a_value_error_naming_it(pair, call, message) -> None:

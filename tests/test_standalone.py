@@ -102,8 +102,6 @@ def test_no_stale_kv_after_an_in_place_weight_change(runner, tiny_opt: Path) -> 
 
 def reload_into_hf(runner, hf):
     """HF's model with the runner's (perturbed) weights, through the fused QKV split."""
-    import torch
-
     params = dict(runner.model.named_parameters())
     state = {}
     for name, tensor in hf.state_dict().items():

@@ -50,7 +50,7 @@ def tp_group():
     return parallel_state.get_tp_group()
 
 
-def _build_runtime_context_era(sa, port: int, tp_rank: int = 0):
+def _build_runtime_context_era(sa, port: int, tp_rank: int = 0, gpu_id: int = 0):
     """0.5.21+: publish ServerArgs and this process's ranks, the caller initializes the parallel runtime."""
     try:
         from sglang.benchmark.one_batch import _init_process_global_configs
@@ -66,7 +66,6 @@ def _build_runtime_context_era(sa, port: int, tp_rank: int = 0):
     from sglang.srt.runtime_context import SpawnRanks, get_device, publish, spawn_world_rank
 
     sa.resolve_once()
-    gpu_id = tp_rank  # as the benchmark places rank r (one node, no base_gpu_id)
     publish(sa, role="scheduler",
             ranks=SpawnRanks(world_rank=spawn_world_rank(sa, tp_rank=tp_rank, pp_rank=0), gpu_id=gpu_id))
     _init_process_global_configs()
@@ -82,7 +81,7 @@ def _build_runtime_context_era(sa, port: int, tp_rank: int = 0):
     )
 
 
-def _build_bootstrap_era(sa, port: int, tp_rank: int = 0):
+def _build_bootstrap_era(sa, port: int, tp_rank: int = 0, gpu_id: int = 0):
     """0.5.16-0.5.20: the ModelRunner takes a ParallelState and initializes distributed."""
     import dataclasses
 
@@ -102,7 +101,6 @@ def _build_bootstrap_era(sa, port: int, tp_rank: int = 0):
     if publish is not None:  # 0.5.19-0.5.20: the process entry publishes ServerArgs first, as the benchmark does
         publish(sa, role="scheduler")
     cfg = resolving_view(sa)
-    gpu_id = tp_rank  # as the benchmark places rank r (one node, no base_gpu_id)
     attn_tp_rank, attn_tp_size, attn_dp_rank, attn_dp_size = compute_dp_attention_world_info(
         cfg.enable_dp_attention, tp_rank, cfg.tp_size, cfg.dp_size, cfg.attn_cp_size
     )
@@ -133,7 +131,7 @@ def _build_bootstrap_era(sa, port: int, tp_rank: int = 0):
     )
 
 
-def _build_model_runner_era(sa, port: int, tp_rank: int = 0):
+def _build_model_runner_era(sa, port: int, tp_rank: int = 0, gpu_id: int = 0):
     """Up to 0.5.15: the ModelRunner takes its ranks as arguments and initializes distributed."""
     from sglang.srt.configs.model_config import ModelConfig
     from sglang.srt.model_executor.model_runner import ModelRunner
@@ -142,7 +140,7 @@ def _build_model_runner_era(sa, port: int, tp_rank: int = 0):
     kwargs = dict(
         model_config=ModelConfig.from_server_args(sa),
         mem_fraction_static=sa.mem_fraction_static,
-        gpu_id=tp_rank, tp_rank=tp_rank, tp_size=sa.tp_size,
+        gpu_id=gpu_id, tp_rank=tp_rank, tp_size=sa.tp_size,
         moe_ep_rank=tp_rank // max(1, sa.tp_size // ep_size), moe_ep_size=ep_size, pp_rank=0, pp_size=1,
         nccl_port=port,
         server_args=sa,
@@ -151,25 +149,27 @@ def _build_model_runner_era(sa, port: int, tp_rank: int = 0):
     return ModelRunner(**{k: v for k, v in kwargs.items() if k in accepted})
 
 
-def build_model_runner(server_args, *, tp_rank: int = 0, dist_port: Optional[int] = None):
+def build_model_runner(server_args, *, tp_rank: int = 0, dist_port: Optional[int] = None,
+                       gpu_id: Optional[int] = None):
     """A ready ModelRunner (memory pools, attention backend) for ``server_args``.
 
-    Rank ``tp_rank`` of ``server_args.tp_size`` (on CUDA on GPU ``tp_rank``), its
+    Rank ``tp_rank`` of ``server_args.tp_size`` (on CUDA on GPU ``gpu_id``, by default ``tp_rank``), its
     torch.distributed world on ``dist_port`` (every rank passes the same one; a
     free port when None, which only suits a single rank). The lower-level entry:
     no validation, no check of what distributed state exists;
     :class:`StandaloneRunner` is the checked one.
     """
     port = free_port() if dist_port is None else dist_port
+    gpu_id = tp_rank if gpu_id is None else gpu_id
     try:
         from sglang.srt.distributed import bootstrap
     except ImportError:  # up to 0.5.15
-        runner = _build_model_runner_era(server_args, port, tp_rank)
+        runner = _build_model_runner_era(server_args, port, tp_rank, gpu_id)
     else:
         if hasattr(bootstrap, "init_parallel_runtime"):
-            runner = _build_runtime_context_era(server_args, port, tp_rank)
+            runner = _build_runtime_context_era(server_args, port, tp_rank, gpu_id)
         else:
-            runner = _build_bootstrap_era(server_args, port, tp_rank)
+            runner = _build_bootstrap_era(server_args, port, tp_rank, gpu_id)
     # Where ModelRunner has alloc_memory_pool, the caller allocates the pools and
     # backends; older ModelRunners did it in __init__.
     if hasattr(runner, "alloc_memory_pool") and getattr(runner, "req_to_token_pool", None) is None:

@@ -34,7 +34,8 @@ class RunnerConfig:
 
     Tensor parallelism (one process per rank, as SGLang's one-batch benchmark
     runs them): ``tp_size`` ranks, this one ``tp_rank``; on CUDA it uses GPU
-    ``tp_rank``. ``dist_port`` is the torch.distributed port that all ranks
+    ``first_gpu + tp_rank`` (``first_gpu``: several replicas of a model, e.g. MeZO's data
+    parallelism, each on GPUs of its own). ``dist_port`` is the torch.distributed port that all ranks
     share: required when ``tp_size`` > 1 (with ``distributed="fresh"``), else a
     free port is picked. With ``distributed="reuse"`` the existing world must be
     this layout (world size ``tp_size``, rank ``tp_rank``) and ``dist_port`` is
@@ -58,6 +59,7 @@ class RunnerConfig:
     dist_port: Optional[int] = None
     cuda_graphs: bool = False
     cuda_graph_batch_sizes: Optional[tuple[int, ...]] = None
+    first_gpu: int = 0
 
     def device_kind(self) -> str:
         """'cuda' or 'cpu': what ``device`` means on this machine ("auto": CUDA when torch sees it)."""
@@ -134,6 +136,14 @@ class RunnerConfig:
             raise ValueError(
                 f"tp_rank must be in [0, tp_size) = [0, {self.tp_size}), got {self.tp_rank}: build one runner per "
                 f"rank, tp_rank=0..{self.tp_size - 1}, each in its own process"
+            )
+        if not isinstance(self.first_gpu, int) or self.first_gpu < 0:
+            raise ValueError(f"first_gpu must be an int >= 0, got {self.first_gpu!r}")
+        gpus_needed = self.first_gpu + self.tp_size
+        if self.first_gpu and self.device_kind() == "cuda" and torch.cuda.device_count() < gpus_needed:
+            raise ValueError(
+                f"first_gpu={self.first_gpu} with tp_size={self.tp_size} needs GPUs {self.first_gpu} to "
+                f"{self.first_gpu + self.tp_size - 1}, but torch sees {torch.cuda.device_count()}"
             )
         if self.dist_port is not None and not 0 < self.dist_port < 65536:
             raise ValueError(f"dist_port must be a TCP port in [1, 65535], got {self.dist_port}")

@@ -69,13 +69,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -83,93 +81,15 @@ from sglang.overlay import mezo_checkpoint
 from sglang.overlay.mezo_data import Batch, EvalExample, file_sha256, load_batches, load_eval_examples
 from sglang.overlay.mezo_eval import EvalResult, evaluate
 from sglang.overlay import mezo_params
-from sglang.overlay.mezo_dp import DataParallel
+from sglang.overlay.mezo_config import LR_SCHEDULES, MeZOConfig, StepResult, decays, derive_seed
+from sglang.overlay.mezo_dp import DataParallel, launch_layout
 from sglang.overlay.mezo_lora import add_lora
-from sglang.overlay.mezo_params import QKV as _QKV
 from sglang.overlay.mezo_params import hf_parameter_shapes, hf_parameter_views  # noqa: F401  (public here too)
 from sglang.overlay.zo_noise import NoisePass, Stream
 from sglang.overlay.mezo_run import Progress, plan_resume, run_training
 
 if TYPE_CHECKING:
     from sglang.overlay.runner import StandaloneRunner
-
-LORA_TARGETS = ("q_proj", "v_proj")
-LR_SCHEDULES = ("constant", "linear")
-
-
-@dataclass(frozen=True)
-class MeZOConfig:
-    """Hyperparameters; ``validate`` says what is wrong. ``lora_rank`` None trains every weight."""
-
-    lr: float = 1e-6
-    eps: float = 1e-3
-    seed: int = 0
-    weight_decay: float = 0.0
-    lora_rank: Optional[int] = None
-    lora_alpha: float = 16.0
-    lora_targets: tuple[str, ...] = LORA_TARGETS
-    n_samples: int = 1
-    lr_schedule: str = "constant"
-    total_steps: Optional[int] = None
-
-    def validate(self) -> None:
-        for name in ("lr", "eps", "lora_alpha"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-        if not (isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay)
-                and self.weight_decay >= 0):
-            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
-        if self.lora_rank is not None and (not isinstance(self.lora_rank, int) or self.lora_rank < 1):
-            raise ValueError(f"lora_rank must be an int >= 1, or None to train every weight; got {self.lora_rank!r}")
-        targets = tuple(self.lora_targets)
-        if not targets or len(set(targets)) != len(targets) or not set(targets) <= set(_QKV):
-            raise ValueError(f"lora_targets must be distinct names among {_QKV}, got {self.lora_targets!r}")
-        if not isinstance(self.n_samples, int) or isinstance(self.n_samples, bool) or self.n_samples < 1:
-            raise ValueError(f"n_samples must be an int >= 1 (perturbations per step), got {self.n_samples!r}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-        if self.total_steps is not None and (not isinstance(self.total_steps, int) or self.total_steps < 1):
-            raise ValueError(f"total_steps must be an int >= 1 or None, got {self.total_steps!r}")
-        if self.lr_schedule == "linear" and self.total_steps is None:
-            raise ValueError("lr_schedule='linear' needs total_steps, the run's step count (lr reaches 0 there)")
-
-    def lr_at(self, step: int) -> float:
-        """The lr of step ``step`` (0-based): ``lr``, or linear: ``lr·(1 - step/total_steps)``."""
-        if self.lr_schedule == "constant":
-            return self.lr
-        if not 0 <= step < self.total_steps:
-            raise ValueError(f"step {step} is past the linear schedule's total_steps {self.total_steps}: "
-                             "train at most total_steps steps")
-        return self.lr * (1 - step / self.total_steps)
-
-
-@dataclass(frozen=True)
-class StepResult:
-    """One MeZO step: its index, z seed (n-SPSA: the first sample's), both losses, g and the loss at θ,
-    (L+ + L-) / 2 (n-SPSA: each the mean over the samples), and the step's scheduled lr."""
-
-    step: int
-    seed: int
-    loss_plus: float
-    loss_minus: float
-    projected_grad: float
-    loss: float
-    lr: float
-
-
-def derive_seed(seed: int, *labels: object) -> int:
-    """A 63-bit seed from ``seed`` and labels: SHA-256 of ``"mezo:<seed>:<label>:..."``, first 8 bytes, >> 1."""
-    text = ":".join(str(part) for part in ("mezo", seed, *labels))
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
-
-
-def _decays(name: str) -> bool:
-    """MeZO's rule: weight decay applies to every parameter but biases and layer norms."""
-    return "bias" not in name and "layer_norm" not in name
-
 
 class MeZO:
     """MeZO on a :class:`StandaloneRunner`'s model, in place (see the module docstring)."""
@@ -206,7 +126,7 @@ class MeZO:
             bases, rows, offset = {}, {}, 0
             for name, tensor in self.trainables.items():  # LoRA's z: offsets in A/B order
                 bases[name], offset = offset, offset + tensor.numel()
-        self.noise = NoisePass(self.trainables, bases, [n for n in self.trainables if _decays(n)], rows)
+        self.noise = NoisePass(self.trainables, bases, [n for n in self.trainables if decays(n)], rows)
 
     def _add_lora(self, rank: int) -> dict[str, torch.Tensor]:
         """LoRA A/B for every target of every layer, and the qkv_proj hooks that apply them."""
@@ -448,6 +368,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--lora-alpha", type=float, default=MeZOConfig.lora_alpha)
     parser.add_argument("--batch-size", type=_int_at_least(1), default=8)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--tp-size", type=_int_at_least(1), default=1,
+                        help="tensor parallelism: launch with torchrun, tp-size processes per replica; "
+                             "more processes are data-parallel replicas")
     parser.add_argument("--dtype", default=None, choices=("auto", "float32", "float16", "bfloat16"))
     parser.add_argument("--n-samples", type=_int_at_least(1), default=MeZOConfig.n_samples,
                         help="n-SPSA: perturbations per step, projected gradients averaged")
@@ -470,7 +393,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The command line; a user error (bad flag value, data, model folder) is one ``error:`` line."""
-    from sglang.overlay.config import RunnerConfig
     from sglang.overlay.runner import StandaloneRunner
 
     args = parse_args(argv)
@@ -481,22 +403,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         config.validate()
         if args.eval_every is not None and args.eval_data is None:
             raise ValueError("--eval-every needs --eval-data FILE (held-out examples)")
-        runner_config = RunnerConfig(model_path=args.model, device=args.device, dtype=args.dtype)
+        if (args.save_every is not None or args.resume) and args.tp_size > 1:
+            raise ValueError("checkpoints (--save-every, --resume) need --tp-size 1 (data parallelism is fine)")
+        dp, rank, runner_config = launch_layout(args.model, args.device, args.dtype, args.tp_size)
         runner_config.validate()
         batches = load_batches(args.data, args.batch_size, args.model)
         examples = load_eval_examples(args.eval_data, args.model) if args.eval_data is not None else None
         run = {"data_sha256": file_sha256(args.data), "batch_size": args.batch_size,
                "examples": sum(len(b.prompts) for b in batches)}
-        plan_resume(args.out, args.resume, dataclasses.asdict(config), run)  # before the model is built
+        if rank == 0:
+            plan_resume(args.out, args.resume, dataclasses.asdict(config), run)  # before the model is built
         with StandaloneRunner(runner_config) as runner:
-            trainer = MeZO(runner, config)
-            results = run_training(trainer, batches, args.steps, args.out, save_every=args.save_every,
-                                   keep_checkpoints=args.keep_checkpoints, eval_examples=examples,
-                                   eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
-                                   resume=args.resume, run=run, progress=not args.no_progress)
+            trainer = MeZO(runner, config, data_parallel=dp)
+            if rank == 0:  # the log, evaluations and checkpoints; every replica takes the same steps
+                results = run_training(trainer, batches, args.steps, args.out, save_every=args.save_every,
+                                       keep_checkpoints=args.keep_checkpoints, eval_examples=examples,
+                                       eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
+                                       resume=args.resume, run=run, progress=not args.no_progress)
+            else:
+                newest = mezo_checkpoint.latest_checkpoint(Path(args.out) / "checkpoints") if args.resume else None
+                if newest is not None:
+                    trainer.load_checkpoint(newest, run)
+                results = trainer.train(batches, args.steps - trainer.steps_done, progress=False)
             out = trainer.save_pretrained(args.out)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
+    if rank != 0:
+        return 0
     (out / "mezo_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
     print(f"saved {out} after {trainer.steps_done} steps; last loss {results[-1].loss:.4f}" if results
           else f"saved {out} after {trainer.steps_done} steps")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 from datetime import timedelta
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -71,3 +71,23 @@ class DataParallel:
         if counts == 0:
             raise ValueError("the batch has no target tokens on any replica")
         return sum(part[0] for part in parts) / counts
+
+
+def launch_layout(model: str, device: str, dtype: Optional[str], tp_size: int) -> tuple[Optional[DataParallel], int, Any]:
+    """(data parallelism, global rank, RunnerConfig) of this process: one process without torchrun; under
+    torchrun, process r is TP rank r % tp_size of replica r // tp_size, on its replica's own GPUs
+    (LOCAL_RANK's block), its replica's torch.distributed world on port MASTER_PORT + 1 + replica."""
+    from sglang.overlay.config import RunnerConfig
+
+    rank = int(os.environ.get("RANK", "0"))
+    if tp_size > 1 and "MASTER_PORT" not in os.environ:
+        raise ValueError(f"--tp-size {tp_size} runs one process per rank: launch with torchrun --nproc-per-node "
+                         f"{tp_size} (more processes make data-parallel replicas)")
+    dp = DataParallel.from_env(tp_size=tp_size)
+    if dp is None and tp_size == 1:
+        return None, 0, RunnerConfig(model_path=model, device=device, dtype=dtype)
+    replica, tp_rank = rank // tp_size, rank % tp_size
+    local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    port = int(os.environ["MASTER_PORT"]) + 1 + replica if tp_size > 1 else None
+    return dp, rank, RunnerConfig(model_path=model, device=device, dtype=dtype, tp_size=tp_size, tp_rank=tp_rank,
+                                  dist_port=port, first_gpu=local - tp_rank)

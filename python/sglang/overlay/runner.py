@@ -88,7 +88,8 @@ class StandaloneRunner:
         groups_before = compat.model_parallel_exists()
         with self._reuse_allowed():
             self.runner = compat.build_model_runner(
-                self.server_args, tp_rank=self.config.tp_rank, dist_port=self.config.dist_port
+                self.server_args, tp_rank=self.config.tp_rank, dist_port=self.config.dist_port,
+                gpu_id=self.config.first_gpu + self.config.tp_rank,
             )
         _CREATED.world |= not world_before and torch.distributed.is_initialized()
         _CREATED.groups |= not groups_before and compat.model_parallel_exists()
