@@ -39,6 +39,10 @@ class DataParallel:
         or with one replica."""
         if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
             return None
+        # torchrun's flag makes every later tcp:// init_process_group of this process a client of the
+        # agent's store: SGLang's own world (one per replica, on its own port) would wait forever for a
+        # store nobody hosts. It is consumed here; the replicas' exchange below uses the agent's store.
+        agent_store = os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None) == "True"
         world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
         if world % tp_size:
             raise ValueError(f"torchrun started {world} processes, not a multiple of tp_size={tp_size}: start "
@@ -46,10 +50,6 @@ class DataParallel:
         if world == tp_size:
             return None
         host, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ["MASTER_PORT"])
-        # torchrun's flag makes every later tcp:// init_process_group of this process a client of the
-        # agent's store: SGLang's own world (one per replica, on its own port) would wait forever for a
-        # store nobody hosts. It is consumed here, where the agent's store is used.
-        agent_store = os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None) == "True"
         store = torch.distributed.TCPStore(host, port, world_size=None if agent_store else world,
                                            is_master=not agent_store and rank == 0,
                                            timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
