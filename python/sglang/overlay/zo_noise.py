@@ -192,7 +192,7 @@ if triton is not None:
     @triton.jit
     def _normals(seed, q):
         """The four normals of Philox counter q (int64 block) under seed: offsets 4q, 4q+1, 4q+2, 4q+3."""
-        seed = seed.to(tl.int64)  # a seed below 2^31 arrives as int32
+        seed = tl.to_tensor(seed).to(tl.int64)  # 0 and 1 arrive as constexprs, others below 2^31 as int32
         c0 = (q & 0xFFFFFFFF).to(tl.uint32)
         c1 = ((q >> 32) & 0xFFFFFFFF).to(tl.uint32)
         c2 = c0 * 0
