@@ -13,6 +13,7 @@ SGLang runner owns its own torch.distributed world).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from datetime import timedelta
@@ -89,5 +90,8 @@ def launch_layout(model: str, device: str, dtype: Optional[str], tp_size: int) -
     replica, tp_rank = rank // tp_size, rank % tp_size
     local = int(os.environ.get("LOCAL_RANK", str(rank)))
     port = int(os.environ["MASTER_PORT"]) + 1 + replica if tp_size > 1 else None
-    return dp, rank, RunnerConfig(model_path=model, device=device, dtype=dtype, tp_size=tp_size, tp_rank=tp_rank,
-                                  dist_port=port, first_gpu=local - tp_rank)
+    config = RunnerConfig(model_path=model, device=device, dtype=dtype, tp_size=tp_size, tp_rank=tp_rank,
+                          dist_port=port)
+    if config.device_kind() == "cuda":  # on the CPU the GPU id picks SGLang's NUMA binding: keep 0
+        config = dataclasses.replace(config, first_gpu=local - tp_rank)
+    return dp, rank, config
