@@ -75,9 +75,14 @@ def _format(values: Dict[str, object]) -> str:
     return ", ".join(f"{k}={v}" for k, v in values.items())
 
 
-def _mismatch_error(what: str, existing: Dict[str, object], requested: Dict[str, object]) -> ValueError:
+def _mismatch_error(
+    what: str, existing: Dict[str, object], requested: Dict[str, object]
+) -> ValueError:
     differing = [k for k in requested if existing.get(k) != requested[k]]
-    details = "; ".join(f"{k}: existing {existing.get(k)!r}, requested {requested[k]!r}" for k in differing)
+    details = "; ".join(
+        f"{k}: existing {existing.get(k)!r}, requested {requested[k]!r}"
+        for k in differing
+    )
     return ValueError(
         f"{REUSE_DISTRIBUTED_ENV} is set, but the requested {what} differs from the "
         f"existing one, which cannot be reused: {details}. Existing: {_format(existing)}. "
@@ -118,7 +123,9 @@ def check_reusable_world(*, world_size: int, rank: int, backend: Optional[str]) 
     mismatched = {
         k: v for k, v in requested.items() if k != "backend" and existing[k] != v
     }
-    if "backend" in requested and str(requested["backend"]).lower() not in _backend_names(existing_backend):
+    if "backend" in requested and str(
+        requested["backend"]
+    ).lower() not in _backend_names(existing_backend):
         mismatched["backend"] = requested["backend"]
     if mismatched:
         raise _mismatch_error("torch.distributed world", existing, requested)
@@ -192,7 +199,9 @@ def _restamp_groups() -> None:
         "shared_experts_tp_group": getattr(ps, "_SHARED_EXPERTS_TP", None),
         "dcp_group": getattr(ps, "_DCP", None),
     }
-    parallel.override_permanently(**{name: group for name, group in built.items() if group is not None})
+    parallel.override_permanently(
+        **{name: group for name, group in built.items() if group is not None}
+    )
 
 
 def reuse_model_parallel_if_allowed(
@@ -217,9 +226,13 @@ def reuse_model_parallel_if_allowed(
     existing = existing_model_parallel_widths()
     if existing is None:
         return False
-    requested = dict(tp=tp, pp=pp, ep=ep, attn_dp=attn_dp, attn_cp=attn_cp, moe_dp=moe_dp, dcp=dcp)
+    requested = dict(
+        tp=tp, pp=pp, ep=ep, attn_dp=attn_dp, attn_cp=attn_cp, moe_dp=moe_dp, dcp=dcp
+    )
     if "shared_experts_tp" in existing:
-        requested["shared_experts_tp"] = shared_experts_tp if shared_experts_tp and shared_experts_tp > 1 else 1
+        requested["shared_experts_tp"] = (
+            shared_experts_tp if shared_experts_tp and shared_experts_tp > 1 else 1
+        )
     if any(existing.get(k) != v for k, v in requested.items()):
         raise _mismatch_error("model-parallel layout", existing, requested)
     _restamp_groups()
