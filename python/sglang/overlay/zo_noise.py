@@ -192,7 +192,7 @@ if triton is not None:
     @triton.jit
     def _normals(seed, q):
         """The four normals of Philox counter q (int64 block) under seed: offsets 4q, 4q+1, 4q+2, 4q+3."""
-        seed = tl.to_tensor(seed).to(tl.int64)  # 0 and 1 arrive as constexprs, others below 2^31 as int32
+        seed = seed.to(tl.int64)  # below 2^31 a seed arrives as int32 (never a constexpr: do_not_specialize)
         c0 = (q & 0xFFFFFFFF).to(tl.uint32)
         c1 = ((q >> 32) & 0xFFFFFFFF).to(tl.uint32)
         c2 = c0 * 0
@@ -230,7 +230,9 @@ if triton is not None:
         z0, z1, z2, z3 = _normals(seed, q)
         return tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), [BLOCK])
 
-    @triton.jit
+    # Triton turns an int argument equal to 1 into a constexpr (a Python int, no .to()) unless told not to;
+    # tl.to_tensor would do too, but the device's Triton (torch 2.11) lacks it.
+    @triton.jit(do_not_specialize=["seed0", "seed1"])
     def _zo_pass_kernel(blk_seg, blk_g, seg_ptr, seg_len, seg_base, seg_decay,
                         seed0, a0, b0, seed1, a1, b1, keep,
                         DTYPE: tl.constexpr, TWO: tl.constexpr, BLOCK: tl.constexpr):
