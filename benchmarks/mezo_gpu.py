@@ -119,17 +119,25 @@ def main() -> None:
     ap.add_argument("--target", type=int, default=128)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--kv-tokens", type=int, default=8192)
-    ap.add_argument("--drift-steps", type=int, default=300)
+    ap.add_argument("--drift-steps", type=int, default=1000)
+    ap.add_argument("--mem-fraction", type=float, default=0.5, help="the runner's mem_fraction_static")
+    ap.add_argument("--dummy", action="store_true",
+                    help="random weights made in place (SGLang load_format=dummy, HF from the config): no "
+                         "checkpoint on disk; the default from opt-13b up")
+    ap.add_argument("--no-hf", action="store_true", help="skip the HF reference (shapes where two copies do not fit)")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     from sglang.overlay.mezo import MeZO, MeZOConfig
 
-    path = common.checkpoint(a.shape)
+    dummy = a.dummy or a.shape in ("opt-13b", "opt-30b", "opt-66b")
+    path = common.config_only(a.shape) if dummy else common.checkpoint(a.shape)
+    load = dict(load_format="dummy") if dummy else {}
     g = torch.Generator().manual_seed(11)
     prompts = [[2] + torch.randint(3, 50000, (a.prompt - 1,), generator=g).tolist() for _ in range(a.batch)]
     targets = [torch.randint(3, 50000, (a.target,), generator=g).tolist() for _ in range(a.batch)]
     cfg = MeZOConfig(lr=1e-6, eps=1e-3, seed=0)
-    row = dict(shape=a.shape, dtype=a.dtype, batch=a.batch, tokens=a.prompt + a.target, steps=a.steps)
+    row = dict(shape=a.shape, dtype=a.dtype, batch=a.batch, tokens=a.prompt + a.target, steps=a.steps,
+               weights="dummy" if dummy else "checkpoint")
 
     from bench_opt import cuda_time, flops_per_token, matmul_peak_tflops
     from sglang.overlay.zo_noise import Stream
@@ -139,7 +147,7 @@ def main() -> None:
     log(f"in-run ceilings: bf16 matmul {row['matmul_peak_tflops']:.0f} TFLOP/s, copy {row['copy_tb_s']:.2f} TB/s")
 
     # SGLang
-    with common.runner(path, a.dtype, max_total_tokens=a.kv_tokens, mem_fraction_static=0.5) as r:
+    with common.runner(path, a.dtype, max_total_tokens=a.kv_tokens, mem_fraction_static=a.mem_fraction, **load) as r:
         trainer = MeZO(r, cfg)
         assert trainer.noise.uses_kernel(), "the Triton pass kernel is not used"
         weight_bytes = sum(w.numel() * w.element_size() for w in trainer.weights.values())
@@ -166,7 +174,7 @@ def main() -> None:
                 trainer.noise([Stream(1000 + k - 1, 0.0, eps), Stream(1000 + k, 0.0, eps)])
             trainer.noise([Stream(1000 + k, 0.0, -2 * eps)])
 
-        if a.drift_steps:
+        if a.drift_steps and not dummy:  # dummy weights: θ0 is a second copy that may not fit
             weights = list(trainer.weights.values())
             start = [w.detach().float().clone() for w in weights]
             for k in range(a.drift_steps):
@@ -186,8 +194,13 @@ def main() -> None:
     row["fraction_of_roofline"] = row["sgl_steps_per_s"] / row["roofline_steps_per_s"]
     row["sgl_tokens_per_s"] = a.batch * seq * row["sgl_steps_per_s"]
 
+    if a.no_hf:
+        if a.json:
+            a.json.write_text(json.dumps(row, indent=1) + "\n")
+        report(a, row, weight_bytes)
+        return
     # HF reference
-    hf = common.hf_model(path, a.dtype)
+    hf = common.hf_from_config(path, a.dtype) if dummy else common.hf_model(path, a.dtype)
     ids = torch.tensor([p + t for p, t in zip(prompts, targets)], device="cuda")
     labels = ids.clone()
     labels[:, : a.prompt] = -100
@@ -200,7 +213,7 @@ def main() -> None:
     row["hf_tokens_per_s"] = a.batch * seq * row["hf_steps_per_s"]
     row["hf_first"] = list(res[0])
     row["ratio"] = row["sgl_steps_per_s"] / row["hf_steps_per_s"]
-    if a.drift_steps:
+    if a.drift_steps and not dummy:
         params = ref.params
         start = [p.detach().float().clone() for p in params]
         with torch.no_grad():
@@ -214,24 +227,30 @@ def main() -> None:
                            sum(d.sum().item() for d in diffs) / sum(d.numel() for d in diffs))
     if a.json:
         a.json.write_text(json.dumps(row, indent=1) + "\n")
+    report(a, row, weight_bytes)
+
+
+def report(a, row: dict, weight_bytes: int) -> None:
     gib = 2**30
     log(f"MeZO {a.shape} {a.dtype}, batch {a.batch} x {a.prompt}+{a.target} tokens, median of {a.steps} steps; "
         f"{row['weight_tensors']} weight tensors, {weight_bytes / 1e9:.2f} GB")
     log("| side | steps/s | tokens/s | peak GiB (step) | peak GiB (inference) | step/inference | mean loss 1st step |")
     log("|---|---|---|---|---|---|---|")
-    for side, name in (("sgl", "SGLang (sglang/overlay/mezo.py)"), ("hf", "HF reference")):
+    sides = [s for s in (("sgl", "SGLang (sglang/overlay/mezo.py)"), ("hf", "HF reference")) if f"{s[0]}_first" in row]
+    for side, name in sides:
         first = row[f"{side}_first"]
         log(f"| {name} | {row[f'{side}_steps_per_s']:.2f} | {row[f'{side}_tokens_per_s']:,.0f} "
             f"| {row[f'{side}_step_peak'] / gib:.2f} | {row[f'{side}_infer_peak'] / gib:.2f} "
             f"| {row[f'{side}_step_peak'] / row[f'{side}_infer_peak']:.3f} | {(first[0] + first[1]) / 2:.4f} |")
-    log(f"steps/s SGLang / HF: {row['ratio']:.2f}")
+    if "ratio" in row:
+        log(f"steps/s SGLang / HF: {row['ratio']:.2f}")
     log(f"roofline: {row['roofline_steps_per_s']:.2f} steps/s (2 loss forwards at {row['matmul_peak_tflops']:.0f} TFLOP/s "
         f"+ 2 weight passes at {row['copy_tb_s']:.2f} TB/s); SGLang at {row['fraction_of_roofline']:.1%} of it")
     log(f"SGLang step {1e3 / row['sgl_steps_per_s']:.2f} ms: loss forward {row['sgl_loss_ms']:.2f} ms x 2, "
         f"perturbation pass {row['sgl_pass_ms']:.3f} ms + folded pass {row['sgl_fold_pass_ms']:.3f} ms "
         f"({row['sgl_perturb_share']:.1%} of the step; a pass at the copy bandwidth: "
         f"{2 * weight_bytes / (row['copy_tb_s'] * 1e12) * 1e3:.3f} ms)")
-    if a.drift_steps:
+    if "sgl_drift" in row and "hf_drift" in row:
         log(f"drift after {a.drift_steps} lr=0 steps, max / mean |θ - θ0|: SGLang {row['sgl_drift'][0]:.3e} / "
             f"{row['sgl_drift'][1]:.3e}, HF reference {row['hf_drift'][0]:.3e} / {row['hf_drift'][1]:.3e}")
 

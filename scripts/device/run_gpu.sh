@@ -8,7 +8,7 @@
 # machine, then runs the GPU tests (tests/gpu) and/or the benchmark (benchmarks/bench_opt.py).
 # Logs and results go under $OUT (what the device tool brings back; /tmp/gpu-out elsewhere).
 # Knobs: OPT_GPU_SHAPES (tests), GATE=0 (skip the dense-engine gate), BENCH_SHAPES, BENCH_ARGS (e.g.
-# --ab --profile), MEZO_ARGS, SPREAD_SHAPES, SPREAD_ARGS (e.g. --sets 16), TESTS_TIMEOUT, BENCH_TIMEOUT,
+# --ab --profile), MEZO_ARGS (or MEZO_RUNS: 'args; args; ...'), SPREAD_SHAPES, SPREAD_ARGS (e.g. --sets 16), TESTS_TIMEOUT, BENCH_TIMEOUT,
 # MEZO_TIMEOUT, SPREAD_TIMEOUT (seconds).
 set -o pipefail
 cd "$(dirname "$0")/../.." || exit 1
@@ -86,8 +86,14 @@ if [ "$MODE" = spread ]; then
     --json "$OUT/spread.json" ${SPREAD_ARGS:-} 2>&1 | tee "$OUT/spread.log" || rc=$?
 fi
 if [ "$MODE" = mezo ]; then
-  timeout "${MEZO_TIMEOUT:-400}" python3 benchmarks/mezo_gpu.py --json "$OUT/mezo.json" ${MEZO_ARGS:-} 2>&1 \
-    | tee "$OUT/mezo.log" || rc=$?
+  # MEZO_RUNS: runs separated by ';', each the arguments of one benchmarks/mezo_gpu.py process
+  # (default: MEZO_ARGS alone); each writes $OUT/mezo-<k>.json and appends to $OUT/mezo.log.
+  IFS=';' read -ra runs <<< "${MEZO_RUNS:-${MEZO_ARGS:-}}"
+  for k in "${!runs[@]}"; do
+    echo "== mezo_gpu.py ${runs[$k]}" | tee -a "$OUT/mezo.log"
+    timeout "${MEZO_TIMEOUT:-400}" python3 benchmarks/mezo_gpu.py --json "$OUT/mezo-$k.json" ${runs[$k]} 2>&1 \
+      | tee -a "$OUT/mezo.log" || rc=$?
+  done
 fi
 echo "run_gpu.sh $MODE: exit $rc"
 exit $rc

@@ -21,6 +21,12 @@ SHAPES: Dict[str, Dict[str, Any]] = {
                      word_embed_proj_dim=2048, do_layer_norm_before=True),
     "opt-6.7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, ffn_dim=16384,
                      word_embed_proj_dim=4096, do_layer_norm_before=True),
+    "opt-13b": dict(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, ffn_dim=20480,
+                    word_embed_proj_dim=5120, do_layer_norm_before=True),
+    "opt-30b": dict(hidden_size=7168, num_hidden_layers=48, num_attention_heads=56, ffn_dim=28672,
+                    word_embed_proj_dim=7168, do_layer_norm_before=True),
+    "opt-66b": dict(hidden_size=9216, num_hidden_layers=64, num_attention_heads=72, ffn_dim=36864,
+                    word_embed_proj_dim=9216, do_layer_norm_before=True),
 }
 # The parity test's token set: 7 sequences of mixed lengths, 2048 tokens, in one EXTEND batch.
 PARITY_LENGTHS = [512, 300, 128, 37, 5, 1000, 66]
@@ -43,6 +49,27 @@ def checkpoint(name: str, seed: int = 0) -> Path:
     del model
     free_cuda()
     return path
+
+
+def config_only(name: str) -> Path:
+    """A folder with only the config.json of shape ``name``: for shapes too large to save here (the
+    device's disk is 64 GiB), loaded with ``load_format="dummy"`` (SGLang) or ``hf_from_config``."""
+    from transformers import OPTConfig
+
+    path = MODEL_ROOT / f"{name}-config"
+    if not (path / "config.json").is_file():
+        OPTConfig(**COMMON, **SHAPES[name], architectures=["OPTForCausalLM"]).save_pretrained(path)
+    return path
+
+
+def hf_from_config(path, dtype: str):
+    """An HF OPT with random weights (HF init) built on the GPU in ``dtype`` from ``path``'s config alone."""
+    import torch
+    from transformers import AutoConfig, OPTForCausalLM
+
+    with torch.device("cuda"):
+        model = OPTForCausalLM._from_config(AutoConfig.from_pretrained(path), dtype=getattr(torch, dtype))
+    return model.eval()
 
 
 def token_sets(count: int):
