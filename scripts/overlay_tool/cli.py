@@ -12,7 +12,7 @@ Verbs (``python scripts/overlay.py VERB --help`` for each):
   venv X DIR          a CPU virtual environment with release X, patched
   demo [X]            run the demo (native OPT vs HuggingFace) in matrix's shared venvs
   matrix [X ...]      fetch, apply, byte-compile and test each release (--newest: PyPI's newest)
-  export-pr UPSTREAM  an upstream PR branch from tag vX, upstream layer only (git-filter-repo)
+  export-pr UPSTREAM  one upstream PR branch per change from tag vX; --check runs upstream's own checks
 
 Everything the tool knows about releases comes from patches/releases.toml.
 Exit status: 0 success, 1 failure (the message says what to do), 2 unsupported release
@@ -64,7 +64,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the demo (native OPT vs HuggingFace) on X, in matrix's shared venvs")
     p.add_argument("version", nargs="?")
     p.add_argument("--venvs", type=Path, help="where the shared venvs live, as for matrix (default: CACHE/venvs)")
-    p = sub.add_parser("export-pr", help="an upstream PR branch in UPSTREAM from tag vX (nothing is pushed)")
+    p = sub.add_parser("export-pr", help="upstream PR branches in UPSTREAM from tag vX, one per change (nothing is pushed)")
     export_pr.add_arguments(p)
     p = sub.add_parser("matrix", help="for each release: fetch, apply, byte-compile, run the CPU tests")
     p.add_argument("versions", nargs="*", help="releases (default: every supported release)")

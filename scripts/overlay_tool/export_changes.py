@@ -1,13 +1,17 @@
-"""What ``export-pr`` ships: the upstream layer, split into logical changes (one PR commit each).
+"""What ``export-pr`` ships: one upstream branch per change, each reviewable alone.
 
-The repository has three layers:
+The repository has three layers; only the upstream layer is exported, as changes to upstream's
+code at the base tag:
 
-- upstream layer (exported): new files at upstream's paths under ``python/sglang/srt/`` (the
-  distributed reuse module, the native OPT model and its layer ops) and the hook patches;
-- fork layer (never exported): ``python/sglang/overlay/`` (the in-process runner, its config,
-  the scoring engine, MeZO, the version marker), and files on their way there (FORK_LAYER);
-- the overlay's tests: they build runners through ``sglang.overlay``, so they cannot run
-  upstream as they are; none is exported (upstream-style tests are a later change).
+- ``distributed-reuse``: ``srt/distributed/reuse.py`` + the reuse and expert-location hook patches
+  of the release's variant;
+- ``opt-fixes``: upstream's own ``srt/models/opt.py`` at the tag with the fixes of
+  export_opt_fixes (not this repository's opt.py, whose speed work and release compat stay here);
+- ``self-pp-teardown``: the variant's patch that destroys the self-PP group, where it has one.
+
+Each branch also adds its upstream-style unit tests, kept in ``upstream/test/registered/unit/``
+(a mirror of upstream's ``test/registered/unit/``; never imported by this repository's tests).
+The fork layer (``python/sglang/overlay/``), ``opt_compat.py`` and ``add_layernorm.py`` never ship.
 """
 
 from __future__ import annotations
@@ -18,87 +22,78 @@ from typing import Iterable
 
 from .releases import PACKAGE_PREFIX
 
+UPSTREAM_REPO = "sgl-project/sglang"
+# Where the upstream-style tests live in this repository (their upstream path is the rest).
+TESTS_DIR = "upstream"
+
 
 @dataclass(frozen=True)
 class Change:
-    """One commit of the PR: the overlay files under ``files`` + the hook patches it claims."""
+    """One upstream branch: files copied from this repository, hook patches, tests, PR text."""
 
-    key: str
+    key: str  # the branch is <prefix>/<key>
     title: str
-    description: str
-    files: tuple[str, ...]  # path prefixes (upstream paths) of the overlay files of this change
-    hooks: tuple[str, ...] = ()  # path prefixes of upstream files whose patches belong here
-    keywords: tuple[str, ...] = ()  # words in a patch subject that claim it first
+    motivation: str
+    modifications: str
+    files: tuple[str, ...] = ()  # repository paths copied as they are (upstream paths)
+    patch_words: tuple[str, ...] = ()  # a variant patch whose subject has one of these words belongs here
+    opt_fixes: bool = False  # generate upstream's opt.py with export_opt_fixes
+    tests: tuple[str, ...] = ()  # upstream paths of the tests; their sources are under TESTS_DIR/
 
 
-# In commit order. A patch goes to the first change with a keyword in its subject,
-# else to the first change whose hook prefixes cover a file it touches, else it
-# becomes a commit of its own (its own author and message). An exported file that
-# no change covers is an error: add it here (or to FORK_LAYER, if it is the fork's).
 CHANGES: tuple[Change, ...] = (
     Change(
-        "distributed-teardown",
-        "distributed: destroy the self-PP group in destroy_model_parallel()",
-        "destroy_model_parallel() left the self-PP group (and its process group, store and port)\n"
-        "alive, so the distributed setup could not be destroyed and rebuilt in one process.",
-        files=(),
-        keywords=("self-pp",),
-    ),
-    Change(
         "distributed-reuse",
-        "distributed: opt-in reuse of an existing torch.distributed / model-parallel setup",
-        "With SGLANG_ALLOW_REUSE_DISTRIBUTED=1, a ModelRunner created in a process that already has\n"
-        "torch.distributed and SGLang's model-parallel groups reuses them when world size, TP and PP\n"
-        "match, and raises a ValueError naming both sides when they do not. Several ModelRunners can\n"
-        "then live in one process (e.g. zeroth-order fine-tuning with forward passes only). Unset,\n"
-        "behaviour is unchanged.",
-        files=("python/sglang/srt/distributed/",),
-        hooks=("python/sglang/srt/distributed/", "python/sglang/srt/model_executor/",
-               "python/sglang/srt/runtime_context"),
-        keywords=("reuse",),
+        "[Distributed] Opt-in reuse of an existing torch.distributed / model-parallel setup",
+        "SGLang builds torch.distributed and its model-parallel groups once per process, so a second\n"
+        "`ModelRunner` in the same process fails (`AssertionError: tensor model parallel group is\n"
+        "already initialized`). Test suites, notebooks, RL frameworks that rebuild a runner and tools\n"
+        "that load a draft and a target model in one process need more than one.",
+        "- New `python/sglang/srt/distributed/reuse.py`: with `SGLANG_ALLOW_REUSE_DISTRIBUTED` true (the\n"
+        "  spellings of `get_bool_env_var`) or inside `with allow_reuse():`, an existing setup is\n"
+        "  checked against the requested one and reused; a mismatch raises `ValueError` naming the\n"
+        "  existing and the requested values.\n"
+        "- `init_distributed_environment()` checks an initialized default process group (world size,\n"
+        "  rank, backend) before reusing it; `initialize_model_parallel()` returns early when the\n"
+        "  existing group widths (TP, PP, MoE EP/DP, attention DP/CP, DCP) equal the requested ones.\n"
+        "- `set_global_expert_location_metadata()` lets a later runner replace the metadata when reuse\n"
+        "  is enabled.\n"
+        "- Unset or false, every code path, exception type and message is unchanged.",
+        files=("python/sglang/srt/distributed/reuse.py",),
+        patch_words=("reuse", "expert", "eplb"),
+        tests=("test/registered/unit/distributed/test_reuse.py",),
     ),
     Change(
-        "expert-location",
-        "eplb: allow replacing expert-location metadata when reusing distributed",
-        "With SGLANG_ALLOW_REUSE_DISTRIBUTED set, a second ModelRunner in the same process sets its own\n"
-        "expert-location metadata instead of tripping the once-per-process assertion.",
-        files=("python/sglang/srt/eplb/",),
-        hooks=("python/sglang/srt/eplb/",),
-        keywords=("expert", "eplb"),
+        "opt-fixes",
+        "[Model] OPT: fix weight loading, embedding accessors and layer prefixes",
+        "`python/sglang/srt/models/opt.py` has defects that make it fail or load a wrong model\n"
+        "silently; they are listed under Modifications. The fixes are a minimal diff of the file;\n"
+        "everything else in it is unchanged.",
+        "",  # filled in from export_opt_fixes.FIXES
+        opt_fixes=True,
+        tests=("test/registered/unit/models/test_opt.py",),
     ),
     Change(
-        "opt-model",
-        "models: native OPT with HF weight names and no silent weight skips",
-        "The native OPT implementation loads both `decoder.*` and `model.decoder.*` checkpoint names,\n"
-        "fails on unexpected or missing weights instead of skipping them, and matches HuggingFace's\n"
-        "logits on the same weights. Its layer ops (e.g. the fused residual add + LayerNorm) live\n"
-        "under srt/layers/.",
-        files=("python/sglang/srt/models/", "python/sglang/srt/layers/"),
-        hooks=("python/sglang/srt/models/", "python/sglang/srt/configs/", "python/sglang/srt/layers/"),
-        keywords=("opt",),
+        "self-pp-teardown",
+        "[Distributed] Destroy the self-PP group in destroy_model_parallel()",
+        "`destroy_model_parallel()` destroys every model-parallel group but `_SELF_PP`, which\n"
+        "`initialize_model_parallel()` builds. After a destroy the group keeps its process group (and so\n"
+        "the store and its port) alive, and a later `initialize_model_parallel()` in the same process\n"
+        "sees a group of the destroyed world.",
+        "- `destroy_model_parallel()` destroys `_SELF_PP` and resets it to `None`, like the other groups.",
+        patch_words=("self-pp",),
+        tests=("test/registered/unit/distributed/test_destroy_model_parallel.py",),
     ),
 )
 
-# The fork layer: path prefixes of overlay files that are never exported. python/sglang/overlay/
-# is the fork package; the two srt/ files are moving into it (issue 17) and are listed here until
-# they are gone from srt/, so that an export in between ships neither.
-FORK_LAYER = ("python/sglang/overlay/", "python/sglang/srt/standalone.py",
-              "python/sglang/srt/layers/target_logprobs.py")
-# The overlay's tests of the exported changes. They are not exported; --run-tests runs them at
-# the tip (its python/ tree, with the fork layer added), as the overlay runs them.
-TIP_TESTS = ("tests/test_opt.py", "tests/test_reuse_distributed.py")
-TESTS_NOT_EXPORTED = ("not exported: the overlay's tests build their runners through sglang.overlay (the "
-                      "fork layer, which stays out of upstream); upstream-style tests are a later change")
-UPSTREAM_REPO = "sgl-project/sglang"
-# How each change reads in the PR title (joined with commas).
-PR_TITLE_PARTS = {
-    "distributed-reuse": "opt-in reuse of an existing distributed setup",
-    "expert-location": "expert-location reset",
-    "distributed-teardown": "self-PP group teardown",
-    "opt-model": "native OPT fixes",
-}
-# What an exported file may not contain: a reference to the fork package.
-FORK_REFERENCE = re.compile(r"\bsglang\.overlay\b|\bfrom\s+sglang\s+import\s+[^\n]*\boverlay\b")
+# Never exported: the fork package, and upstream-layer files that only serve this repository
+# (release compat for one opt.py across releases; the fused op of the speed work).
+FORK_LAYER = ("python/sglang/overlay/",)
+NOT_EXPORTED = ("python/sglang/srt/models/opt_compat.py", "python/sglang/srt/layers/add_layernorm.py",
+                "python/sglang/srt/models/opt.py")
+# What an exported file may not contain: a reference to the fork package or this repository.
+FORK_REFERENCE = re.compile(r"\bsglang\.overlay\b|\bfrom\s+sglang\s+import\s+[^\n]*\boverlay\b|sglang-overlay|"
+                            r"SGLANG_OVERLAY|\bMeZO\b")
 
 
 def is_fork_layer(rel: str) -> bool:
@@ -110,13 +105,18 @@ def exported_files(paths: Iterable[str]) -> list[str]:
     return sorted(p for p in paths if p.startswith(PACKAGE_PREFIX) and not is_fork_layer(p))
 
 
+def owner_of(rel: str) -> str:
+    """The change that exports repository file ``rel`` ("" when none, e.g. NOT_EXPORTED files)."""
+    return next((c.key for c in CHANGES if rel in c.files), "")
+
+
 def fork_layer_leaks(changes: Iterable[tuple[str, str]]) -> list[str]:
-    """(path, added text) pairs of the branch -> what ships fork-layer code (empty when nothing)."""
+    """(path, added text) pairs of a branch -> what ships fork-layer code (empty when nothing)."""
     problems = []
     for path, added in changes:
         if "sglang/overlay/" in f"/{path}" or is_fork_layer(path):
             problems.append(f"{path}: a fork-layer file")
         elif FORK_REFERENCE.search(added):
             line = next(ln for ln in added.splitlines() if FORK_REFERENCE.search(ln))
-            problems.append(f"{path}: refers to the fork layer: {line.strip()}")
+            problems.append(f"{path}: refers to this repository: {line.strip()}")
     return problems

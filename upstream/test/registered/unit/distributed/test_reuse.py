@@ -81,9 +81,7 @@ class TestReuseDistributed(CustomTestCase):
 
     def test_mismatched_layout_raises(self):
         with allow_reuse():
-            with self.assertRaisesRegex(
-                ValueError, "tp: existing 1, requested 2"
-            ):
+            with self.assertRaisesRegex(ValueError, "tp: existing 1, requested 2"):
                 parallel_state.initialize_model_parallel(
                     tensor_model_parallel_size=2, pipeline_model_parallel_size=1
                 )

@@ -133,9 +133,7 @@ class TestOPTWeightLoading(CustomTestCase):
         embed, head = model.get_embed_and_head()
         self.assertIs(embed, embed_tokens.weight)
         new = nn.Parameter(torch.zeros_like(embed_tokens.weight))
-        with mock.patch("torch.cuda.empty_cache"), mock.patch(
-            "torch.cuda.synchronize"
-        ):
+        with mock.patch("torch.cuda.empty_cache"), mock.patch("torch.cuda.synchronize"):
             model.set_embed(new)
         self.assertIs(model.get_embed(), new)
 
@@ -160,9 +158,7 @@ class TestOPTWeightLoading(CustomTestCase):
         ) as layer_cls:
             _build(_config())
         prefixes = [call.kwargs["prefix"] for call in layer_cls.call_args_list]
-        self.assertEqual(
-            prefixes, ["model.decoder.layers.0", "model.decoder.layers.1"]
-        )
+        self.assertEqual(prefixes, ["model.decoder.layers.0", "model.decoder.layers.1"])
 
     def test_kv_cache_scales_skip_layers_of_other_ranks(self):
         model = _build(_config())

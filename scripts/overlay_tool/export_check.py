@@ -1,0 +1,257 @@
+"""``export-pr --check``: upstream's own checks on a branch tip, as upstream's CI runs them.
+
+- the pre-commit hooks of the tag's ``.pre-commit-config.yaml`` that PyPI packages implement
+  (isort, ruff, black, codespell, pre-commit-hooks' checks, at the pinned revisions, with the
+  hooks' args / files / exclude and the repository's own config files) and its local
+  ``python3 ...`` hooks, on the files the branch changes; a fixer that changes a file fails;
+- test collection as ``test/run_suite.py`` does it: every file under ``test/registered/``,
+  ``collect_tests(sanity_check=True)`` and ``validate_all_suites``;
+- the branch's own tests (files it adds under ``test/registered/``), ``python3 FILE`` from the root;
+- upstream's CPU unit tests that touch the changed files: those that sweep the source tree
+  (``rglob``) and those that name a changed module. One that fails at the tip is run at the base
+  too; failing there as well, it is reported and not held against the branch.
+
+Two venvs, both cached: the lint venv (the pinned tools + PyYAML to read the config) and the test
+venv (matrix's base + transformers layer, plus what upstream's test utilities import).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from .envs import _digest, make_deps_env, site_packages, venv_python
+from .gitutil import git, run
+
+# pre-commit repo (owner/name) -> (PyPI package, how the rev maps to its version)
+PYPI_HOOK_REPOS = {
+    "PyCQA/isort": "isort",
+    "astral-sh/ruff-pre-commit": "ruff",
+    "psf/black": "black",
+    "codespell-project/codespell": "codespell",
+    "pre-commit/pre-commit-hooks": "pre-commit-hooks",
+}
+# hook id -> command (pre-commit passes the file names after the hook's args)
+HOOK_COMMANDS = {
+    "isort": ["isort"], "ruff": ["ruff", "check", "--force-exclude"], "black": ["black"],
+    "black-jupyter": ["black"], "codespell": ["codespell"],
+    "check-ast": ["check-ast"], "trailing-whitespace": ["trailing-whitespace-fixer"],
+    "end-of-file-fixer": ["end-of-file-fixer"], "debug-statements": ["debug-statement-hook"],
+    "check-merge-conflict": ["check-merge-conflict"], "check-toml": ["check-toml"],
+    "detect-private-key": ["detect-private-key"],
+}
+PYTHON_ONLY = {"isort", "ruff", "black", "black-jupyter", "check-ast", "debug-statements"}
+TEST_EXTRAS = ("datasets", "tabulate")  # imported by sglang.test.test_utils / test/run_suite.py
+TEST_TIMEOUT = 600
+
+READ_CONFIG = r"""
+import json, sys, yaml
+cfg = yaml.safe_load(open(sys.argv[1]))
+print(json.dumps(cfg))
+"""
+
+COLLECT = r"""
+import glob, os, sys
+sys.path[:0] = [os.path.abspath("test"), os.path.abspath("python")]
+import run_suite
+from sglang.test.ci.ci_register import collect_tests
+files = [f for f in glob.glob(os.path.join("test", "registered", "**", "*.py"), recursive=True)
+         if os.path.basename(f) not in ("conftest.py", "__init__.py")]
+tests = collect_tests(files, sanity_check=True)
+run_suite.validate_all_suites(tests)
+print(f"collect_tests(sanity_check=True): {len(tests)} registrations in {len(files)} files, suites valid")
+"""
+
+
+@dataclass
+class CheckResult:
+    name: str
+    ok: bool
+    output: str  # the last lines that say what happened
+    note: str = ""
+
+    def line(self) -> str:
+        status = "ok  " if self.ok else "FAIL"
+        return f"  [{status}] {self.name}" + (f" ({self.note})" if self.note else "")
+
+
+def _tail(text: str, lines: int = 15) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def precommit_config(root: Path, lint_python: Path) -> dict:
+    path = root / ".pre-commit-config.yaml"
+    if not path.is_file():
+        return {"repos": []}
+    out = run([str(lint_python), "-c", READ_CONFIG, str(path)]).stdout
+    return json.loads(out)
+
+
+def lint_pins(config: dict) -> list[str]:
+    """``pkg==version`` for each PyPI-implemented hook repo of the config."""
+    pins = []
+    for repo in config.get("repos", []):
+        name = "/".join(str(repo.get("repo", "")).rstrip("/").split("/")[-2:]).removesuffix(".git")
+        if name in PYPI_HOOK_REPOS:
+            pins.append(f"{PYPI_HOOK_REPOS[name]}=={str(repo['rev']).removeprefix('v')}")
+    return pins
+
+
+def make_lint_env(root: Path, envs: Path) -> Path:
+    """A venv with the tag's pinned linters (read from its .pre-commit-config.yaml) and PyYAML."""
+    boot = envs / "lint-bootstrap"
+    if not venv_python(boot).exists():
+        run([sys.executable, "-m", "venv", str(boot)])
+        run([str(venv_python(boot)), "-m", "pip", "install", "-q", "pyyaml"])
+    pins = lint_pins(precommit_config(root, venv_python(boot)))
+    directory = envs / f"lint-{_digest(pins)}"
+    python = venv_python(directory)
+    if not (directory / "ready").exists():
+        run([sys.executable, "-m", "venv", str(directory)])
+        run([str(python), "-m", "pip", "install", "-q", "pyyaml", *pins])
+        (directory / "ready").write_text("\n".join(pins) + "\n")
+    return python
+
+
+def make_test_env(transformers: str, overlay, envs: Path) -> Path:  # overlay: releases.Overlay
+    """matrix's base venv + transformers layer, plus what upstream's test utilities import."""
+    deps_python = make_deps_env(transformers, overlay, envs)
+    directory = envs / f"upstream-tests-{transformers}-{_digest([str(deps_python), *TEST_EXTRAS])}"
+    python = venv_python(directory)
+    if not (directory / "ready").exists():
+        run([sys.executable, "-m", "venv", str(directory)])
+        (site_packages(python) / "zz_upstream_tests_layer.pth").write_text(
+            f"import site; site.addsitedir({str(site_packages(deps_python))!r})\n")
+        constraints = directory / "constraints.txt"
+        torch = run([str(python), "-c", "import torch; print(torch.__version__.split('+')[0])"]).stdout.strip()
+        constraints.write_text(f"torch=={torch}\ntransformers=={transformers}\n")
+        run([str(python), "-m", "pip", "install", "-q", "-c", str(constraints), *TEST_EXTRAS])
+        (directory / "ready").write_text("ok\n")
+    return python
+
+
+def changed_files(work: Path, base_rev: str) -> list[str]:
+    return [p for p in git("diff", "--name-only", "--diff-filter=AM", base_rev, "HEAD", cwd=work).split() if p]
+
+
+def _matches(pattern: Optional[str], rel: str) -> bool:
+    return bool(pattern) and re.search(pattern, rel) is not None
+
+
+def run_hooks(work: Path, files: list[str], lint_python: Path) -> list[CheckResult]:
+    config = precommit_config(work, lint_python)
+    bin_dir = lint_python.parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    results = []
+    for repo in config.get("repos", []):
+        for hook in repo.get("hooks", []):
+            hid = hook["id"]
+            stages = hook.get("stages")
+            if stages and not {"pre-commit", "commit"} & set(stages):
+                continue
+            if repo.get("repo") == "local":
+                entry = str(hook.get("entry", ""))
+                if hook.get("language") != "system" or not entry.startswith("python3 "):
+                    continue
+                command = [str(lint_python), *entry.split()[1:]]
+            elif hid in HOOK_COMMANDS:
+                command = [*HOOK_COMMANDS[hid]]
+            else:
+                continue
+            chosen = [f for f in files
+                      if (not hook.get("files") or _matches(hook["files"], f))
+                      and not _matches(hook.get("exclude"), f) and not _matches(config.get("exclude"), f)
+                      and (hid not in PYTHON_ONLY or f.endswith((".py", ".pyi")))]
+            if not chosen:
+                continue
+            args = [a for a in hook.get("args", []) if a != "--fix" or hid != "ruff"]
+            argv = [*command, *args] + ([] if hook.get("pass_filenames") is False else chosen)
+            proc = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True)
+            changed = git("status", "--porcelain", cwd=work).strip()
+            if changed:
+                diff = git("diff", cwd=work)
+                git("checkout", "--", ".", cwd=work)
+            ok = proc.returncode == 0 and not changed
+            output = _tail(proc.stdout + proc.stderr) + (f"\nchanged files:\n{_tail(diff, 40)}" if changed else "")
+            version = next((p for p in lint_pins({"repos": [repo]})), "local hook")
+            results.append(CheckResult(f"pre-commit {hid} ({version})", ok, output, f"{len(chosen)} file(s)"))
+    return results
+
+
+def run_collection(work: Path, test_python: Path) -> CheckResult:
+    if not (work / "test" / "run_suite.py").is_file():
+        return CheckResult("test/run_suite.py collection", False, "test/run_suite.py is missing")
+    proc = subprocess.run([str(test_python), "-c", COLLECT], cwd=work, capture_output=True, text=True,
+                          timeout=TEST_TIMEOUT)
+    return CheckResult("test/run_suite.py collection", proc.returncode == 0, _tail(proc.stdout + proc.stderr),
+                       _tail(proc.stdout, 1) if proc.returncode == 0 else "")
+
+
+def run_test_file(root: Path, rel: str, test_python: Path) -> tuple[bool, str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "python"), str(root / "test")]),
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    env.pop("SGLANG_ALLOW_REUSE_DISTRIBUTED", None)
+    try:
+        proc = subprocess.run([str(test_python), rel], cwd=root, env=env, capture_output=True, text=True,
+                              timeout=TEST_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return False, f"timed out after {TEST_TIMEOUT} s"
+    return proc.returncode == 0, _tail(proc.stdout + proc.stderr, 25)
+
+
+def _summary(output: str) -> str:
+    ran = [ln for ln in output.splitlines() if re.match(r"^(Ran \d+ tests?|OK|FAILED)", ln)]
+    return ", ".join(ran[-2:])
+
+
+def related_unit_tests(root: Path, files: list[str], own: set[str]) -> list[str]:
+    """Upstream's CPU unit tests that sweep the tree or name a module of ``files``."""
+    modules = []
+    for rel in files:
+        if rel.startswith("python/") and rel.endswith(".py"):
+            dotted = rel[len("python/"):-3].replace("/", ".")
+            package, _, stem = dotted.rpartition(".")
+            modules.append(re.compile(rf"\b{re.escape(dotted)}\b|from\s+{re.escape(package)}\s+import\s+"
+                                      rf"(\([^)]*\b{stem}\b|[^\n]*\b{stem}\b)"))
+    chosen = []
+    for path in sorted((root / "test" / "registered" / "unit").rglob("test_*.py")):
+        rel = path.relative_to(root).as_posix()
+        text = path.read_text(errors="replace")
+        if rel in own or "register_cpu_ci(" not in text or re.search(r"register_cpu_ci\([^)]*disabled=", text):
+            continue
+        if "rglob(" in text or any(m.search(text) for m in modules):
+            chosen.append(rel)
+    return chosen
+
+
+def run_checks(work: Path, base_rev: str, lint_python: Path, test_python: Path) -> list[CheckResult]:
+    """Every check on the branch checked out in ``work`` (clean); ``work`` is left as it was."""
+    files = changed_files(work, base_rev)
+    results = run_hooks(work, files, lint_python)
+    results.append(run_collection(work, test_python))
+    own = [f for f in files if f.startswith("test/registered/") and Path(f).name.startswith("test_")]
+    for rel in own:
+        ok, out = run_test_file(work, rel, test_python)
+        results.append(CheckResult(f"exported test {rel}", ok, out, _summary(out)))
+    related = related_unit_tests(work, files, set(own))
+    base_tree: Optional[Path] = None
+    for rel in related:
+        ok, out = run_test_file(work, rel, test_python)
+        note = _summary(out)
+        if not ok:
+            if base_tree is None:
+                base_tree = work.parent / "base-tree"
+                git("worktree", "add", "-q", "--detach", str(base_tree), base_rev, cwd=work)
+            base_ok, _ = run_test_file(base_tree, rel, test_python)
+            if not base_ok:
+                ok, note = True, f"fails at the base too, not caused by the branch: {note}"
+        results.append(CheckResult(f"upstream unit test {rel}", ok, out, note))
+    if base_tree is not None:
+        git("worktree", "remove", "--force", str(base_tree), cwd=work, check=False)
+    return results
