@@ -4,7 +4,8 @@
 #
 #   bash scripts/device/run_gpu.sh [all|tests|bench|smoke|mezo|breakdown|spread] [extra pytest args...]
 #
-# Unpacks the staged site (patched sglang 0.5.17, transformers 5.12.1, ...) into /tmp/site once per
+# Unpacks the staged site (patched sglang 0.5.17, transformers 5.12.1, ...; STAGE=.stage/device-0.5.23 for the
+# runtime-context release staged with `stage.py --release 0.5.23 --out .stage/device-0.5.23`) into /tmp/site once per
 # machine, then runs the GPU tests (tests/gpu) and/or the benchmark (benchmarks/bench_opt.py).
 # Logs and results go under $OUT (what the device tool brings back; /tmp/gpu-out elsewhere).
 # Knobs: OPT_GPU_SHAPES (tests), GATE=0 (skip the dense-engine gate), BENCH_SHAPES, BENCH_ARGS (e.g.
@@ -16,7 +17,7 @@ REPO=$PWD
 MODE=${1:-all}; shift || true
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 SITE=/tmp/site
-STAGE=$REPO/.stage/device
+STAGE=${STAGE:-$REPO/.stage/device}; case $STAGE in /*) ;; *) STAGE=$REPO/$STAGE;; esac
 
 stamp=$(cat "$STAGE"/MANIFEST.json 2>/dev/null | sha256sum | cut -c1-16)
 if [ "$(cat $SITE/.stage-stamp 2>/dev/null)" != "$stamp" ]; then

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""Build the archives that carry patched SGLang 0.5.17 and its deps to the GPU device.
+"""Build the archives that carry a patched SGLang release (0.5.17 or 0.5.23) and its deps to the GPU device.
 
 Run here (a machine with PyPI access), from anywhere:
 
-    python3 scripts/device/stage.py            # -> .stage/device/{core,deps}.tar.xz + MANIFEST.json
+    python3 scripts/device/stage.py                    # 0.5.17 -> .stage/device/{core,deps}.tar.xz + MANIFEST.json
+    python3 scripts/device/stage.py --release 0.5.23   # the runtime-context variant, same place
 
 Then on the device (the ``run`` tool), carrying ``.stage/device``:
 
@@ -42,19 +43,22 @@ import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-RELEASE = "0.5.17"
 OUT_DIR = REPO / ".stage" / "device"
 CARRY_LIMIT = 64 * 1024 * 1024
 
-# Archive "core": the heavy packages. Pins come from sglang 0.5.17's METADATA (sglang-kernel,
-# flashinfer-python, transformers) and from the measured recipe (tokenizers).
-CORE = [
-    f"sglang=={RELEASE}",
-    "sglang-kernel==0.4.5",
-    "flashinfer-python==0.6.15.post1",
-    "transformers==5.12.1",
-    "tokenizers==0.22.2",
-]
+# Archive "core": the heavy packages, per release. 0.5.17: pins from its METADATA (sglang-kernel,
+# flashinfer-python, transformers) and the measured recipe (tokenizers). 0.5.23 pins torch 2.14.1 and
+# sglang-kernel 0.4.10, built for that torch; the device has torch 2.11, so 0.5.23's Python sources
+# travel with the sglang-kernel built for torch 2.11 (0.4.5, 0.5.17's); its transformers 5.19.0
+# (huggingface-hub >= 1.31 and tokenizers 0.23.x: the image's 1.33.0 and 0.23.2 do).
+CORE = {
+    "0.5.17": ["sglang==0.5.17", "sglang-kernel==0.4.5", "flashinfer-python==0.6.15.post1",
+               "transformers==5.12.1", "tokenizers==0.22.2"],
+    "0.5.23": ["sglang==0.5.23", "sglang-kernel==0.4.5", "flashinfer-python==0.7.2", "transformers==5.19.0"],
+}
+# Where 0.5.23's METADATA pins a small dependency differently from 0.5.17's.
+DEPS_PINS = {"0.5.23": {"openai": "openai==2.8.0", "xgrammar": "xgrammar==0.2.7",
+                        "compressed-tensors": "compressed-tensors==0.18.0"}}
 # Archive "deps": small runtime deps of the import path that the device image lacks. Pins: sglang's
 # METADATA where it pins (apache-tvm-ffi, openai, xgrammar), else what the CPU venv of 0.5.17 runs.
 DEPS = [
@@ -224,6 +228,7 @@ def sha256(path: Path) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--release", default="0.5.17", choices=sorted(CORE), help="the sglang release to stage")
     ap.add_argument("--out", type=Path, default=OUT_DIR, help="where the archives go (default .stage/device)")
     ap.add_argument("--no-overlay", action="store_true", help="pack pristine upstream sglang (for A/B runs)")
     ap.add_argument("--groups", default="core,deps", help="which archives to (re)build (default: core,deps)")
@@ -231,7 +236,10 @@ def main() -> None:
     cache = wheel_cache()
     cache.mkdir(parents=True, exist_ok=True)
 
-    groups = {g: s for g, s in {"core": list(CORE), "deps": list(DEPS)}.items() if g in args.groups.split(",")}
+    pins = DEPS_PINS.get(args.release, {})
+    deps = [pins.get(spec.split("==")[0], spec) for spec in DEPS]
+    groups = {g: s for g, s in {"core": list(CORE[args.release]), "deps": deps}.items()
+              if g in args.groups.split(",")}
     wheels: dict[str, list[Path]] = {}
     for group, specs in groups.items():
         wheels[group] = []
@@ -242,9 +250,9 @@ def main() -> None:
                 spec = pin[0].replace(" ", "").split(";")[0] if pin else spec
             wheels[group].append(download(cache, spec))
 
-    manifest = {"release": RELEASE, "overlay": not args.no_overlay, "archives": {}}
+    manifest = {"release": args.release, "overlay": not args.no_overlay, "archives": {}}
     old = args.out / "MANIFEST.json"
-    if old.is_file():  # keep the entries of archives not rebuilt now
+    if old.is_file() and json.loads(old.read_text()).get("release") == args.release:  # keep archives not rebuilt
         manifest["archives"] = {k: v for k, v in json.loads(old.read_text()).get("archives", {}).items()
                                 if k.split(".")[0] not in groups and (args.out / k).is_file()}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -258,7 +266,7 @@ def main() -> None:
                 entries.append({"wheel": w.name, "sha256": sha256(w), "kept_bytes": kept, "dropped_bytes": dropped})
                 log(f"{group}: {w.name}: kept {kept / 1e6:.1f} MB, dropped {dropped / 1e6:.1f} MB")
             if group == "core" and not args.no_overlay:
-                # Verifies the package is the pristine 0.5.17 release (bytes of the cached cp311 wheel)
+                # Verifies the package is the pristine release (bytes of the cached cp311 wheel)
                 # before patching; refuses otherwise.
                 subprocess.run([sys.executable, str(REPO / "scripts" / "overlay.py"), "apply", str(site / "sglang")],
                                check=True)
