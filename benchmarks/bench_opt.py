@@ -22,6 +22,10 @@ Workloads (same work on both sides):
 - decode: batch 64, prompt P tokens, N greedy tokens; both sides: time of N+1 new tokens minus time
   of 1. SGLang: ``StandaloneRunner.generate`` (decode CUDA graphs when they capture, eager
   otherwise; both reported); HF: ``generate`` (greedy, dynamic cache).
+Decode against the hardware: a decode step must read every weight once (the tied embedding as the head) and
+the K/V of the whole batch (2 x layers x hidden x dtype bytes a token, at the mean context P + (N+1)/2);
+those bytes over the step time (batch / tok/s) are reported as a fraction of the HBM bandwidth measured at
+the start of the run (a device-to-device copy, bytes read + written).
 MFU (prefill and loss): FLOP/token = 2 x (matmul params of the decoder, + lm_head for loss)
 + causal attention 2 x layers x hidden x S (QK^T and PV over S/2 keys on average), against
 the bf16 matmul peak measured at the start of the run on the same GPU (an 8192^3 GEMM, CUDA events,
@@ -73,6 +77,22 @@ def matmul_peak_tflops(n: int = 8192, iters: int = 30) -> float:
     x = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     y = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     return 2 * n ** 3 / cuda_time(lambda: x @ y, iters, warmup=10) / 1e12
+
+
+def copy_bandwidth(nbytes: int = 1 << 31) -> float:
+    """Bytes per second read + written by a device-to-device copy of ``nbytes``, timed like the workloads."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * nbytes / cuda_time(lambda: dst.copy_(src), 20, warmup=5)
+
+
+def decode_step_bytes(model, batch: int, prompt: int, steps: int) -> float:
+    """Bytes one decode step of ``batch`` sequences must read: the weights once + the K/V at the mean context."""
+    cfg = model.config
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights counted once
+    elt = next(model.parameters()).element_size()
+    kv_per_token = 2 * cfg.num_hidden_layers * cfg.hidden_size * elt
+    return weights + batch * kv_per_token * (prompt + (steps + 1) / 2)
 
 
 def flops_per_token(cfg, seq: int, with_head: bool) -> float:
@@ -321,6 +341,10 @@ def bench_shape(name: str, a) -> dict:
     row["decode_hf_tps"] = decode_tps(lambda n: hf.generate(pid, max_new_tokens=n, min_new_tokens=n, **kw))
     if "decode_sgl_tps" in row:
         row["decode_ratio"] = row["decode_sgl_tps"] / row["decode_hf_tps"]
+    row["decode_step_bytes"] = decode_step_bytes(hf, DB, P, N)
+    for side in ("sgl", "sgl_eager", "hf"):  # bytes / step time, step time = batch / tok/s
+        if f"decode_{side}_tps" in row:
+            row[f"decode_{side}_hbm"] = row["decode_step_bytes"] * row[f"decode_{side}_tps"] / DB / (a.hbm_tb_s * 1e12)
     log(f"{name} decode: sgl {row.get('decode_sgl_tps', float('nan')):,.0f} tok/s "
         f"(eager {row.get('decode_sgl_eager_tps', float('nan')):,.0f})  hf {row['decode_hf_tps']:,.0f} tok/s")
     hf = runner = None  # the runner closes below; HF goes first
@@ -355,6 +379,18 @@ def table(rows, a) -> str:
             f"| {k(x.get('decode_sgl_tps', float('nan'))) if x.get('decode_sgl_graphs') else 'n/a'} "
             f"| {k(x.get('decode_sgl_eager_tps', x.get('decode_sgl_tps', float('nan')) if not x.get('decode_sgl_graphs') else float('nan')))} "
             f"| {k(x.get('decode_hf_tps', float('nan')))} | {r(x.get('decode_ratio'))} |")
+    out += ["", f"Decode against the hardware: batch {a.decode_batch}, prompt {a.decode_prompt}, {a.decode_steps} steps; "
+            f"bytes a step must read (weights + K/V at the mean context) over the step time, against the "
+            f"{a.hbm_tb_s:.2f} TB/s a device-to-device copy moved in this run",
+            "| shape | MB / step | SGL step ms | SGL TB/s | SGL % of HBM | SGL eager % | HF step ms | HF % of HBM |",
+            "|---|" + "---|" * 7]
+    for x in rows:
+        if "decode_step_bytes" not in x:
+            continue
+        ms = lambda side: f"{1e3 * a.decode_batch / x[f'decode_{side}_tps']:.2f}" if f"decode_{side}_tps" in x else "n/a"  # noqa: E731
+        out.append(f"| {x['shape']} | {x['decode_step_bytes'] / 1e6:,.0f} | {ms('sgl')} "
+                   f"| {r(x['decode_sgl_hbm'] * a.hbm_tb_s) if 'decode_sgl_hbm' in x else 'n/a'} "
+                   f"| {p(x.get('decode_sgl_hbm'))} | {p(x.get('decode_sgl_eager_hbm'))} | {ms('hf')} | {p(x.get('decode_hf_hbm'))} |")
     return "\n".join(out)
 
 
@@ -384,6 +420,8 @@ def main() -> None:
     if a.peak_tflops is None:
         a.peak_tflops = matmul_peak_tflops()
         log(f"bf16 matmul peak measured: {a.peak_tflops:.0f} TFLOP/s (8192^3)")
+    a.hbm_tb_s = copy_bandwidth() / 1e12
+    log(f"HBM bandwidth measured: {a.hbm_tb_s:.2f} TB/s (a 2 GiB device-to-device copy, read + written)")
     rows = []
     for name in a.shapes.split(","):
         try:

@@ -101,15 +101,6 @@ class HFMeZO:
         return lp, lm, g
 
 
-def copy_bandwidth(nbytes: int = 1 << 31) -> float:
-    """Bytes per second read + written by a device-to-device copy of ``nbytes``, timed like the workloads."""
-    from bench_opt import cuda_time
-
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * nbytes / cuda_time(lambda: dst.copy_(src), 20, warmup=5)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="opt-1.3b")
@@ -139,7 +130,7 @@ def main() -> None:
     row = dict(shape=a.shape, dtype=a.dtype, batch=a.batch, tokens=a.prompt + a.target, steps=a.steps,
                weights="dummy" if dummy else "checkpoint")
 
-    from bench_opt import cuda_time, flops_per_token, matmul_peak_tflops
+    from bench_opt import copy_bandwidth, cuda_time, flops_per_token, matmul_peak_tflops
     from sglang.overlay.zo_noise import Stream
 
     row["matmul_peak_tflops"] = matmul_peak_tflops()
