@@ -40,12 +40,19 @@ def fork_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return wheel
 
 
-def test_pip_wheel_builds_the_patched_release(fork_wheel: Path, tmp_path: Path) -> None:
-    release = _release()
-    assert fork_wheel.name.startswith(f"sglang-{release}+overlay.")
-    target = tmp_path / "site"
+@pytest.fixture(scope="module")
+def fork_site(fork_wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fork wheel installed with ``pip install --no-deps --target``: the README's CPU install."""
+    target = tmp_path_factory.mktemp("fork") / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(fork_wheel)],
                    check=True)
+    return target
+
+
+def test_pip_wheel_builds_the_patched_release(fork_wheel: Path, fork_site: Path) -> None:
+    release = _release()
+    assert fork_wheel.name.startswith(f"sglang-{release}+overlay.")
+    target = fork_site
     metadata = next(target.glob("sglang-*.dist-info")) / "METADATA"
     text = metadata.read_text()
     assert f"Version: {release}+overlay." in text
@@ -73,3 +80,45 @@ def test_an_unsupported_release_is_refused(tmp_path: Path) -> None:
                           env=env, capture_output=True, text=True)
     assert proc.returncode != 0
     assert "0.0.1 is not a supported release" in proc.stdout + proc.stderr
+
+
+def _bare(target: Path, code: str) -> subprocess.CompletedProcess:
+    """``code`` in a bare interpreter: isolated (-I), no site-packages (-S), only ``target`` on the path."""
+    boot = f"import sys; sys.path.insert(0, {str(target)!r}); " + code
+    return subprocess.run([sys.executable, "-I", "-S", "-c", boot], env={"PATH": os.environ.get("PATH", "")},
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_python_m_sglang_overlay_needs_only_the_standard_library(fork_site: Path) -> None:
+    release = _release()
+    assert _bare(fork_site, "import numpy").returncode != 0, "the bare interpreter must not see numpy"
+    proc = _bare(fork_site, "import runpy; runpy.run_module('sglang.overlay', run_name='__main__', alter_sys=True)")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == f"sglang {release} patched by sglang-overlay 1"
+    assert "sglang's runtime is not installed here (No module named" in lines[1]
+    proc = _bare(fork_site, "import sglang, sglang.overlay as o; print(o.__version__, sglang.__version__)")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [f"{release}+overlay.1", release]
+    # An upstream name raises the original error on first use, with what to install.
+    proc = _bare(fork_site, "import sglang; sglang.Engine")
+    assert "ModuleNotFoundError: sglang.Engine needs sglang's runtime" in proc.stderr
+    assert "pip install ." in proc.stderr and "overlay.py venv" in proc.stderr
+
+
+def test_import_sglang_with_the_runtime_is_upstreams(fork_site: Path) -> None:
+    """With the runtime installed, the fork's ``sglang`` has upstream's names and imports what it imports."""
+    release = _release()
+    pristine = Cache().release_tree(release) / "python"
+    assert (fork_site / "sglang" / "_upstream_init.py").read_bytes() == (pristine / "sglang" / "__init__.py").read_bytes()
+    probe = ("import sys, sglang; print(sorted(vars(sglang))); print(sorted(m for m in sys.modules if m.startswith('sglang')));"
+             "print(sglang.gen.__module__, sglang.__version__)")
+    seen = []
+    for path in (fork_site, pristine):
+        proc = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "PYTHONPATH": str(path)},
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        seen.append(proc.stdout.splitlines())
+    fork, upstream = seen
+    assert "_overlay_runtime_error" not in fork[0] and "gen" in fork[0]
+    assert fork == upstream

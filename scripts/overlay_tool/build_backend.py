@@ -10,6 +10,12 @@ sdist or upstream checkout (for offline builds); otherwise the release's PyPI wh
 into the release cache. The dependencies are upstream's for that release, read from its wheel
 metadata (or its pyproject.toml).
 
+The wheel's ``sglang/__init__.py`` is fork/sglang_init.py (``install_light_init``): upstream's own
+__init__.py, kept byte for byte as ``sglang/_upstream_init.py``, runs in it; it lets ``python -m
+sglang.overlay`` work with only the standard library (README, "Installing the patched fork with
+pip"). Fork-only: it lives outside python/sglang/ and patches/, so neither ``apply`` nor
+``export-pr`` ever sees it.
+
 Only the build hooks do that work (prepare_metadata_for_build_wheel, build_wheel): they stage the
 patched tree under build/sglang-overlay/ with build.json (version, dependencies), then hand over
 to setuptools, whose setup.py only reads the stage. Importing this module or setup.py downloads
@@ -19,6 +25,7 @@ and patches nothing. The fork has no sdist (it is built from an upstream release
 from __future__ import annotations
 
 import email.parser
+import hashlib
 import json
 import os
 import re
@@ -37,6 +44,8 @@ from .releases import Overlay, load_toml
 
 STAGE = Path("build") / "sglang-overlay"
 BUILD_INFO = "build.json"
+LIGHT_INIT = Path("fork") / "sglang_init.py"
+UPSTREAM_INIT = "_upstream_init.py"
 T = TypeVar("T")
 
 
@@ -99,6 +108,15 @@ def overlay_version(root: Path) -> str:
     return m.group(1)
 
 
+def install_light_init(package_dir: Path, root: Path) -> None:
+    """Make ``package_dir``/__init__.py the fork's wrapper; upstream's moves to _upstream_init.py."""
+    init, upstream = package_dir / "__init__.py", package_dir / UPSTREAM_INIT
+    if upstream.exists():
+        raise OverlayError(f"{upstream} exists already: {package_dir} is not an upstream sglang package")
+    init.rename(upstream)
+    shutil.copyfile(root / LIGHT_INIT, init)
+
+
 def _source_identity(release: str, cache: Cache) -> Optional[dict]:
     """What the stage was built from, when that can be told cheaply (a wheel or sdist file)."""
     local = os.environ.get("SGLANG_OVERLAY_UPSTREAM")
@@ -119,7 +137,8 @@ def prepare(root: Path) -> dict:
     cache = Cache()
     stage = root / STAGE
     stamp = {"release": release.version, "overlay": overlay.fingerprint(release),
-             "overlay_version": overlay_version(root), "source": _source_identity(release.version, cache)}
+             "overlay_version": overlay_version(root), "source": _source_identity(release.version, cache),
+             "light_init": hashlib.sha256((root / LIGHT_INIT).read_bytes()).hexdigest()}
     info_file = stage / BUILD_INFO
     if stamp["source"] is not None and info_file.is_file():
         info = json.loads(info_file.read_text())
@@ -138,6 +157,7 @@ def prepare(root: Path) -> dict:
         shutil.copytree(pristine / "python" / "sglang", stage / "patched" / "python" / "sglang",
                         ignore=shutil.ignore_patterns("__pycache__"))
         log(apply(stage / "patched", overlay, cache, upstream=pristine))
+        install_light_init(stage / "patched" / "python" / "sglang", root)
     install, extras, python_requires = requirements(metadata)
     info = {"stamp": stamp, "version": f"{release.version}+overlay.{stamp['overlay_version']}",
             "package_root": (STAGE / "patched" / "python").as_posix(), "install_requires": install,

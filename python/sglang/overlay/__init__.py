@@ -12,8 +12,13 @@ HuggingFace, and this package, which upstream does not have:
 
 ``python -m sglang.overlay`` prints which upstream release this is and the
 overlay version; ``UPSTREAM_RELEASE`` and ``OVERLAY_VERSION`` say the same in
-code. The public names are imported on first use, so importing this package
-costs nothing.
+code, and ``__version__`` is the fork's distribution version,
+``<UPSTREAM_RELEASE>+overlay.<OVERLAY_VERSION>`` (``0.5.23+overlay.1``). Those
+need only the standard library: in the fork wheel, ``import sglang`` without
+sglang's runtime installed defers upstream's names instead of failing (the
+wheel's ``sglang/__init__.py``, fork/sglang_init.py in the repository). The
+public names are imported on first use, so importing this package costs
+nothing.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ _PUBLIC = {
     "MeZOConfig": "sglang.overlay.mezo",
 }
 
-__all__ = ["OVERLAY_VERSION", "UPSTREAM_RELEASE", "describe", *_PUBLIC]
+__all__ = ["OVERLAY_VERSION", "UPSTREAM_RELEASE", "__version__", "describe", *_PUBLIC]
 
 
 def __getattr__(name: str) -> Any:
@@ -37,6 +42,10 @@ def __getattr__(name: str) -> Any:
         from sglang.version import __version__
 
         return __version__
+    if name == "__version__":
+        from sglang.version import __version__
+
+        return f"{__version__}+overlay.{OVERLAY_VERSION}"
     if name in _PUBLIC:
         import importlib
 
@@ -45,6 +54,13 @@ def __getattr__(name: str) -> Any:
 
 
 def describe() -> str:
+    """``sglang 0.5.23 patched by sglang-overlay 1``; a second line when sglang's runtime is missing."""
+    import sglang
     from sglang.version import __version__
 
-    return f"sglang {__version__} patched by sglang-overlay {OVERLAY_VERSION}"
+    text = f"sglang {__version__} patched by sglang-overlay {OVERLAY_VERSION}"
+    missing = vars(sglang).get("_overlay_runtime_error")
+    if missing is not None:
+        text += (f"\nsglang's runtime is not installed here ({missing}): the runner, MeZO and upstream's API "
+                 "need it (README, \"Installing the patched fork with pip\")")
+    return text
