@@ -6,11 +6,13 @@ lengths, and prints the logits next to HuggingFace OPTForCausalLM's on the
 same weights. Then builds a second runner in the same process
 (SGLANG_ALLOW_REUSE_DISTRIBUTED) and checks it agrees.
 
-Run it with a patched venv's python: ``python3 scripts/overlay.py demo``.
+Run it with a patched venv's python: ``python3 scripts/overlay.py demo``. Upstream's messages
+that no step explains are dropped (``sglang.overlay.quiet``); ``--verbose`` shows them.
 """
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,8 +21,11 @@ import torch
 from transformers import OPTConfig, OPTForCausalLM
 
 import sglang.overlay
-from sglang.srt.models.registry import ModelRegistry
-from sglang.overlay import RunnerConfig, StandaloneRunner
+from sglang.overlay import RunnerConfig, StandaloneRunner, quiet
+
+LOG_LEVEL = "verbose" if "--verbose" in sys.argv[1:] else "quiet"
+with quiet.scope(LOG_LEVEL):  # the registry's import warnings and error list (quiet.NOISE)
+    from sglang.srt.models.registry import ModelRegistry
 
 SEQS = [[2, 100, 200, 300, 400, 11, 7], [2, 5, 6], [2, 42, 43, 44, 45]]
 
@@ -32,12 +37,13 @@ def main() -> None:
         config = OPTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
                            vocab_size=512, max_position_embeddings=128, word_embed_proj_dim=64)
         hf = OPTForCausalLM(config).eval()
-        hf.save_pretrained(tmp)
+        with quiet.scope(LOG_LEVEL):
+            hf.save_pretrained(tmp)
         model_cls, arch = ModelRegistry.resolve_model_cls(["OPTForCausalLM"])
         print(f"registry: {arch} -> {model_cls.__module__}.{model_cls.__name__}")
 
         tic = time.perf_counter()
-        first = StandaloneRunner(RunnerConfig(model_path=tmp, device="cpu"))
+        first = StandaloneRunner(RunnerConfig(model_path=tmp, device="cpu", log_level=LOG_LEVEL))
         print(f"ModelRunner built in {time.perf_counter() - tic:.2f} s: "
               f"{type(first.model).__module__}.{type(first.model).__name__}")
         logits = first.logits(SEQS)
@@ -54,7 +60,8 @@ def main() -> None:
         print(f"\nmax |sglang - HF| over every position of the batch: {worst:.2e}")
 
         tic = time.perf_counter()
-        second = StandaloneRunner(RunnerConfig(model_path=tmp, device="cpu", distributed="reuse"))
+        second = StandaloneRunner(RunnerConfig(model_path=tmp, device="cpu", distributed="reuse",
+                                                 log_level=LOG_LEVEL))
         same = all(torch.equal(a, b) for a, b in zip(logits, second.logits(SEQS)))
         print(f"second runner in this process (distributed='reuse') built in {time.perf_counter() - tic:.2f} s; "
               f"identical logits: {same}")

@@ -64,6 +64,8 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the demo (native OPT vs HuggingFace) on X, in matrix's shared venvs")
     p.add_argument("version", nargs="?")
     p.add_argument("--venvs", type=Path, help="where the shared venvs live, as for matrix (default: CACHE/venvs)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show every upstream message (default: drop those sglang.overlay.quiet.NOISE lists)")
     p = sub.add_parser("export-pr", help="upstream PR branches in UPSTREAM from tag vX, one per change (nothing is pushed)")
     export_pr.add_arguments(p)
     p = sub.add_parser("matrix", help="for each release: fetch, apply, byte-compile, run the CPU tests")
@@ -146,7 +148,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.verb == "venv":
         print(make_venv(args.version, args.dest.resolve(), overlay, cache))
     elif args.verb == "demo":
-        return run_demo(args.version or overlay.default, overlay, cache, venvs)
+        return run_demo(args.version or overlay.default, overlay, cache, venvs, verbose=args.verbose)
     elif args.verb == "export-pr":
         print(export_pr.export_pr_from_args(args, overlay, cache))
     elif args.verb == "matrix":

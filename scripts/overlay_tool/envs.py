@@ -193,7 +193,7 @@ def patched_tree(version: str, dest: Path, overlay: Overlay, cache: Cache) -> Pa
     return dest / "python"
 
 
-def run_demo(version: str, overlay: Overlay, cache: Cache, envs: Path) -> int:
+def run_demo(version: str, overlay: Overlay, cache: Cache, envs: Path, verbose: bool = False) -> int:
     """scripts/demo.py on release ``version``, in the environment ``matrix`` tests it in: the shared base
     venv + the layer of its transformers pin, its patched tree first on PYTHONPATH; the demo's exit status.
 
@@ -205,4 +205,5 @@ def run_demo(version: str, overlay: Overlay, cache: Cache, envs: Path) -> int:
         env = {**os.environ, "SGLANG_OVERLAY_RELEASE": version,
                "PYTHONPATH": os.pathsep.join([str(path), *filter(None, [os.environ.get("PYTHONPATH")])])}
         log(f"demo: sglang {version} (patched tree {path}) on {python}")
-        return subprocess.call([str(python), str(overlay.root / "scripts" / "demo.py")], env=env)
+        return subprocess.call([str(python), str(overlay.root / "scripts" / "demo.py"), *(["--verbose"] if verbose else [])],
+                               env=env)

@@ -16,6 +16,7 @@ from typing import Any, Optional
 import torch
 
 from sglang.overlay import compat
+from sglang.overlay.quiet import LOG_LEVELS
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -41,6 +42,9 @@ class RunnerConfig:
     this layout (world size ``tp_size``, rank ``tp_rank``) and ``dist_port`` is
     not used. On CPU, more ranks than NUMA nodes need
     ``SGLANG_CPU_OMP_THREADS_BIND`` (SGLang binds each rank's threads to cores).
+
+    ``log_level`` "quiet" (the default) drops the upstream messages listed in
+    ``sglang.overlay.quiet.NOISE`` while the runner is built; "verbose" shows all.
     """
 
     model_path: str
@@ -60,6 +64,7 @@ class RunnerConfig:
     cuda_graphs: bool = False
     cuda_graph_batch_sizes: Optional[tuple[int, ...]] = None
     first_gpu: int = 0
+    log_level: str = "quiet"
 
     def device_kind(self) -> str:
         """'cuda' or 'cpu': what ``device`` means on this machine ("auto": CUDA when torch sees it)."""
@@ -117,6 +122,8 @@ class RunnerConfig:
             sizes = list(self.cuda_graph_batch_sizes)
             if not sizes or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in sizes):
                 raise ValueError(f"cuda_graph_batch_sizes must be a non-empty list of ints >= 1, got {sizes!r}")
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
         if self.distributed not in ("fresh", "reuse"):
             raise ValueError(f"distributed must be 'fresh' or 'reuse', got {self.distributed!r}")
         self._validate_tensor_parallel()

@@ -80,7 +80,7 @@ import torch
 from sglang.overlay import mezo_checkpoint
 from sglang.overlay.mezo_data import Batch, EvalExample, file_sha256, load_batches, load_eval_examples
 from sglang.overlay.mezo_eval import EvalResult, evaluate
-from sglang.overlay import mezo_params
+from sglang.overlay import mezo_params, quiet
 from sglang.overlay.mezo_config import LR_SCHEDULES, MeZOConfig, StepResult, decays, derive_seed
 from sglang.overlay.mezo_dp import DataParallel, launch_layout
 from sglang.overlay.mezo_lora import add_lora
@@ -309,7 +309,8 @@ class MeZO:
         model.load_state_dict(state, strict=True, assign=True)
         model.tie_weights()
         if self.tp_rank == 0:  # every rank gathers; one writes
-            model.save_pretrained(out_dir)
+            with quiet.scope(self.runner.config.log_level):  # HF's one-shard "Writing model shards" bar
+                model.save_pretrained(out_dir)
         return Path(out_dir)
 
 
@@ -388,6 +389,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="evaluate every K steps (always: before the first step and after the last)")
     parser.add_argument("--eval-batch-size", type=_int_at_least(1), default=32)
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show every upstream message (default: drop those sglang.overlay.quiet.NOISE lists)")
     return parser.parse_args(_join_negative_numbers(sys.argv[1:] if argv is None else argv))
 
 
@@ -406,6 +409,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if (args.save_every is not None or args.resume) and args.tp_size > 1:
             raise ValueError("checkpoints (--save-every, --resume) need --tp-size 1 (data parallelism is fine)")
         dp, rank, runner_config = launch_layout(args.model, args.device, args.dtype, args.tp_size)
+        runner_config = dataclasses.replace(runner_config, log_level="verbose" if args.verbose else "quiet")
         runner_config.validate()
         batches = load_batches(args.data, args.batch_size, args.model)
         examples = load_eval_examples(args.eval_data, args.model) if args.eval_data is not None else None

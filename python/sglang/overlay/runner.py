@@ -38,7 +38,7 @@ from typing import Sequence
 
 import torch
 
-from sglang.overlay import compat, inputs
+from sglang.overlay import compat, inputs, quiet
 from sglang.overlay.config import RunnerConfig, make_server_args
 from sglang.overlay.dense import DenseEngine
 from sglang.overlay.forward import decode, prefill, score, target_logprobs
@@ -83,14 +83,15 @@ class StandaloneRunner:
                     f"{self.config.tp_rank}): build with RunnerConfig(tp_size={world[0]}, tp_rank={world[1]}) or "
                     "close the other runners first"
                 )
-        self.server_args = make_server_args(self.config)
         world_before = torch.distributed.is_initialized()
         groups_before = compat.model_parallel_exists()
-        with self._reuse_allowed():
-            self.runner = compat.build_model_runner(
-                self.server_args, tp_rank=self.config.tp_rank, dist_port=self.config.dist_port,
-                gpu_id=self.config.first_gpu + self.config.tp_rank,
-            )
+        with quiet.scope(self.config.log_level):  # drops upstream's noise (quiet.NOISE) unless "verbose"
+            self.server_args = make_server_args(self.config)
+            with self._reuse_allowed():
+                self.runner = compat.build_model_runner(
+                    self.server_args, tp_rank=self.config.tp_rank, dist_port=self.config.dist_port,
+                    gpu_id=self.config.first_gpu + self.config.tp_rank,
+                )
         _CREATED.world |= not world_before and torch.distributed.is_initialized()
         _CREATED.groups |= not groups_before and compat.model_parallel_exists()
         _LIVE_RUNNERS.append(self)
