@@ -2,7 +2,7 @@
 # The one command run on the GPU device (the `run` tool), from the repository root, carrying
 # .stage/device (built here by `python3 scripts/device/stage.py`):
 #
-#   bash scripts/device/run_gpu.sh [all|tests|bench|smoke|mezo|breakdown|spread] [extra pytest args...]
+#   bash scripts/device/run_gpu.sh [all|tests|bench|smoke|mezo|zoparts|breakdown|spread] [extra pytest args...]
 #
 # Unpacks the staged site (patched sglang 0.5.17, transformers 5.12.1, ...; STAGE=.stage/device-0.5.23 for the
 # runtime-context release staged with `stage.py --release 0.5.23 --out .stage/device-0.5.23`) into /tmp/site once per
@@ -95,6 +95,9 @@ if [ "$MODE" = mezo ]; then
     timeout "${MEZO_TIMEOUT:-400}" python3 benchmarks/mezo_gpu.py --json "$OUT/mezo-$k.json" ${runs[$k]} 2>&1 \
       | tee -a "$OUT/mezo.log" || rc=$?
   done
+fi
+if [ "$MODE" = zoparts ]; then  # the z pass kernel timed in parts (benchmarks/zo_kernel_parts.py)
+  timeout "${BENCH_TIMEOUT:-200}" python3 benchmarks/zo_kernel_parts.py ${ZO_ARGS:-} 2>&1 | tee "$OUT/zoparts.log" || rc=$?
 fi
 echo "run_gpu.sh $MODE: exit $rc"
 exit $rc

@@ -155,7 +155,9 @@ class NoisePass:
                 out = out + (k * s.a + s.b) * normal(s.seed, offsets)
             flat.copy_(out)
 
-    def _kernel_pass(self, streams: Sequence[Stream], keep: float) -> None:
+    def _kernel_pass(self, streams: Sequence[Stream], keep: float, rounds: int = 10, noise: bool = True) -> None:
+        """The Triton pass. ``rounds`` (Philox rounds) and ``noise`` (False: only ``k * w``) exist for
+        benchmarks/zo_kernel_parts.py, which times the kernel's parts; z is defined with 10 rounds."""
         if self._table is None:
             self._table = self._build_table()
         seg_ptr, seg_len, seg_base, seg_decay, blk_seg, blk_g = self._table
@@ -164,7 +166,7 @@ class NoisePass:
             blk_seg, blk_g, seg_ptr, seg_len, seg_base, seg_decay,
             streams[0].seed, float(streams[0].a), float(streams[0].b),
             second.seed, float(second.a), float(second.b), float(keep),
-            DTYPE=_TL_DTYPES[self.dtype], TWO=len(streams) == 2, BLOCK=self.BLOCK,
+            DTYPE=_TL_DTYPES[self.dtype], TWO=len(streams) == 2, BLOCK=self.BLOCK, ROUNDS=rounds, NOISE=noise,
         )
 
     def _build_table(self):
@@ -190,7 +192,7 @@ if triton is not None:
     _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
     @triton.jit
-    def _normals(seed, q):
+    def _normals(seed, q, ROUNDS: tl.constexpr):
         """The four normals of Philox counter q (int64 block) under seed: offsets 4q, 4q+1, 4q+2, 4q+3."""
         seed = seed.to(tl.int64)  # below 2^31 a seed arrives as int32 (never a constexpr: do_not_specialize)
         c0 = (q & 0xFFFFFFFF).to(tl.uint32)
@@ -199,7 +201,7 @@ if triton is not None:
         c3 = c0 * 0
         k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
         k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
-        for _ in tl.static_range(10):
+        for _ in tl.static_range(ROUNDS):
             _c0, _c2 = c0, c2
             c0 = tl.umulhi(_c2, 0xCD9E8D57) ^ c1 ^ k0
             c2 = tl.umulhi(_c0, 0xD2511F53) ^ c3 ^ k1
@@ -224,10 +226,10 @@ if triton is not None:
         return x.to(tl.float32) * 4.6566127342e-10
 
     @triton.jit
-    def _noise_block(seed, g0, BLOCK: tl.constexpr):
+    def _noise_block(seed, g0, BLOCK: tl.constexpr, ROUNDS: tl.constexpr):
         """z of global offsets g0 .. g0 + BLOCK (g0 a multiple of 4), in order."""
         q = (g0 >> 2) + tl.arange(0, BLOCK // 4).to(tl.int64)
-        z0, z1, z2, z3 = _normals(seed, q)
+        z0, z1, z2, z3 = _normals(seed, q, ROUNDS)
         return tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), [BLOCK])
 
     # Triton turns an int argument equal to 1 into a constexpr (a Python int, no .to()) unless told not to;
@@ -235,7 +237,8 @@ if triton is not None:
     @triton.jit(do_not_specialize=["seed0", "seed1"])
     def _zo_pass_kernel(blk_seg, blk_g, seg_ptr, seg_len, seg_base, seg_decay,
                         seed0, a0, b0, seed1, a1, b1, keep,
-                        DTYPE: tl.constexpr, TWO: tl.constexpr, BLOCK: tl.constexpr):
+                        DTYPE: tl.constexpr, TWO: tl.constexpr, BLOCK: tl.constexpr,
+                        ROUNDS: tl.constexpr, NOISE: tl.constexpr):
         pid = tl.program_id(0)
         seg = tl.load(blk_seg + pid)
         g0 = tl.load(blk_g + pid)
@@ -245,9 +248,11 @@ if triton is not None:
         ptr = tl.load(seg_ptr + seg).to(tl.pointer_type(DTYPE))
         k = tl.where(tl.load(seg_decay + seg) != 0, keep, 1.0)
         w = tl.load(ptr + local, mask=mask, other=0.0).to(tl.float32)
-        out = k * w + (k * a0 + b0) * _noise_block(seed0, g0, BLOCK)
-        if TWO:
-            out += (k * a1 + b1) * _noise_block(seed1, g0, BLOCK)
+        out = k * w
+        if NOISE:
+            out += (k * a0 + b0) * _noise_block(seed0, g0, BLOCK, ROUNDS)
+            if TWO:
+                out += (k * a1 + b1) * _noise_block(seed1, g0, BLOCK, ROUNDS)
         if DTYPE == tl.float32:
             tl.store(ptr + local, out, mask=mask)
         else:
