@@ -38,6 +38,7 @@ def test_tp2_trajectory_equals_tp1(build, tiny_opt: Path, tmp_path: Path) -> Non
     """Two processes (gloo), one TP rank each, every rank perturbing its shards (q/k/v/fc1 rows, out_proj/fc2
     columns, vocabulary rows) at their HF offsets: TP = 2 draws TP = 1's z, and 20 steps give TP = 1's losses
     and weights within 1e-5."""
+    from tests.support.runtime import wait_all
     import os
     import subprocess
     import sys
@@ -63,17 +64,7 @@ def test_tp2_trajectory_equals_tp1(build, tiny_opt: Path, tmp_path: Path) -> Non
          "tp_mezo_main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])",
          str(tiny_opt), str(rank), str(port), str(tmp_path / f"rank{rank}.pt")],
         cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=TP_TIMEOUT)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-    for rank, (proc, output) in enumerate(zip(procs, outputs)):
-        assert proc.returncode == 0, f"rank {rank} failed (rc={proc.returncode}):\n{output[-6000:]}"
+    wait_all(procs, TP_TIMEOUT)
     for rank in (0, 1):
         res = torch.load(tmp_path / f"rank{rank}.pt")
         assert res["shards"]["model.decoder.layers.0.fc2.weight"] == (64, 64), "fc2 is not a column shard"
@@ -92,7 +83,10 @@ def dp_mezo_main(model: str, out: str) -> None:
     from sglang.overlay.mezo_dp import DataParallel
 
     dp = DataParallel.from_env()
-    with StandaloneRunner(RunnerConfig(model_path=model, device="cpu")) as r:
+    import os
+
+    port = int(os.environ["MASTER_PORT"]) + 1 + dp.rank  # the replica's own world, as the CLI places it
+    with StandaloneRunner(RunnerConfig(model_path=model, device="cpu", dist_port=port)) as r:
         trainer = MeZO(r, MeZOConfig(**TP_HYPER), data_parallel=dp)
         results = trainer.train([(PROMPTS, TARGETS)], STEPS, progress=False)
         torch.save(dict(losses=[(x.loss_plus, x.loss_minus) for x in results], state=trainer.hf_state_dict(),
@@ -104,6 +98,7 @@ def test_dp2_trajectory_equals_one_replica_on_the_union_batch(build, tiny_opt: P
     """Two replicas as torchrun starts them (RANK, WORLD_SIZE, MASTER_ADDR/PORT and the agent's store), each
     scoring half of every batch and exchanging (NLL sum, token count) through the store: both end with the
     same weights, bit for bit, and follow one replica on the whole batch within 1e-5 over 20 steps."""
+    from tests.support.runtime import wait_all
     import os
     import subprocess
     import sys
@@ -133,18 +128,10 @@ def test_dp2_trajectory_equals_one_replica_on_the_union_batch(build, tiny_opt: P
             [sys.executable, "-c", "import sys; from tests.test_mezo_parallel import dp_mezo_main; "
              "dp_mezo_main(sys.argv[1], sys.argv[2])", str(tiny_opt), str(tmp_path / f"rank{rank}.pt")],
             cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = []
     try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=TP_TIMEOUT)[0])
+        wait_all(procs, TP_TIMEOUT, "replica")
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-    del store
-    for rank, (proc, output) in enumerate(zip(procs, outputs)):
-        assert proc.returncode == 0, f"replica {rank} failed (rc={proc.returncode}):\n{output[-6000:]}"
+        del store
     replicas = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
     assert [r["share"] for r in replicas] == [PROMPTS[0::2], PROMPTS[1::2]] and replicas[1]["size"] == 2
     assert all(torch.equal(replicas[0]["state"][k], replicas[1]["state"][k]) for k in want_state)

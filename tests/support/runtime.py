@@ -80,3 +80,20 @@ def destroy_distributed() -> None:
 
     ps.destroy_model_parallel()
     ps.destroy_distributed_environment()
+
+
+def wait_all(procs, timeout: float, label: str = "rank") -> list[str]:
+    """The outputs of subprocesses started together (stdout piped, stderr folded into it); each must
+    exit 0 within ``timeout`` seconds, else the test fails with its output's tail. None is left running."""
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=timeout)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    for rank, (proc, output) in enumerate(zip(procs, outputs)):
+        assert proc.returncode == 0, f"{label} {rank} failed (rc={proc.returncode}):\n{output[-6000:]}"
+    return outputs

@@ -89,7 +89,9 @@ def launch_layout(model: str, device: str, dtype: Optional[str], tp_size: int) -
         return None, 0, RunnerConfig(model_path=model, device=device, dtype=dtype)
     replica, tp_rank = rank // tp_size, rank % tp_size
     local = int(os.environ.get("LOCAL_RANK", str(rank)))
-    port = int(os.environ["MASTER_PORT"]) + 1 + replica if tp_size > 1 else None
+    # Each replica's own world on a port of its own (MASTER_PORT + 1 + replica): replicas that each asked
+    # the OS for a free port at once could be handed the same one.
+    port = int(os.environ["MASTER_PORT"]) + 1 + replica if "MASTER_PORT" in os.environ else None
     config = RunnerConfig(model_path=model, device=device, dtype=dtype, tp_size=tp_size, tp_rank=tp_rank,
                           dist_port=port)
     if config.device_kind() == "cuda":  # on the CPU the GPU id picks SGLang's NUMA binding: keep 0
