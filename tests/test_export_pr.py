@@ -38,6 +38,11 @@ PRECOMMIT = """repos:
     rev: 26.1.0
     hooks:
       - id: black-jupyter
+  - repo: https://github.com/pre-commit/pre-commit-hooks
+    rev: v6.0.0
+    hooks:
+      - id: check-ast
+      - id: check-toml
   - repo: local
     hooks:
       - id: check-registered-tests
@@ -128,7 +133,9 @@ def test_check_passes_a_good_branch_and_fails_a_bad_one(fixture_upstream: Path) 
     assert all(r.ok for r in results), "\n".join(r.line() + "\n" + r.output for r in results)
     names = {r.name.split(" (")[0] for r in results}
     assert {"pre-commit isort", "pre-commit ruff", "pre-commit black-jupyter", "pre-commit check-registered-tests",
-            "test/run_suite.py collection", "exported test test/registered/unit/test_fixture.py"} <= names
+            "pre-commit check-ast", "test/run_suite.py collection",
+            "exported test test/registered/unit/test_fixture.py"} <= names
+    assert "pre-commit check-toml" not in names  # its manifest limits it to .toml files: none here
 
     bad = branch(fixture_upstream, "bad", {
         "python/sglang/srt/fixture.py": BAD_SOURCE,

@@ -46,7 +46,10 @@ HOOK_COMMANDS = {
     "check-merge-conflict": ["check-merge-conflict"], "check-toml": ["check-toml"],
     "detect-private-key": ["detect-private-key"],
 }
-PYTHON_ONLY = {"isort", "ruff", "black", "black-jupyter", "check-ast", "debug-statements"}
+# The file types a hook's own manifest (`types:` in its repository's .pre-commit-hooks.yaml) limits it
+# to; hooks not listed take every text file.
+HOOK_SUFFIXES = {hid: (".py", ".pyi") for hid in ("isort", "ruff", "black", "check-ast", "debug-statements")}
+HOOK_SUFFIXES.update({"black-jupyter": (".py", ".pyi", ".ipynb"), "check-toml": (".toml",)})
 TEST_EXTRAS = ("datasets", "tabulate")  # imported by sglang.test.test_utils / test/run_suite.py
 TEST_TIMEOUT = 600
 
@@ -167,7 +170,7 @@ def run_hooks(work: Path, files: list[str], lint_python: Path) -> list[CheckResu
             chosen = [f for f in files
                       if (not hook.get("files") or _matches(hook["files"], f))
                       and not _matches(hook.get("exclude"), f) and not _matches(config.get("exclude"), f)
-                      and (hid not in PYTHON_ONLY or f.endswith((".py", ".pyi")))]
+                      and (hid not in HOOK_SUFFIXES or f.endswith(HOOK_SUFFIXES[hid]))]
             if not chosen:
                 continue
             args = [a for a in hook.get("args", []) if a != "--fix" or hid != "ruff"]
