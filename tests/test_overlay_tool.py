@@ -319,7 +319,7 @@ def test_newest_without_an_answer_from_pypi_fails_clearly(tmp_path: Path) -> Non
 def test_the_entry_point_turns_errors_into_messages_however_it_is_imported(tmp_path: Path, capsys) -> None:
     import scripts.overlay as entry  # the way tests and tools import it: as scripts.overlay
 
-    assert entry.main(["export-pr", str(tmp_path), "--base", "v0.0.1", "--branch", "x"]) == 2
+    assert entry.main(["export-pr", str(tmp_path), "--base", "v0.0.1"]) == 2
     assert "error: sglang 0.0.1 is not a supported release" in capsys.readouterr().err
     assert entry.main(["apply", str(tmp_path / "nowhere")]) == 1
     assert capsys.readouterr().err.startswith("error: ")
