@@ -185,16 +185,12 @@ def main() -> None:
     row["fraction_of_roofline"] = row["sgl_steps_per_s"] / row["roofline_steps_per_s"]
     row["sgl_tokens_per_s"] = a.batch * seq * row["sgl_steps_per_s"]
 
-    if a.no_hf:
-        if a.json:
-            a.json.write_text(json.dumps(row, indent=1) + "\n")
-        report(a, row, weight_bytes)
-        return
-    try:  # a reference that does not fit (or fails) leaves SGLang's half of the table
-        hf_side(a, row, path, dummy, cfg, prompts, targets)
-    except torch.OutOfMemoryError as e:
-        row["hf_error"] = f"out of memory: {e}".splitlines()[0]
-        log(f"HF reference: {row['hf_error']}")
+    if not a.no_hf:
+        try:  # a reference that does not fit leaves SGLang's half of the table
+            hf_side(a, row, path, dummy, cfg, prompts, targets)
+        except torch.OutOfMemoryError as e:
+            row["hf_error"] = f"out of memory: {e}".splitlines()[0]
+            log(f"HF reference: {row['hf_error']}")
     if a.json:
         a.json.write_text(json.dumps(row, indent=1) + "\n")
     report(a, row, weight_bytes)

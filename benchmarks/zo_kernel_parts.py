@@ -38,7 +38,7 @@ def main() -> None:
     a = ap.parse_args()
     from transformers import OPTConfig, OPTForCausalLM
 
-    from bench_opt import cuda_time
+    from bench_opt import copy_bandwidth, cuda_time
     from sglang.overlay.zo_noise import NoisePass, Stream
 
     dtype = getattr(torch, a.dtype)
@@ -51,9 +51,7 @@ def main() -> None:
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
     noise = NoisePass(tensors, bases)
     assert noise.uses_kernel()
-    flat = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    other = torch.empty_like(flat)
-    floor = cuda_time(lambda: other.copy_(flat), 20, warmup=5)
+    floor = 2 * nbytes / copy_bandwidth(nbytes)  # a device-to-device copy of the same bytes
     one, two = [Stream(7, 0.0, 0.0)], [Stream(7, 0.0, 0.0), Stream(8, 0.0, 0.0)]
     rows = [("device-to-device copy of the same bytes", floor)]
     rows.append(("pass kernel, no noise (w = k w)", cuda_time(lambda: noise._kernel_pass(one, 1.0, noise=False), 20, 5)))
