@@ -83,6 +83,7 @@ class TestDouble(unittest.TestCase):
 if __name__ == "__main__":
     unittest.main()
 '''
+LEGACY = "SIZES = [1,2]\n"
 BAD_SOURCE = "import os\ndef double(x:int)->'int':\n    return 2*x\n"
 
 
@@ -103,6 +104,7 @@ def fixture_upstream(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write(root, "test/run_suite.py", RUN_SUITE)
     write(root, "python/sglang/__init__.py", "")
     write(root, "python/sglang/srt/__init__.py", "")
+    write(root, "python/sglang/srt/legacy.py", LEGACY)  # black at the pin would reformat its own code
     for rel in ("test/__init__.py", "test/ci/__init__.py", "test/ci/ci_register.py"):
         target = tree / "python" / "sglang" / rel
         write(root, f"python/sglang/{rel}", target.read_text() if target.is_file() else "")
@@ -147,6 +149,36 @@ def test_check_passes_a_good_branch_and_fails_a_bad_one(fixture_upstream: Path) 
     assert failed == {"pre-commit isort", "pre-commit ruff", "pre-commit black-jupyter", "pre-commit check-registered-tests",
                       "test/run_suite.py collection", "exported test test/registered/unit/test_fixture.py"}
     assert not git("status", "--porcelain", cwd=bad).strip()  # fixers' changes are undone
+
+
+def test_findings_in_the_bases_own_code_are_not_held_against_the_branch(fixture_upstream: Path) -> None:
+    lint = export_check.make_lint_env(fixture_upstream, Cache().root / "venvs")
+    base = export_check.BaseTree(branch(fixture_upstream, "touch", {
+        "python/sglang/srt/legacy.py": LEGACY + "\n\ndef total() -> int:\n    return sum(SIZES)\n"}), "v0.0.1")
+    try:
+        black = next(r for r in export_check.run_hooks(base.work, ["python/sglang/srt/legacy.py"], lint, base)
+                     if "black" in r.name)
+        assert black.ok and "also at the base" in black.note, black.output
+    finally:
+        base.close()
+    base = export_check.BaseTree(branch(fixture_upstream, "touch-bad", {
+        "python/sglang/srt/legacy.py": LEGACY + "\n\ndef total()->int:\n    return sum(SIZES)\n"}), "v0.0.1")
+    try:
+        black = next(r for r in export_check.run_hooks(base.work, ["python/sglang/srt/legacy.py"], lint, base)
+                     if "black" in r.name)
+        assert not black.ok and "def total() -> int:" in black.output
+    finally:
+        base.close()
+
+
+def test_exported_tests_are_rewritten_for_the_variants_api() -> None:
+    text = (REPO / export_changes.TESTS_DIR / "test/registered/unit/distributed/test_reuse.py").read_text()
+    assert export_changes.exported_test_text(text, "bootstrap") == text
+    new = export_changes.exported_test_text(text, "runtime-context")
+    assert "publish_build_topology(tp_size=tp_size, pp_size=pp_size)" in new
+    assert "tensor_model_parallel_size=" not in new
+    with pytest.raises(OverlayError, match="_initialize_model_parallel"):
+        export_changes.exported_test_text(text.replace("parallel_state.initialize_model_parallel(", "build("), "self-pp")
 
 
 @pytest.mark.parametrize("version", ["0.5.18", "0.5.23"])

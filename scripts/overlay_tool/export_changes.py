@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable
 
+from .errors import OverlayError
 from .releases import PACKAGE_PREFIX
 
 UPSTREAM_REPO = "sgl-project/sglang"
@@ -85,6 +86,46 @@ CHANGES: tuple[Change, ...] = (
         tests=("test/registered/unit/distributed/test_destroy_model_parallel.py",),
     ),
 )
+
+# The exported tests build model-parallel groups in one helper, ``_initialize_model_parallel``, and
+# import ``CustomTestCase`` in one line; both are written for upstream's sizes-as-arguments API. A
+# variant whose upstream builds the groups another way gets these edits (text -> that era's text).
+# self-pp (0.5.19, 0.5.20): the sizes are arguments, but layers read the TP width from the published
+# config (get_parallel().tp_size): publish a test config first with the runtime context's
+# override_server_args ("a temporary dummy config for tests").
+# runtime-context (0.5.21+): initialize_model_parallel() reads the published widths; upstream's own
+# tests publish them with sglang.test.test_utils.publish_build_topology (test/layer_ut_utils.py).
+TEST_API_EDITS: dict[str, tuple[tuple[str, str], ...]] = {
+    "self-pp": (
+        ("from sglang.test.test_utils import CustomTestCase\n",
+         "from sglang.srt.runtime_context import get_context\n"
+         "from sglang.test.test_utils import CustomTestCase\n"),
+        ("    parallel_state.initialize_model_parallel(\n",
+         "    get_context().override_server_args(tp_size=tp_size, pp_size=pp_size).install()\n"
+         "    parallel_state.initialize_model_parallel(\n"),
+    ),
+    "runtime-context": (
+        ("from sglang.test.test_utils import CustomTestCase\n",
+         "from sglang.test.test_utils import CustomTestCase, publish_build_topology\n"),
+        ("    parallel_state.initialize_model_parallel(\n"
+         "        tensor_model_parallel_size=tp_size, pipeline_model_parallel_size=pp_size\n"
+         "    )\n",
+         "    publish_build_topology(tp_size=tp_size, pp_size=pp_size)\n"
+         "    parallel_state.initialize_model_parallel()\n"),
+    ),
+}
+
+
+def exported_test_text(text: str, variant: str, name: str = "test") -> str:
+    """An exported test's text as it ships onto a release of ``variant`` (see TEST_API_EDITS)."""
+    for old, new in TEST_API_EDITS.get(variant, ()):
+        if text.count(old) != 1:
+            raise OverlayError(f"{name}: expected exactly one {old.strip().splitlines()[0]!r} to rewrite for the "
+                             f"{variant} API; keep the group setup in _initialize_model_parallel "
+                             "(export_changes.TEST_API_EDITS)")
+        text = text.replace(old, new)
+    return text
+
 
 # Never exported: the fork package, and upstream-layer files that only serve this repository
 # (release compat for one opt.py across releases; the fused op of the speed work).

@@ -28,7 +28,7 @@ from typing import Optional
 
 from .cache import Cache
 from .errors import OverlayError, UnsupportedRelease
-from .export_changes import CHANGES, TESTS_DIR, UPSTREAM_REPO, Change, fork_layer_leaks
+from .export_changes import CHANGES, TESTS_DIR, UPSTREAM_REPO, Change, fork_layer_leaks, exported_test_text
 from .export_check import CheckResult, make_lint_env, make_test_env, run_checks
 from .export_opt_fixes import FIXES, OPT_PATH, fixed_opt
 from .gitutil import git, git_ok, run
@@ -106,7 +106,7 @@ def export_pr(upstream: Path, base: str, *, overlay: Overlay, cache: Cache, sour
             work = tmp / change.key
             git("worktree", "add", "-q", "--detach", str(work), base_rev, cwd=upstream)
             try:
-                item = _build(work, change, patches, source_repo, tag, who, tmp)
+                item = _build(work, change, patches, source_repo, tag, release.variant, who, tmp)
                 if item is None:
                     continue
                 if lint_python and tests_python:
@@ -212,8 +212,8 @@ def _compare_tree(upstream: Path, tag: str, tree: Path) -> tuple[int, list[str]]
     return len(files) - len(differ), differ
 
 
-def _build(work: Path, change: Change, patches: list[Path], source: Path, tag: str, who: tuple[str, str],
-           tmp: Path) -> Optional[Built]:
+def _build(work: Path, change: Change, patches: list[Path], source: Path, tag: str, variant: str,
+           who: tuple[str, str], tmp: Path) -> Optional[Built]:
     for patch in patches:
         subject = _patch_subject(patch)
         if any(re.search(rf"\b{re.escape(w)}\b", subject, re.I) for w in change.patch_words):
@@ -239,7 +239,7 @@ def _build(work: Path, change: Change, patches: list[Path], source: Path, tag: s
         if not source_test.is_file():
             raise OverlayError(f"{source_test} is missing: every exported change ships its tests")
         (work / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source_test, work / rel)
+        (work / rel).write_text(exported_test_text(source_test.read_text(), variant, rel))
         git("add", "--", rel, cwd=work)
     _check_leaks(work)
     item = Built(change, "")

@@ -29,7 +29,7 @@ from .releases import Overlay, Release, version_key
 
 FULL, RELEASE, COMPILE = "full", "release", "compile"
 RELEASE_TESTS = ["tests/test_opt.py", "tests/test_reuse_distributed.py", "tests/test_standalone.py",
-                 "tests/test_runner_inputs.py", "tests/test_mezo.py"]
+                 "tests/test_runner_inputs.py", "tests/test_mezo.py", "tests/test_upstream_exported.py"]
 PYPI_JSON = "https://pypi.org/pypi/sglang/json"
 
 

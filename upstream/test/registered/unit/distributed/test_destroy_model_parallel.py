@@ -17,6 +17,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _initialize_model_parallel(tp_size: int = 1, pp_size: int = 1) -> None:
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp_size, pipeline_model_parallel_size=pp_size
+    )
+
+
 class TestDestroyModelParallel(CustomTestCase):
     def setUp(self):
         parallel_state.init_distributed_environment(
@@ -26,9 +32,7 @@ class TestDestroyModelParallel(CustomTestCase):
             local_rank=0,
             backend="gloo",
         )
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=1, pipeline_model_parallel_size=1
-        )
+        _initialize_model_parallel()
 
     def tearDown(self):
         parallel_state.destroy_model_parallel()
@@ -44,9 +48,7 @@ class TestDestroyModelParallel(CustomTestCase):
     def test_groups_are_rebuilt_after_destroy(self):
         old = parallel_state._SELF_PP
         parallel_state.destroy_model_parallel()
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=1, pipeline_model_parallel_size=1
-        )
+        _initialize_model_parallel()
         self.assertIsNotNone(parallel_state._SELF_PP)
         self.assertIsNot(parallel_state._SELF_PP, old)
 

@@ -25,6 +25,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _initialize_model_parallel(tp_size: int = 1, pp_size: int = 1) -> None:
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp_size, pipeline_model_parallel_size=pp_size
+    )
+
+
 def _init_world(port: int, world_size: int = 1, backend: str = "gloo") -> None:
     parallel_state.init_distributed_environment(
         world_size=world_size,
@@ -41,9 +47,7 @@ class TestReuseDistributed(CustomTestCase):
         cls.port = _free_port()
         with mock.patch.dict(os.environ, {REUSE_DISTRIBUTED_ENV: "0"}):
             _init_world(cls.port)
-            parallel_state.initialize_model_parallel(
-                tensor_model_parallel_size=1, pipeline_model_parallel_size=1
-            )
+            _initialize_model_parallel()
 
     @classmethod
     def tearDownClass(cls):
@@ -62,29 +66,21 @@ class TestReuseDistributed(CustomTestCase):
     def test_second_initialize_fails_without_opt_in(self):
         with mock.patch.dict(os.environ, {REUSE_DISTRIBUTED_ENV: "0"}):
             with self.assertRaises(AssertionError):
-                parallel_state.initialize_model_parallel(
-                    tensor_model_parallel_size=1, pipeline_model_parallel_size=1
-                )
+                _initialize_model_parallel()
 
     def test_matching_layout_is_reused(self):
         tp_group = parallel_state.get_tp_group()
         with mock.patch.dict(os.environ, {REUSE_DISTRIBUTED_ENV: "1"}):
             _init_world(self.port)
-            parallel_state.initialize_model_parallel(
-                tensor_model_parallel_size=1, pipeline_model_parallel_size=1
-            )
+            _initialize_model_parallel()
         with allow_reuse():
-            parallel_state.initialize_model_parallel(
-                tensor_model_parallel_size=1, pipeline_model_parallel_size=1
-            )
+            _initialize_model_parallel()
         self.assertIs(parallel_state.get_tp_group(), tp_group)
 
     def test_mismatched_layout_raises(self):
         with allow_reuse():
             with self.assertRaisesRegex(ValueError, "tp: existing 1, requested 2"):
-                parallel_state.initialize_model_parallel(
-                    tensor_model_parallel_size=2, pipeline_model_parallel_size=1
-                )
+                _initialize_model_parallel(tp_size=2)
             with self.assertRaisesRegex(
                 ValueError, "world_size: existing 1, requested 2"
             ):

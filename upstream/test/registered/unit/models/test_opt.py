@@ -24,6 +24,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _initialize_model_parallel(tp_size: int = 1, pp_size: int = 1) -> None:
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp_size, pipeline_model_parallel_size=pp_size
+    )
+
+
 def _config(**kwargs) -> OPTConfig:
     values = dict(
         vocab_size=64,
@@ -56,9 +62,7 @@ class TestOPTWeightLoading(CustomTestCase):
             local_rank=0,
             backend="gloo",
         )
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=1, pipeline_model_parallel_size=1
-        )
+        _initialize_model_parallel()
 
     @classmethod
     def tearDownClass(cls):
