@@ -116,9 +116,16 @@ def main() -> None:
                     help="random weights made in place (SGLang load_format=dummy, HF from the config): no "
                          "checkpoint on disk; the default from opt-13b up")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF reference (shapes where two copies do not fit)")
+    ap.add_argument("--z-math", type=int, default=None, choices=[0, 1, 2],
+                    help="the z kernel's transcendentals (default: NoisePass.FAST, 1): 0 precise (z's definition), "
+                         "1 hardware sin/cos, 2 also log")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     from sglang.overlay.mezo import MeZO, MeZOConfig
+    from sglang.overlay.zo_noise import NoisePass
+
+    if a.z_math is not None:
+        NoisePass.FAST = a.z_math
 
     dummy = a.dummy or a.shape in ("opt-13b", "opt-30b", "opt-66b")
     path = common.config_only(a.shape) if dummy else common.checkpoint(a.shape)
@@ -128,7 +135,7 @@ def main() -> None:
     targets = [torch.randint(3, 50000, (a.target,), generator=g).tolist() for _ in range(a.batch)]
     cfg = MeZOConfig(lr=1e-6, eps=1e-3, seed=0)
     row = dict(shape=a.shape, dtype=a.dtype, batch=a.batch, tokens=a.prompt + a.target, steps=a.steps,
-               weights="dummy" if dummy else "checkpoint")
+               weights="dummy" if dummy else "checkpoint", z_math=NoisePass.FAST)
 
     from bench_opt import copy_bandwidth, cuda_time, flops_per_token, matmul_peak_tflops
     from sglang.overlay.zo_noise import Stream

@@ -8,12 +8,14 @@ through ``NoisePass`` as MeZO's trainer builds it, and each variant of the kerne
 events (median of 20 after 5 warm-ups), side by side in one run:
 
 - copy: the same kernel without noise (``w = k * w``): the table walk, loads and stores;
-- Philox rounds 0 / 5 / 7 / 10: noise from ``rounds`` Philox rounds (10 is z's definition; the others
-  only time the cost of a round, their values are not z), one stream and two (the folded pass);
+- Philox rounds 0 / 10 (10 is z's definition; 0 only times the cost of the rounds, its values are not z),
+  one stream and two (the folded pass);
+- hardware transcendentals (``fast`` 1: sin / cos, 2: also log) against the precise ones, with the largest
+  |z - z| against the precise kernel over the model's whole offset range (fp32 zeros plus z);
+- the block size (elements per program), with hardware sin/cos;
 - a device-to-device copy of the same bytes: the memory floor.
 
-Prints a table: ms per pass and the fraction of the copy floor; the cost of one Philox round and of
-everything else (Box-Muller, the interleave) follow from the differences.
+Prints a table: ms per pass and the fraction of the copy floor.
 """
 
 from __future__ import annotations
@@ -53,18 +55,38 @@ def main() -> None:
     assert noise.uses_kernel()
     floor = 2 * nbytes / copy_bandwidth(nbytes)  # a device-to-device copy of the same bytes
     one, two = [Stream(7, 0.0, 0.0)], [Stream(7, 0.0, 0.0), Stream(8, 0.0, 0.0)]
-    rows = [("device-to-device copy of the same bytes", floor)]
-    rows.append(("pass kernel, no noise (w = k w)", cuda_time(lambda: noise._kernel_pass(one, 1.0, noise=False), 20, 5)))
-    for rounds in (0, 5, 7, 10):
-        for label, streams in (("1 stream", one), ("2 streams", two)):
-            t = cuda_time(lambda: noise._kernel_pass(streams, 1.0, rounds=rounds), 20, 5)
-            rows.append((f"Philox {rounds} rounds, {label}" + (" (z)" if rounds == 10 else ""), t))
+    rows = [("device-to-device copy of the same bytes", floor, "")]
+    rows.append(("pass kernel, no noise (w = k w)", cuda_time(lambda: noise._kernel_pass(one, 1.0, noise=False), 20, 5), ""))
+    variants = [("Philox 0, precise", dict(rounds=0)),
+                ("Philox 10, precise (z)", {}),
+                ("Philox 0, fast sin/cos", dict(rounds=0, fast=1)),
+                ("Philox 10, fast sin/cos", dict(fast=1)),
+                ("Philox 10, fast sin/cos/log", dict(fast=2))]
+    zeros = {name: torch.zeros(t.shape, device="cuda", dtype=torch.float32) for name, t in tensors.items()}
+    exact = NoisePass({k: v.clone() for k, v in zeros.items()}, bases)
+    exact._kernel_pass([Stream(7, 1.0, 0.0)], 1.0)
+    for label, kw in variants:
+        for n_label, streams in (("1 stream", one), ("2 streams", two)):
+            t = cuda_time(lambda: noise._kernel_pass(streams, 1.0, **kw), 20, 5)
+            accuracy = ""
+            if n_label == "1 stream" and kw.get("rounds", 10) == 10:
+                z = NoisePass({k: v.clone() for k, v in zeros.items()}, bases)
+                z._kernel_pass([Stream(7, 1.0, 0.0)], 1.0, **kw)
+                accuracy = f"{max(float((z.tensors[k] - exact.tensors[k]).abs().max()) for k in zeros):.2e}"
+                del z
+            rows.append((f"{label}, {n_label}", t, accuracy))
+    for block in (1024, 4096, 8192):  # the block size, with hardware sin/cos
+        sized = NoisePass(tensors, bases)
+        sized.BLOCK = block
+        for n_label, streams in (("1 stream", one), ("2 streams", two)):
+            t = cuda_time(lambda: sized._kernel_pass(streams, 1.0, fast=1), 20, 5)
+            rows.append((f"Philox 10, fast sin/cos, BLOCK {block} (default {NoisePass.BLOCK}), {n_label}", t, ""))
     print(f"z pass over the {a.shape} weights: {len(tensors)} tensors, {nbytes / 1e9:.2f} GB {a.dtype}, "
           f"{torch.cuda.get_device_name(0)}; copy floor {2 * nbytes / floor / 1e12:.2f} TB/s (read + written)")
-    print("| variant | ms | x copy floor |")
-    print("|---|---|---|")
-    for label, t in rows:
-        print(f"| {label} | {t * 1e3:.3f} | {t / floor:.2f} |")
+    print("| variant | ms | x copy floor | max abs z diff vs the precise kernel (fp32) |")
+    print("|---|---|---|---|")
+    for label, t, accuracy in rows:
+        print(f"| {label} | {t * 1e3:.3f} | {t / floor:.2f} | {accuracy} |")
 
 
 if __name__ == "__main__":

@@ -88,8 +88,9 @@ assert zo_noise.triton is not None
 out = {}
 for dtype in (torch.float32, torch.float16):
     g = torch.Generator().manual_seed(1)
-    shapes = {"emb": (37, 24), "qkv": (3000,), "cols": (5, 6), "tiny": (3,)}
-    base = {"emb": (1 << 33) - 5, "qkv": (1 << 33) + 900, "cols": (1 << 34) + 2, "tiny": 11}
+    shapes = {"emb": (37, 24), "qkv": (3000,), "cols": (5, 6), "tiny": (3,), "carry": (50,)}
+    base = {"emb": (1 << 33) - 5, "qkv": (1 << 33) + 900, "cols": (1 << 34) + 2, "tiny": 11,
+            "carry": (1 << 34) - 10}  # its Philox counters carry into the high word inside one block
     rows = {"cols": (6, 13)}
     start = {k: torch.randn(s, generator=g).to(dtype) for k, s in shapes.items()}
     ref = {k: v.clone() for k, v in start.items()}

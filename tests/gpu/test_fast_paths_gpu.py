@@ -207,3 +207,21 @@ def test_zo_noise_kernel_matches_definition(dtype):
             assert diff <= 2e-6
         else:
             assert differ <= 1e-3 and diff <= 2 * (2 ** -7 if dtype == "bfloat16" else 2 ** -10) * 8
+
+
+@pytest.mark.parametrize("fast, bound", [(0, 2e-6), (1, 4e-6)])
+def test_zo_noise_kernel_z_is_within_its_bound_of_the_definition(fast, bound):
+    """z itself (fp32 zeros + z) from the kernel, precise (FAST = 0) and with the hardware's sin / cos (the
+    default, FAST = 1), against the torch definition over 4M offsets whose Philox counters cross 2^32."""
+    import torch
+
+    from sglang.overlay.zo_noise import NoisePass, Stream, normal
+
+    assert NoisePass.FAST == 1
+    n, base = 1 << 22, (1 << 34) - (1 << 21)
+    z = {"w": torch.zeros(n, device="cuda")}
+    NoisePass(z, {"w": base})._kernel_pass([Stream(99, 1.0, 0.0)], 1.0, fast=fast)
+    want = normal(99, torch.arange(base, base + n, device="cuda"))
+    diff = (z["w"] - want).abs().max().item()
+    print(f"ZO_NOISE z fast={fast}: max |kernel - definition| {diff:.2e}", flush=True)
+    assert diff <= bound

@@ -21,7 +21,11 @@ for the others: a perturbation (``k = 1``), MeZO's restore-and-update, and the
 update of one step folded into the next step's first perturbation. On CUDA one
 Triton kernel runs the pass over a table of every tensor, reading and writing
 each element once and storing no noise; elsewhere (and as the reference) the
-same arithmetic in torch.
+same arithmetic in torch. The kernel takes sin and cos of the angle reduced to
+[-pi, pi) from the hardware (``NoisePass.FAST``): its z is within 4e-6 of the
+definition (the same on every rank and layout, since each offset runs the same
+code); with ``FAST = 0``, and under Triton's interpreter, it computes the
+definition's precise functions (within 1e-6 of torch's).
 """
 
 from __future__ import annotations
@@ -110,6 +114,11 @@ class NoisePass:
     """
 
     BLOCK = 2048
+    # The kernel's transcendentals (_normals): 1, the hardware's sin / cos (z within 4e-6 of the definition;
+    # 3.46e-6 at most over the opt-1.3b offsets on the H200) made the pass 1.45x faster (one stream) and
+    # MeZO's 1.3b step 1.07x; 0 computes the definition's precise ones; 2 (also the hardware's log, 2e-4
+    # off where u is near 1) is for benchmarks only. benchmarks/mezo_gpu.py --z-math sets it.
+    FAST = 1
 
     def __init__(self, tensors: dict[str, torch.Tensor], bases: dict[str, int],
                  decays: Sequence[str] = (), rows: Optional[dict[str, tuple[int, int]]] = None) -> None:
@@ -141,7 +150,7 @@ class NoisePass:
         if not 1 <= len(streams) <= 2:
             raise ValueError(f"a noise pass takes one or two streams, got {len(streams)}")
         if self.uses_kernel():
-            self._kernel_pass(streams, keep)
+            self._kernel_pass(streams, keep, fast=self.FAST)
         else:
             self._torch_pass(streams, keep)
 
@@ -155,9 +164,11 @@ class NoisePass:
                 out = out + (k * s.a + s.b) * normal(s.seed, offsets)
             flat.copy_(out)
 
-    def _kernel_pass(self, streams: Sequence[Stream], keep: float, rounds: int = 10, noise: bool = True) -> None:
-        """The Triton pass. ``rounds`` (Philox rounds) and ``noise`` (False: only ``k * w``) exist for
-        benchmarks/zo_kernel_parts.py, which times the kernel's parts; z is defined with 10 rounds."""
+    def _kernel_pass(self, streams: Sequence[Stream], keep: float, rounds: int = 10, noise: bool = True,
+                     fast: int = 0) -> None:
+        """The Triton pass. ``rounds`` (Philox rounds), ``noise`` (False: only ``k * w``) and ``fast`` (hardware
+        transcendentals, see ``_normals``) exist for benchmarks/zo_kernel_parts.py, which times the kernel's
+        parts; z is defined with 10 rounds and precise transcendentals."""
         if self._table is None:
             self._table = self._build_table()
         seg_ptr, seg_len, seg_base, seg_decay, blk_seg, blk_g = self._table
@@ -167,6 +178,7 @@ class NoisePass:
             streams[0].seed, float(streams[0].a), float(streams[0].b),
             second.seed, float(second.a), float(second.b), float(keep),
             DTYPE=_TL_DTYPES[self.dtype], TWO=len(streams) == 2, BLOCK=self.BLOCK, ROUNDS=rounds, NOISE=noise,
+            FAST=fast,
         )
 
     def _build_table(self):
@@ -174,6 +186,9 @@ class NoisePass:
         block = self.BLOCK
         ptr, length, base, decay, blk_seg, blk_g = [], [], [], [], [], []
         for i, (name, start, n, g) in enumerate(self.segments):
+            if n >= 2**31 - block:
+                raise ValueError(f"{name}: {n} elements; the noise pass indexes a tensor with 32-bit offsets "
+                                 f"(fewer than {2**31 - block}): split it into row segments (rows=)")
             tensor = self.tensors[name]
             ptr.append(tensor.data_ptr() + start * tensor.element_size())
             length.append(n)
@@ -189,14 +204,17 @@ class NoisePass:
 
 
 if triton is not None:
+    from triton.language.extra import libdevice
+
     _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
     @triton.jit
-    def _normals(seed, q, ROUNDS: tl.constexpr):
-        """The four normals of Philox counter q (int64 block) under seed: offsets 4q, 4q+1, 4q+2, 4q+3."""
+    def _normals(seed, c0, c1, ROUNDS: tl.constexpr, FAST: tl.constexpr):
+        """The four normals of Philox counter (c0, c1, 0, 0) under seed: offsets 4q .. 4q + 3, q = c1:c0.
+
+        FAST = 0: precise log / sin / cos (the definition); 1: hardware sin / cos of the argument
+        reduced to [-pi, pi) (sin(2 pi u) = -sin(2 pi (u - 1/2))); 2: also the hardware log."""
         seed = seed.to(tl.int64)  # below 2^31 a seed arrives as int32 (never a constexpr: do_not_specialize)
-        c0 = (q & 0xFFFFFFFF).to(tl.uint32)
-        c1 = ((q >> 32) & 0xFFFFFFFF).to(tl.uint32)
         c2 = c0 * 0
         c3 = c0 * 0
         k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
@@ -213,11 +231,20 @@ if triton is not None:
         u1 = _uniform_tl(c1)
         u2 = _uniform_tl(c2)
         u3 = _uniform_tl(c3)
-        r01 = tl.sqrt(-2.0 * tl.log(tl.maximum(u0, 1e-7)))
-        r23 = tl.sqrt(-2.0 * tl.log(tl.maximum(u2, 1e-7)))
-        t01 = 6.283185307179586 * u1
-        t23 = 6.283185307179586 * u3
-        return r01 * tl.cos(t01), r01 * tl.sin(t01), r23 * tl.cos(t23), r23 * tl.sin(t23)
+        if FAST == 2:
+            r01 = tl.sqrt(-2.0 * libdevice.fast_logf(tl.maximum(u0, 1e-7)))
+            r23 = tl.sqrt(-2.0 * libdevice.fast_logf(tl.maximum(u2, 1e-7)))
+        else:
+            r01 = tl.sqrt(-2.0 * tl.log(tl.maximum(u0, 1e-7)))
+            r23 = tl.sqrt(-2.0 * tl.log(tl.maximum(u2, 1e-7)))
+        if FAST == 0:
+            t01 = 6.283185307179586 * u1
+            t23 = 6.283185307179586 * u3
+            return r01 * tl.cos(t01), r01 * tl.sin(t01), r23 * tl.cos(t23), r23 * tl.sin(t23)
+        t01 = 6.283185307179586 * (u1 - 0.5)
+        t23 = 6.283185307179586 * (u3 - 0.5)
+        return (-r01 * libdevice.fast_cosf(t01), -r01 * libdevice.fast_sinf(t01),
+                -r23 * libdevice.fast_cosf(t23), -r23 * libdevice.fast_sinf(t23))
 
     @triton.jit
     def _uniform_tl(x):
@@ -226,10 +253,23 @@ if triton is not None:
         return x.to(tl.float32) * 4.6566127342e-10
 
     @triton.jit
-    def _noise_block(seed, g0, BLOCK: tl.constexpr, ROUNDS: tl.constexpr):
-        """z of global offsets g0 .. g0 + BLOCK (g0 a multiple of 4), in order."""
-        q = (g0 >> 2) + tl.arange(0, BLOCK // 4).to(tl.int64)
-        z0, z1, z2, z3 = _normals(seed, q, ROUNDS)
+    def _counters(g0, ROWS: tl.constexpr):
+        """Philox counters (c0, c1) of q = g0 / 4 + row, row < ROWS, in 32-bit words (g0 a multiple of 4)."""
+        q0 = g0 >> 2
+        lo0 = (q0 & 0xFFFFFFFF).to(tl.uint32)
+        hi0 = ((q0 >> 32) & 0xFFFFFFFF).to(tl.uint32)
+        c0 = lo0 + tl.arange(0, ROWS).to(tl.uint32)
+        return c0, hi0 + (c0 < lo0).to(tl.uint32)
+
+    @triton.jit
+    def _noise_block(seed, g0, BLOCK: tl.constexpr, ROUNDS: tl.constexpr, FAST: tl.constexpr):
+        """z of global offsets g0 .. g0 + BLOCK (g0 a multiple of 4), in order.
+
+        (A [BLOCK/4, 4] tile with the four normals selected per column, measured on the H200, was 5x
+        slower: Triton spreads the 4 columns over threads and each computes the row's Philox and
+        Box-Muller again.)"""
+        c0, c1 = _counters(g0, BLOCK // 4)
+        z0, z1, z2, z3 = _normals(seed, c0, c1, ROUNDS, FAST)
         return tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), [BLOCK])
 
     # Triton turns an int argument equal to 1 into a constexpr (a Python int, no .to()) unless told not to;
@@ -238,21 +278,22 @@ if triton is not None:
     def _zo_pass_kernel(blk_seg, blk_g, seg_ptr, seg_len, seg_base, seg_decay,
                         seed0, a0, b0, seed1, a1, b1, keep,
                         DTYPE: tl.constexpr, TWO: tl.constexpr, BLOCK: tl.constexpr,
-                        ROUNDS: tl.constexpr, NOISE: tl.constexpr):
+                        ROUNDS: tl.constexpr, NOISE: tl.constexpr, FAST: tl.constexpr):
         pid = tl.program_id(0)
         seg = tl.load(blk_seg + pid)
         g0 = tl.load(blk_g + pid)
-        n = tl.load(seg_len + seg)
-        local = g0 - tl.load(seg_base + seg) + tl.arange(0, BLOCK).to(tl.int64)
-        mask = (local >= 0) & (local < n)
+        n = tl.load(seg_len + seg).to(tl.int32)  # a segment has fewer than 2^31 elements (_build_table)
+        start = (g0 - tl.load(seg_base + seg)).to(tl.int32)  # the block's first element, -3 .. n
         ptr = tl.load(seg_ptr + seg).to(tl.pointer_type(DTYPE))
         k = tl.where(tl.load(seg_decay + seg) != 0, keep, 1.0)
+        local = start + tl.arange(0, BLOCK)
+        mask = (local >= 0) & (local < n)
         w = tl.load(ptr + local, mask=mask, other=0.0).to(tl.float32)
         out = k * w
         if NOISE:
-            out += (k * a0 + b0) * _noise_block(seed0, g0, BLOCK, ROUNDS)
+            out += (k * a0 + b0) * _noise_block(seed0, g0, BLOCK, ROUNDS, FAST)
             if TWO:
-                out += (k * a1 + b1) * _noise_block(seed1, g0, BLOCK, ROUNDS)
+                out += (k * a1 + b1) * _noise_block(seed1, g0, BLOCK, ROUNDS, FAST)
         if DTYPE == tl.float32:
             tl.store(ptr + local, out, mask=mask)
         else:
