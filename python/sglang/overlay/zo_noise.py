@@ -220,11 +220,13 @@ if triton is not None:
         k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
         k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
         for _ in tl.static_range(ROUNDS):
-            _c0, _c2 = c0, c2
-            c0 = tl.umulhi(_c2, 0xCD9E8D57) ^ c1 ^ k0
-            c2 = tl.umulhi(_c0, 0xD2511F53) ^ c3 ^ k1
-            c1 = _c2 * 0xCD9E8D57
-            c3 = _c0 * 0xD2511F53
+            # One 32 x 32 -> 64-bit product gives both words (a single wide multiply on the GPU).
+            p2 = c2.to(tl.uint64) * 0xCD9E8D57
+            p0 = c0.to(tl.uint64) * 0xD2511F53
+            c0 = (p2 >> 32).to(tl.uint32) ^ c1 ^ k0
+            c2 = (p0 >> 32).to(tl.uint32) ^ c3 ^ k1
+            c1 = p2.to(tl.uint32)
+            c3 = p0.to(tl.uint32)
             k0 = k0 + 0x9E3779B9
             k1 = k1 + 0xBB67AE85
         u0 = _uniform_tl(c0)
