@@ -216,3 +216,25 @@ def test_exported_files_never_name_this_repository() -> None:
             assert (REPO / export_changes.TESTS_DIR / rel).is_file()
     reuse = (REPO / "python/sglang/srt/distributed/reuse.py").read_text()
     assert not export_changes.fork_layer_leaks([("python/sglang/srt/distributed/reuse.py", reuse)])
+
+
+def test_rebase_says_when_the_main_is_older_than_the_base(tmp_path: Path) -> None:
+    repo = tmp_path / "up"
+    repo.mkdir()
+    git("init", "-q", "-b", "main", cwd=repo)
+
+    def commit(rel: str, text: str) -> str:
+        write(repo, rel, text)
+        git("add", "-A", cwd=repo)
+        git("commit", "-q", "-m", rel, cwd=repo, env=GIT_IDENTITY)
+        return git("rev-parse", "HEAD", cwd=repo).strip()
+
+    old = commit("a.py", "a = 1\n")
+    base = commit("b.py", "b = 1\n")
+    newer = commit("c.py", "c = 1\n")
+    git("checkout", "-q", "--detach", base, cwd=repo)
+    change = commit("d.py", "d = 1\n")
+    forward = export_pr._try_rebase(repo, change, base, newer, tmp_path / "scratch1")
+    assert forward.startswith("rebases cleanly") and "NOTE" not in forward
+    back = export_pr._try_rebase(repo, change, base, old, tmp_path / "scratch2")
+    assert back.startswith("rebases cleanly") and "ancestor of the base" in back

@@ -317,6 +317,9 @@ def _message(change: Change, tag: str, item: Built) -> str:
 
 def _try_rebase(upstream: Path, sha: str, base_rev: str, onto: str, scratch: Path) -> str:
     target = git("rev-parse", "--verify", f"{onto}^{{commit}}", cwd=upstream).strip()
+    older = (f"; NOTE {target[:12]} is an ancestor of the base, i.e. older than it: this moves the branch back, "
+             "not forward (pass a main newer than the tag)" if git_ok("merge-base", "--is-ancestor", target, base_rev,
+                                                                     cwd=upstream) else "")
     git("worktree", "add", "-q", "--detach", str(scratch), sha, cwd=upstream)
     try:
         proc = run(["git", "rebase", "-q", "--onto", target, base_rev], cwd=scratch, check=False,
@@ -324,8 +327,9 @@ def _try_rebase(upstream: Path, sha: str, base_rev: str, onto: str, scratch: Pat
         if proc.returncode != 0:
             conflicts = git("diff", "--name-only", "--diff-filter=U", cwd=scratch).split()
             run(["git", "rebase", "--abort"], cwd=scratch, check=False)
-            return f"CONFLICTS onto {onto} ({target[:12]}): {', '.join(conflicts) or proc.stderr.strip()[:200]}"
-        return f"rebases cleanly onto {onto} ({target[:12]})"
+            return (f"CONFLICTS onto {onto} ({target[:12]}): {', '.join(conflicts) or proc.stderr.strip()[:200]}"
+                    + older)
+        return f"rebases cleanly onto {onto} ({target[:12]})" + older
     finally:
         git("worktree", "remove", "--force", str(scratch), cwd=upstream, check=False)
 
