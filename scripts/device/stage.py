@@ -251,9 +251,10 @@ def main() -> None:
             wheels[group].append(download(cache, spec))
 
     manifest = {"release": args.release, "overlay": not args.no_overlay, "archives": {}}
-    old = args.out / "MANIFEST.json"
-    if old.is_file() and json.loads(old.read_text()).get("release") == args.release:  # keep archives not rebuilt
-        manifest["archives"] = {k: v for k, v in json.loads(old.read_text()).get("archives", {}).items()
+    old_path = args.out / "MANIFEST.json"
+    old = json.loads(old_path.read_text()) if old_path.is_file() else {}
+    if old.get("release") == args.release:  # keep the archives not rebuilt
+        manifest["archives"] = {k: v for k, v in old.get("archives", {}).items()
                                 if k.split(".")[0] not in groups and (args.out / k).is_file()}
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="stage-") as tmp:
