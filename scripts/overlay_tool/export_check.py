@@ -3,7 +3,10 @@
 - the pre-commit hooks of the tag's ``.pre-commit-config.yaml`` that PyPI packages implement
   (isort, ruff, black, codespell, pre-commit-hooks' checks, at the pinned revisions, with the
   hooks' args / files / exclude and the repository's own config files) and its local
-  ``python3 ...`` hooks, on the files the branch changes; a fixer that changes a file fails;
+  ``python3 ...`` hooks, on the files the branch changes; a fixer that changes a file fails. A hook
+  that fails is run on the base's versions of those files too; when it fails there as well and
+  every finding on the branch is one it makes at the base, it is reported and not held against the
+  branch (upstream's own code at these pins, e.g. a stand-in's newer sources under an older tag's pins);
 - test collection as ``test/run_suite.py`` does it: every file under ``test/registered/``,
   ``collect_tests(sanity_check=True)`` and ``validate_all_suites``;
 - the branch's own tests (files it adds under ``test/registered/``), ``python3 FILE`` from the root;
@@ -204,12 +207,12 @@ def run_hooks(work: Path, files: list[str], lint_python: Path, base: "BaseTree")
                 root = base.path()
                 at_base = [f for f in names if (root / f).is_file()] if names else []
                 if at_base or not names:
-                    _, base_output, base_diff = _run_hook(root, [*command, *args, *at_base], env)
+                    base_ok, base_output, base_diff = _run_hook(root, [*command, *args, *at_base], env)
                     new = list(_findings(output, diff))
                     for finding in _findings(base_output, base_diff):
                         if finding in new:
                             new.remove(finding)
-                    if not new:
+                    if not base_ok and not new:
                         ok = True
                         note += "; every finding is also at the base, not caused by the branch"
             text = _tail(output) + (f"\nchanged files:\n{_tail(diff, 40)}" if diff else "")
