@@ -26,36 +26,37 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 from overlay_tool import export_changes, export_check, export_opt_fixes, export_pr  # noqa: E402
 from overlay_tool.cache import Cache  # noqa: E402
-from overlay_tool.releases import Overlay  # noqa: E402
+from overlay_tool.releases import Overlay, Release  # noqa: E402
 
+OVERLAY = Overlay.load(ROOT)
 TESTS = sorted({rel for change in export_changes.CHANGES for rel in change.tests})
 
 
+@pytest.fixture(scope="module")
+def release() -> Release:
+    return OVERLAY.release(os.environ["SGLANG_OVERLAY_RELEASE"])
+
+
 @pytest.fixture(scope="module", autouse=True)
-def variant_base() -> None:
-    overlay = Overlay.load(ROOT)
-    release = overlay.release(os.environ["SGLANG_OVERLAY_RELEASE"])
-    base = overlay.variants[release.variant].base
+def variant_base(release: Release) -> None:
+    base = OVERLAY.variants[release.variant].base
     if release.version != base:
         pytest.skip(f"the exported tests run on {base}, the base release of variant {release.variant}")
 
 
 @pytest.fixture(scope="module")
-def branch_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def branch_root(release: Release, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A root with ``python/`` (this release, the exported changes applied) and the exported tests."""
     import sglang
 
-    version = os.environ["SGLANG_OVERLAY_RELEASE"]
-    overlay = Overlay.load(ROOT)
-    release = overlay.release(version)
     root = tmp_path_factory.mktemp("branch")
     tree = Path(sglang.__file__).resolve().parents[1]
     shutil.copytree(tree, root / "python", copy_function=os.link,
                     ignore=shutil.ignore_patterns("__pycache__"))
     opt = root / export_opt_fixes.OPT_PATH
-    upstream_opt = Cache().release_tree(version) / export_opt_fixes.OPT_PATH
+    upstream_opt = Cache().release_tree(release.version) / export_opt_fixes.OPT_PATH
     opt.unlink()  # a hard link into the release cache: replace it, never write through it
-    opt.write_text(export_opt_fixes.fixed_opt(upstream_opt.read_text(), f"v{version}"))
+    opt.write_text(export_opt_fixes.fixed_opt(upstream_opt.read_text(), f"v{release.version}"))
     for rel in TESTS:
         text = (ROOT / export_changes.TESTS_DIR / rel).read_text()
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -64,25 +65,15 @@ def branch_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def upstream_test_python() -> Path:
-    overlay = Overlay.load(ROOT)
-    release = overlay.release(os.environ["SGLANG_OVERLAY_RELEASE"])
-    return export_check.make_test_env(release.transformers, overlay, Cache().root / "venvs")
-
-
-def _exported_here(rel: str) -> bool:
-    """Whether export-pr writes the branch that ships test ``rel`` onto this release."""
-    overlay = Overlay.load(ROOT)
-    subjects = [export_pr._patch_subject(p) for p in overlay.patches(overlay.release(os.environ["SGLANG_OVERLAY_RELEASE"]))]
-    change = next(c for c in export_changes.CHANGES if rel in c.tests)
-    return change.opt_fixes or bool(change.files) or any(
-        w.lower() in s.lower() for s in subjects for w in change.patch_words)
+def upstream_test_python(release: Release) -> Path:
+    return export_check.make_test_env(release.transformers, OVERLAY, Cache().root / "venvs")
 
 
 @pytest.mark.parametrize("rel", TESTS)
-def test_exported_test_passes(rel: str, branch_root: Path, upstream_test_python: Path) -> None:
-    if not _exported_here(rel):
-        pytest.skip(f"no branch ships {rel} onto this release: its variant has no such patch")
+def test_exported_test_passes(rel: str, release: Release, branch_root: Path, upstream_test_python: Path) -> None:
+    change = next(c for c in export_changes.CHANGES if rel in c.tests)
+    if not (change.opt_fixes or change.files or export_pr.change_patches(change, OVERLAY.patches(release))):
+        pytest.skip(f"no branch ships {rel} onto this release: its variant has no {change.key} patch")
     ok, output = export_check.run_test_file(branch_root, rel, upstream_test_python)
     assert ok, f"python3 {rel} failed on the exported changes:\n{output}"
     assert "Ran 0 tests" not in output and "OK" in output, output

@@ -212,16 +212,25 @@ def _compare_tree(upstream: Path, tag: str, tree: Path) -> tuple[int, list[str]]
     return len(files) - len(differ), differ
 
 
-def _build(work: Path, change: Change, patches: list[Path], source: Path, tag: str, variant: str,
-           who: tuple[str, str], tmp: Path) -> Optional[Built]:
+def change_patches(change: Change, patches: list[Path]) -> list[Path]:
+    """The variant patches that belong to ``change``: a subject word of its ``patch_words`` (self-PP
+    patches only to the self-PP change)."""
+    chosen = []
     for patch in patches:
         subject = _patch_subject(patch)
         if any(re.search(rf"\b{re.escape(w)}\b", subject, re.I) for w in change.patch_words):
             if change.key != "self-pp-teardown" and re.search(r"\bself-pp\b", subject, re.I):
                 continue
-            proc = run(["git", "apply", "--index", "--whitespace=nowarn", str(patch)], cwd=work, check=False)
-            if proc.returncode != 0:
-                raise OverlayError(f"{patch} does not apply to {tag}:\n{proc.stderr.strip()}\nNo branch was written.")
+            chosen.append(patch)
+    return chosen
+
+
+def _build(work: Path, change: Change, patches: list[Path], source: Path, tag: str, variant: str,
+           who: tuple[str, str], tmp: Path) -> Optional[Built]:
+    for patch in change_patches(change, patches):
+        proc = run(["git", "apply", "--index", "--whitespace=nowarn", str(patch)], cwd=work, check=False)
+        if proc.returncode != 0:
+            raise OverlayError(f"{patch} does not apply to {tag}:\n{proc.stderr.strip()}\nNo branch was written.")
     for rel in change.files:
         (work / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source / rel, work / rel)
