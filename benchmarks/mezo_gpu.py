@@ -6,9 +6,9 @@
 Both sides run MeZO on the same random checkpoint (tests/gpu/common.py), model dtype, batch
 ``--batch`` x (``--prompt`` + ``--target``) tokens, loss = mean NLL over the target tokens.
 
-- SGLang: ``MeZO(StandaloneRunner, MeZOConfig)`` (sglang/overlay/mezo.py) as ``train`` runs it:
+- SGLang: ``MeZO(StandaloneRunner, MeZOConfig)`` (sglang/overlay/mezo/trainer.py) as ``train`` runs it:
   ``step(defer_update=True)``, so a step is 2 loss forwards (the dense engine) + 2 passes over the
-  weights (sglang/overlay/zo_noise.py: z from (seed, element offset) inside one Triton kernel a pass,
+  weights (sglang/overlay/mezo/noise.py: z from (seed, element offset) inside one Triton kernel a pass,
   the update of each step folded into the next step's first perturbation).
 - HF reference (written here, the paper's scheme): ``OPTForCausalLM(input_ids, labels=...)`` under
   ``no_grad``, z from ``torch.randn`` per parameter, 4 passes a step (+εz, -2εz, +εz, -lr·g·z). Its z is
@@ -65,10 +65,10 @@ def peak_of(fn) -> int:
 
 
 class HFMeZO:
-    """The reference: MeZO on an HF OPTForCausalLM, same z stream as sglang/overlay/mezo.py."""
+    """The reference: MeZO on an HF OPTForCausalLM, same z stream as sglang/overlay/mezo/trainer.py."""
 
     def __init__(self, model, lr: float, eps: float, seed: int):
-        from sglang.overlay.mezo import derive_seed
+        from sglang.overlay.mezo.config import derive_seed
 
         self.model, self.lr, self.eps, self.seed, self.k = model, lr, eps, seed, 0
         self.derive_seed = derive_seed
@@ -122,7 +122,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     from sglang.overlay.mezo import MeZO, MeZOConfig
-    from sglang.overlay.zo_noise import NoisePass
+    from sglang.overlay.mezo.noise import NoisePass
 
     if a.z_math is not None:
         NoisePass.FAST = a.z_math
@@ -138,7 +138,7 @@ def main() -> None:
                weights="dummy" if dummy else "checkpoint", z_math=NoisePass.FAST)
 
     from bench_opt import copy_bandwidth, cuda_time, flops_per_token, matmul_peak_tflops
-    from sglang.overlay.zo_noise import Stream
+    from sglang.overlay.mezo.noise import Stream
 
     row["matmul_peak_tflops"] = matmul_peak_tflops()
     row["copy_tb_s"] = copy_bandwidth() / 1e12
@@ -239,7 +239,7 @@ def report(a, row: dict, weight_bytes: int) -> None:
         f"{row['weight_tensors']} weight tensors, {weight_bytes / 1e9:.2f} GB")
     log("| side | steps/s | tokens/s | peak GiB (step) | peak GiB (inference) | step/inference | mean loss 1st step |")
     log("|---|---|---|---|---|---|---|")
-    sides = [s for s in (("sgl", "SGLang (sglang/overlay/mezo.py)"), ("hf", "HF reference")) if f"{s[0]}_first" in row]
+    sides = [s for s in (("sgl", "SGLang (sglang/overlay/mezo/trainer.py)"), ("hf", "HF reference")) if f"{s[0]}_first" in row]
     for side, name in sides:
         first = row[f"{side}_first"]
         log(f"| {name} | {row[f'{side}_steps_per_s']:.2f} | {row[f'{side}_tokens_per_s']:,.0f} "

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Where the time of one z pass goes: the pass kernel (sglang/overlay/zo_noise.py) timed in parts.
+"""Where the time of one z pass goes: the pass kernel (sglang/overlay/mezo/noise.py) timed in parts.
 
     PYTHONPATH=/tmp/site:. python3 benchmarks/zo_kernel_parts.py [--shape opt-1.3b --dtype bfloat16]
 
@@ -41,7 +41,7 @@ def main() -> None:
     from transformers import OPTConfig, OPTForCausalLM
 
     from bench_opt import copy_bandwidth, cuda_time
-    from sglang.overlay.zo_noise import NoisePass, Stream
+    from sglang.overlay.mezo.noise import NoisePass, Stream
 
     dtype = getattr(torch, a.dtype)
     with torch.device("meta"):

@@ -40,3 +40,19 @@ def tiny_opt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.support.runtime import make_tiny_opt
 
     return make_tiny_opt(tmp_path_factory.mktemp("tiny_opt"))
+
+
+@pytest.fixture
+def build():
+    """Builds StandaloneRunners on CPU; closes them after the test."""
+    from sglang.overlay import RunnerConfig, StandaloneRunner
+
+    built = []
+
+    def _build(model_dir: Path):
+        built.append(StandaloneRunner(RunnerConfig(model_path=str(model_dir), device="cpu")))
+        return built[-1]
+
+    yield _build
+    for runner in built:
+        runner.close()

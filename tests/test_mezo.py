@@ -1,4 +1,4 @@
-"""sglang/overlay/mezo.py: MeZO on the in-process runner equals an independent HF MeZO.
+"""sglang/overlay/mezo/trainer.py: MeZO on the in-process runner equals an independent HF MeZO.
 
 The reference (tests/support/mezo_reference.py) trains HF ``OPTForCausalLM`` on
 CPU in fp32 from the same seeds. Step sizes are chosen so that the weights move
@@ -14,12 +14,9 @@ from types import SimpleNamespace
 
 import pytest
 
-pytestmark = pytest.mark.sglang
+from tests.support.mezo import PROMPTS, STEPS, TARGETS, TOL, load_saved, max_weight_diff
 
-TOL = 1e-5
-STEPS = 20
-PROMPTS = [[2, 10, 20, 30, 31], [2, 7, 8], [2, 100, 101, 102]]
-TARGETS = [[40, 50, 60], [8, 9, 10, 11], [102, 103]]
+pytestmark = pytest.mark.sglang
 
 FULL_VARIANTS = {
     "pre_ln": (dict(), dict(lr=1e-4, eps=1e-2, seed=5)),
@@ -28,37 +25,6 @@ FULL_VARIANTS = {
         dict(lr=3e-4, eps=1e-2, seed=6, weight_decay=0.5),
     ),
 }
-
-
-@pytest.fixture
-def build():
-    """Builds StandaloneRunners on CPU; closes them after the test."""
-    from sglang.overlay import RunnerConfig, StandaloneRunner
-
-    built = []
-
-    def _build(model_dir: Path):
-        built.append(StandaloneRunner(RunnerConfig(model_path=str(model_dir), device="cpu")))
-        return built[-1]
-
-    yield _build
-    for runner in built:
-        runner.close()
-
-
-def load_saved(out_dir: Path):
-    """The trainer's checkpoint through ``from_pretrained``, which must find every key and no other."""
-    import torch
-    from transformers import OPTForCausalLM
-
-    model, info = OPTForCausalLM.from_pretrained(out_dir, dtype=torch.float32, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
-    return model.eval()
-
-
-def max_weight_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 def train_both(runner, model_dir: Path, hyper: dict, out_dir: Path):
@@ -158,6 +124,33 @@ def hf_loss(model) -> float:
     return torch.cat(nll).mean().item()
 
 
+def test_the_runner_never_serves_a_pending_update(build, tiny_opt: Path, tmp_path: Path) -> None:
+    """train() leaves its last step's update deferred (the next step's first pass applies it). Whatever reads
+    the runner meanwhile sees θ: its logits between two train calls equal a fresh runner's on save_pretrained's
+    output, and training on afterwards takes the same steps as a trainer that never paused."""
+    from sglang.overlay import RunnerConfig, StandaloneRunner
+    from sglang.overlay.mezo import MeZO, MeZOConfig
+
+    seqs = [p + t for p, t in zip(PROMPTS, TARGETS)]
+    config = MeZOConfig(lr=1e-4, eps=1e-2, seed=5)
+    runner = build(tiny_opt)
+    trainer = MeZO(runner, config)
+    first = trainer.train([(PROMPTS, TARGETS)], 2, progress=False)
+    assert trainer._pending is not None, "the case under test: an update is deferred"
+    got = runner.logits(seqs)
+    trainer.save_pretrained(tmp_path / "hf")
+    rest = trainer.train([(PROMPTS, TARGETS)], 2, progress=False)
+    runner.close()
+    with StandaloneRunner(RunnerConfig(model_path=str(tmp_path / "hf"), device="cpu")) as fresh:
+        want = fresh.logits(seqs)
+    for a, b in zip(got, want):
+        assert (a - b).abs().max().item() < 1e-6
+    with StandaloneRunner(RunnerConfig(model_path=str(tiny_opt), device="cpu")) as again:
+        straight = MeZO(again, config).train([(PROMPTS, TARGETS)], 4, progress=False)
+    for paused, unpaused in zip(first + rest, straight):  # (the sync rounds once more than a folded pass)
+        assert abs(paused.loss_plus - unpaused.loss_plus) < TOL and abs(paused.loss_minus - unpaused.loss_minus) < TOL
+
+
 def test_the_same_seed_gives_identical_weights(build, tiny_opt: Path) -> None:
     import torch
 
@@ -179,7 +172,7 @@ def test_unmapped_or_mismatched_parameters_are_refused(build, tiny_opt: Path) ->
     import torch
     from transformers import AutoConfig
 
-    from sglang.overlay.mezo import hf_parameter_views
+    from sglang.overlay.mezo.params import hf_parameter_views
 
     runner = build(tiny_opt)
     config = AutoConfig.from_pretrained(tiny_opt)
@@ -227,7 +220,7 @@ def test_pipeline_parallel_and_lora_under_tensor_parallel_are_refused() -> None:
 
 
 def test_command_line_trains_and_saves_a_checkpoint(tiny_opt: Path, tmp_path: Path, capsys) -> None:
-    from sglang.overlay.mezo import main
+    from sglang.overlay.mezo.__main__ import main
 
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"prompt": p, "target": t}) + "\n" for p, t in zip(PROMPTS, TARGETS)))
@@ -260,7 +253,7 @@ def test_folded_updates_equal_unfolded_steps(build, tiny_opt: Path) -> None:
         folded.noise = lambda streams, keep=1.0: (calls.append(len(streams)), original(streams, keep))[1]
         got = folded.train([(PROMPTS, TARGETS)], STEPS, progress=False)
         want = [plain.step(PROMPTS, TARGETS) for _ in range(STEPS)]
-        assert len(calls) == 2 * STEPS + 1, "2 passes a step and the final sync"
+        assert len(calls) == 2 * STEPS, "2 passes a step, the last update still deferred"
         assert calls.count(2) == STEPS - 1, "every step after the first folds the previous update"
         for a, b in zip(got, want):
             assert abs(a.loss_plus - b.loss_plus) < TOL and abs(a.loss_minus - b.loss_minus) < TOL

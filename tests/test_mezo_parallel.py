@@ -10,27 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_mezo import PROMPTS, STEPS, TARGETS, TOL, build, load_saved, max_weight_diff  # noqa: F401 (fixture)
+from tests.support.mezo import EVAL, PROMPTS, STEPS, TARGETS, TOL, load_saved, max_weight_diff
+from tests.support.ranks import TP_HYPER, TP_TIMEOUT, omp_bind
 
 pytestmark = pytest.mark.sglang
-
-
-def tp_mezo_main(model: str, rank: int, port: int, out: str) -> None:
-    """One rank of the MeZO TP=2 test (its own interpreter): 20 steps, then the gathered HF weights."""
-    import torch
-
-    from sglang.overlay import RunnerConfig, StandaloneRunner
-    from sglang.overlay.mezo import MeZO, MeZOConfig
-
-    with StandaloneRunner(RunnerConfig(model_path=model, device="cpu", tp_size=2, tp_rank=rank, dist_port=port)) as r:
-        trainer = MeZO(r, MeZOConfig(**TP_HYPER))
-        results = trainer.train([(PROMPTS, TARGETS)], STEPS, progress=False)
-        shards = {name: tuple(p.view.shape) for name, p in trainer.placements.items()}
-        torch.save(dict(losses=[(x.loss_plus, x.loss_minus) for x in results], state=trainer.hf_state_dict(),
-                        shards=shards), out)
-
-
-TP_HYPER = dict(lr=1e-4, eps=1e-2, seed=9, weight_decay=0.5)
 
 
 @pytest.mark.slow
@@ -47,7 +30,6 @@ def test_tp2_trajectory_equals_tp1(build, tiny_opt: Path, tmp_path: Path) -> Non
 
     from sglang.overlay.compat import free_port
     from sglang.overlay.mezo import MeZO, MeZOConfig
-    from tests.test_standalone import TP_TIMEOUT, _omp_bind
 
     runner = build(tiny_opt)
     trainer = MeZO(runner, MeZOConfig(**TP_HYPER))
@@ -58,9 +40,9 @@ def test_tp2_trajectory_equals_tp1(build, tiny_opt: Path, tmp_path: Path) -> Non
     root = Path(__file__).resolve().parents[1]
     port = free_port()
     env = dict(os.environ)
-    env.setdefault("SGLANG_CPU_OMP_THREADS_BIND", _omp_bind(2))
+    env.setdefault("SGLANG_CPU_OMP_THREADS_BIND", omp_bind(2))
     procs = [subprocess.Popen(
-        [sys.executable, "-c", "import sys; from tests.test_mezo_parallel import tp_mezo_main; "
+        [sys.executable, "-c", "import sys; from tests.support.ranks import tp_mezo_main; "
          "tp_mezo_main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])",
          str(tiny_opt), str(rank), str(port), str(tmp_path / f"rank{rank}.pt")],
         cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
@@ -72,25 +54,6 @@ def test_tp2_trajectory_equals_tp1(build, tiny_opt: Path, tmp_path: Path) -> Non
         for (plus, minus), step in zip(res["losses"], want):
             assert abs(plus - step.loss_plus) < TOL and abs(minus - step.loss_minus) < TOL
         assert max_weight_diff(res["state"], want_state) < TOL
-
-
-def dp_mezo_main(model: str, out: str) -> None:
-    """One replica of the MeZO DP=2 test (its own interpreter, torchrun's variables in the environment)."""
-    import torch
-
-    from sglang.overlay import RunnerConfig, StandaloneRunner
-    from sglang.overlay.mezo import MeZO, MeZOConfig
-    from sglang.overlay.mezo_dp import DataParallel
-
-    dp = DataParallel.from_env()
-    import os
-
-    port = int(os.environ["MASTER_PORT"]) + 1 + dp.rank  # the replica's own world, as the CLI places it
-    with StandaloneRunner(RunnerConfig(model_path=model, device="cpu", dist_port=port)) as r:
-        trainer = MeZO(r, MeZOConfig(**TP_HYPER), data_parallel=dp)
-        results = trainer.train([(PROMPTS, TARGETS)], STEPS, progress=False)
-        torch.save(dict(losses=[(x.loss_plus, x.loss_minus) for x in results], state=trainer.hf_state_dict(),
-                        share=dp.share(PROMPTS), rank=dp.rank, size=dp.size), out)
 
 
 @pytest.mark.slow
@@ -108,7 +71,6 @@ def test_dp2_trajectory_equals_one_replica_on_the_union_batch(build, tiny_opt: P
 
     from sglang.overlay.compat import free_port
     from sglang.overlay.mezo import MeZO, MeZOConfig
-    from tests.test_standalone import TP_TIMEOUT
 
     runner = build(tiny_opt)
     trainer = MeZO(runner, MeZOConfig(**TP_HYPER))
@@ -125,7 +87,7 @@ def test_dp2_trajectory_equals_one_replica_on_the_union_batch(build, tiny_opt: P
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                    TORCHELASTIC_USE_AGENT_STORE="True")
         procs.append(subprocess.Popen(
-            [sys.executable, "-c", "import sys; from tests.test_mezo_parallel import dp_mezo_main; "
+            [sys.executable, "-c", "import sys; from tests.support.ranks import dp_mezo_main; "
              "dp_mezo_main(sys.argv[1], sys.argv[2])", str(tiny_opt), str(tmp_path / f"rank{rank}.pt")],
             cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     try:
@@ -144,21 +106,25 @@ def test_dp2_trajectory_equals_one_replica_on_the_union_batch(build, tiny_opt: P
 @pytest.mark.parametrize("layout", ["dp2", "tp2"])
 def test_torchrun_command_line_equals_one_process(tiny_opt: Path, tmp_path: Path, layout: str) -> None:
     """``torchrun --nproc-per-node 2 -m sglang.overlay.mezo`` (two data-parallel replicas, or one replica at
-    --tp-size 2) writes one log and one model, and they equal one process's on the same data."""
+    --tp-size 2) with evaluations every 2 steps writes one log and one model, and they equal one process's
+    on the same data (under TP every rank takes part in every evaluation's forwards: before, rank 0 alone
+    evaluated, pairing its collectives with the other rank's training forwards, and the run hung)."""
     import os
     import subprocess
     import sys
 
-    from tests.test_standalone import TP_TIMEOUT, _omp_bind
 
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"prompt": p, "target": t}) + "\n" for p, t in zip(PROMPTS, TARGETS)))
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text("".join(json.dumps(e) + "\n" for e in EVAL))
     flags = ["--model", str(tiny_opt), "--data", str(data), "--steps", "4", "--batch-size", "3", "--lr", "1e-4",
-             "--eps", "1e-2", "--seed", "3", "--device", "cpu", "--no-progress"]
+             "--eps", "1e-2", "--seed", "3", "--device", "cpu", "--no-progress", "--eval-data", str(dev),
+             "--eval-every", "2"]
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ)
     if layout == "tp2":  # SGLang binds each CPU rank's threads; a replica at tp_size 1 takes the default
-        env.setdefault("SGLANG_CPU_OMP_THREADS_BIND", _omp_bind(2))
+        env.setdefault("SGLANG_CPU_OMP_THREADS_BIND", omp_bind(2))
     else:
         env.pop("SGLANG_CPU_OMP_THREADS_BIND", None)
     single = subprocess.run([sys.executable, "-m", "sglang.overlay.mezo", *flags, "--out", str(tmp_path / "one")],
@@ -171,8 +137,13 @@ def test_torchrun_command_line_equals_one_process(tiny_opt: Path, tmp_path: Path
     assert many.returncode == 0, many.stdout[-3000:] + many.stderr[-6000:]
     logs = [[json.loads(line) for line in (tmp_path / d / "mezo_log.jsonl").read_text().splitlines()]
             for d in ("one", "many")]
-    assert [r["step"] for r in logs[1]] == [0, 1, 2, 3]
+    assert [(r["kind"], r.get("step", r.get("steps_done"))) for r in logs[1]] == [
+        ("eval", 0), ("step", 0), ("step", 1), ("eval", 2), ("step", 2), ("step", 3), ("eval", 4)]
     for a, b in zip(*logs):
-        assert abs(a["loss_plus"] - b["loss_plus"]) < TOL and abs(a["loss_minus"] - b["loss_minus"]) < TOL
+        assert a["kind"] == b["kind"]
+        if a["kind"] == "step":
+            assert abs(a["loss_plus"] - b["loss_plus"]) < TOL and abs(a["loss_minus"] - b["loss_minus"]) < TOL
+        else:
+            assert abs(a["nll"] - b["nll"]) < TOL and a["accuracy"] == b["accuracy"], (a, b)
     one, many_model = load_saved(tmp_path / "one"), load_saved(tmp_path / "many")
     assert max_weight_diff(one.state_dict(), many_model.state_dict()) < TOL

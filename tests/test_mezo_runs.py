@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.mezo import EVAL, eval_examples
+
 pytestmark = pytest.mark.sglang
 
 REPO = Path(__file__).resolve().parent.parent
@@ -23,24 +25,12 @@ TOL = 1e-5
 PROMPTS = [[2, 10, 20, 30, 31], [2, 7, 8], [2, 100, 101, 102], [2, 5]]
 TARGETS = [[40, 50, 60], [8, 9, 10, 11], [102, 103], [6, 7, 300]]
 BATCHES = [(PROMPTS[:2], TARGETS[:2]), (PROMPTS[2:], TARGETS[2:])]
-EVAL = [
-    {"prompt": [2, 11, 12], "target": [13, 14]},
-    {"prompt": [2, 40, 41, 42], "candidates": [[43], [44, 45], [46]], "gold": 1},
-    {"prompt": [2, 200], "target": [201, 202, 203], "candidates": [[201], [300], [301, 302]], "gold": 0},
-    {"prompt": [2, 60, 61], "candidates": [[62, 63], [64]], "gold": 1},
-]
 
 
 def runner(model_dir: Path):
     from sglang.overlay import RunnerConfig, StandaloneRunner
 
     return StandaloneRunner(RunnerConfig(model_path=str(model_dir), device="cpu"))
-
-
-def eval_examples():
-    from sglang.overlay.mezo_data import EvalExample
-
-    return [EvalExample(e["prompt"], e.get("target"), e.get("candidates", []), e.get("gold")) for e in EVAL]
 
 
 def hf_state(trainer) -> dict:
@@ -68,13 +58,19 @@ RESUME_VARIANTS = {
 @pytest.mark.parametrize("variant", list(RESUME_VARIANTS))
 def test_a_crashed_and_resumed_run_ends_bit_identical_to_an_uninterrupted_one(variant, tiny_opt, tmp_path) -> None:
     from sglang.overlay.mezo import MeZO, MeZOConfig
-    from sglang.overlay.mezo_run import read_log, run_training
+    from sglang.overlay.mezo.run import read_log, run_training
+
+    from sglang.overlay.mezo import RunConfig
 
     config = MeZOConfig(**RESUME_VARIANTS[variant])
-    opts = dict(save_every=2, eval_examples=eval_examples(), eval_every=3, run={"data": "x"}, progress=False)
+    opts = dict(eval_examples=eval_examples(), run={"data": "x"})
+
+    def settings(out: str, resume: bool = False) -> RunConfig:
+        return RunConfig(steps=6, out=tmp_path / out, save_every=2, eval_every=3, progress=False, resume=resume)
+
     with runner(tiny_opt) as r:
         whole = MeZO(r, config)
-        run_training(whole, BATCHES, 6, tmp_path / "whole", **opts)
+        run_training(whole, BATCHES, settings("whole"), **opts)
         expected = hf_state(whole)
 
     def crash_after_step_4(result) -> None:  # step index 4: after the checkpoint at 4 steps, a log line past it
@@ -82,11 +78,11 @@ def test_a_crashed_and_resumed_run_ends_bit_identical_to_an_uninterrupted_one(va
             raise Crash
 
     with runner(tiny_opt) as r, pytest.raises(Crash):
-        run_training(MeZO(r, config), BATCHES, 6, tmp_path / "parts", callback=crash_after_step_4, **opts)
+        run_training(MeZO(r, config), BATCHES, settings("parts"), callback=crash_after_step_4, **opts)
     assert [p.name for p in sorted((tmp_path / "parts" / "checkpoints").iterdir())] == ["step-000002", "step-000004"]
     with runner(tiny_opt) as r:
         resumed = MeZO(r, config)
-        results = run_training(resumed, BATCHES, 6, tmp_path / "parts", resume=True, **opts)
+        results = run_training(resumed, BATCHES, settings("parts", resume=True), **opts)
         assert [res.step for res in results] == [4, 5]
         assert_equal_weights(hf_state(resumed), expected)
     log = read_log(tmp_path / "whole" / "mezo_log.jsonl")
@@ -102,7 +98,7 @@ def test_resume_refuses_other_settings_and_a_fresh_run_refuses_an_out_with_check
     from dataclasses import asdict, replace
 
     from sglang.overlay.mezo import MeZO, MeZOConfig
-    from sglang.overlay.mezo_run import plan_resume
+    from sglang.overlay.mezo.run import plan_resume
 
     config = MeZOConfig(lr=1e-4, eps=1e-2, seed=3)
     run = {"data_sha256": "aa", "batch_size": 2, "examples": 4}
@@ -131,8 +127,8 @@ def test_resume_refuses_other_settings_and_a_fresh_run_refuses_an_out_with_check
 
 
 def test_an_interrupted_save_leaves_the_previous_checkpoint_usable(tiny_opt, tmp_path, monkeypatch) -> None:
-    from sglang.overlay import mezo_checkpoint
     from sglang.overlay.mezo import MeZO, MeZOConfig
+    from sglang.overlay.mezo import checkpoint as mezo_checkpoint
 
     root = tmp_path / "checkpoints"
     config = MeZOConfig(lr=1e-4, eps=1e-2, seed=2)
@@ -165,30 +161,32 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_usable(tiny_opt, tmp
 
 
 def test_the_log_is_written_and_flushed_at_every_step_and_a_finished_run_can_be_extended(tiny_opt, tmp_path) -> None:
-    from sglang.overlay.mezo import MeZO, MeZOConfig
-    from sglang.overlay.mezo_run import read_log, run_training
+    from sglang.overlay.mezo import MeZO, MeZOConfig, RunConfig
+    from sglang.overlay.mezo.run import read_log, run_training
 
     seen = []
     config = MeZOConfig(lr=1e-4, eps=1e-2)
     with runner(tiny_opt) as r:
         trainer = MeZO(r, config)
-        results = run_training(trainer, BATCHES, 3, tmp_path, progress=False, save_every=2,
+        results = run_training(trainer, BATCHES, RunConfig(steps=3, out=tmp_path, progress=False, save_every=2),
                                callback=lambda result: seen.append(read_log(tmp_path / "mezo_log.jsonl")))
     assert [[x["step"] for x in log] for log in seen] == [[0], [0, 1], [0, 1, 2]]
     assert seen[-1] == [{"kind": "step", **result.__dict__} for result in results]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
     with runner(tiny_opt) as r:  # the last step was saved too: --resume with more --steps continues from it
-        more = run_training(MeZO(r, config), BATCHES, 5, tmp_path, progress=False, resume=True)
+        more = run_training(MeZO(r, config), BATCHES, RunConfig(steps=5, out=tmp_path, progress=False, resume=True))
     assert [res.step for res in more] == [3, 4]
     assert [x["step"] for x in read_log(tmp_path / "mezo_log.jsonl")] == [0, 1, 2, 3, 4]
 
 
-def hf_scores(model_dir: Path):
-    """HF's total log-likelihood of every (prompt, target) of EVAL, and the token-mean NLL of the targets."""
+def hf_scores(model):
+    """HF's total log-likelihood of every (prompt, target) of EVAL, and the token-mean NLL of the targets;
+    ``model``: an OPTForCausalLM or the folder of one."""
     import torch
     from transformers import OPTForCausalLM
 
-    model = OPTForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if isinstance(model, Path):
+        model = OPTForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
 
     def loglik(prompt, target):
         with torch.no_grad():
@@ -220,6 +218,31 @@ def test_evaluation_equals_hf_scores_on_the_same_weights(tiny_opt, tmp_path) -> 
     assert (result.examples, result.tokens) == (4, 2 + 2 + 3 + 1)
 
 
+def test_evaluations_during_a_run_score_the_trained_weights(tiny_opt, tmp_path) -> None:
+    """run_training evaluates between steps, while train() holds each step's update deferred (one sample a
+    step): every evaluation must still score θ. Each logged NLL and accuracy equals HF's on the independent
+    reference's weights after the same steps (tests/support/mezo_reference.py), not the code compared with
+    itself."""
+    from sglang.overlay.mezo import MeZO, MeZOConfig, RunConfig
+    from sglang.overlay.mezo.run import read_log, run_training
+    from tests.support.mezo_reference import ReferenceMeZO
+
+    hyper = dict(lr=1e-3, eps=1e-2, seed=8)
+    with runner(tiny_opt) as r:
+        run_training(MeZO(r, MeZOConfig(**hyper)), BATCHES, RunConfig(steps=3, out=tmp_path, eval_every=1,
+                                                                         progress=False), eval_examples=eval_examples())
+    evals = [x for x in read_log(tmp_path / "mezo_log.jsonl") if x["kind"] == "eval"]
+    assert [x["steps_done"] for x in evals] == [0, 1, 2, 3]
+    reference = ReferenceMeZO(tiny_opt, **hyper)
+    for k, logged in enumerate(evals):
+        nll, picks = hf_scores(reference.model)
+        right = [p == e["gold"] for p, e in zip(picks, EVAL) if "candidates" in e]
+        assert abs(logged["nll"] - nll) < TOL, (k, logged["nll"], nll)
+        assert logged["accuracy"] == sum(right) / len(right)
+        if k < 3:
+            reference.step(*BATCHES[k % 2])
+
+
 @pytest.mark.parametrize(
     "line, message",
     [
@@ -236,7 +259,7 @@ def test_evaluation_equals_hf_scores_on_the_same_weights(tiny_opt, tmp_path) -> 
     ],
 )
 def test_bad_eval_data_names_the_file_and_line(line, message, tiny_opt, tmp_path) -> None:
-    from sglang.overlay.mezo_data import load_eval_examples
+    from sglang.overlay.mezo.data import load_eval_examples
 
     path = tmp_path / "eval.jsonl"
     path.write_text(json.dumps(EVAL[1]) + "\n" + json.dumps(line) + "\n")
@@ -298,7 +321,7 @@ def test_command_line_checkpoints_resumes_and_evaluates(tiny_opt, tmp_path) -> N
     import torch
     from safetensors.torch import load_file
 
-    from sglang.overlay.mezo import main
+    from sglang.overlay.mezo.__main__ import main
 
     data, dev = tmp_path / "train.jsonl", tmp_path / "dev.jsonl"
     data.write_text("".join(json.dumps({"prompt": p, "target": t}) + "\n" for p, t in zip(PROMPTS, TARGETS)))
@@ -306,7 +329,8 @@ def test_command_line_checkpoints_resumes_and_evaluates(tiny_opt, tmp_path) -> N
     common = ["--model", str(tiny_opt), "--data", str(data), "--batch-size", "2", "--lr", "1e-2", "--eps", "1e-2",
               "--seed", "4", "--lora-rank", "2", "--n-samples", "2", "--save-every", "2", "--eval-data", str(dev),
               "--eval-every", "2"]
-    assert main([*common, "--steps", "4", "--out", str(tmp_path / "whole"), "--no-progress"]) == 0
+    whole = mezo_cli(*common, "--steps", "4", "--out", str(tmp_path / "whole"), "--no-progress")
+    assert whole.returncode == 0, whole.stderr[-3000:]  # a subprocess as the others: the same float math
     first = mezo_cli(*common, "--steps", "2", "--out", str(tmp_path / "parts"))
     assert first.returncode == 0, first.stderr[-3000:]
     with pytest.raises(SystemExit, match=r"^error: --out .* already holds checkpoints of a run \(step-000002\): "

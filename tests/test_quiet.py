@@ -28,7 +28,7 @@ assert first.loss([[2, 100]], [[200, 300]]).item() == second.loss([[2, 100]], [[
 second.close(); first.close()
 """
 MEZO = """
-from sglang.overlay.mezo import main
+from sglang.overlay.mezo.__main__ import main
 assert main(["--model", MODEL, "--data", DATA, "--steps", "2", "--out", OUT, "--device", "cpu", "--no-progress",
              *(["--verbose"] if LEVEL == "verbose" else [])]) == 0
 """

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.sglang
+from tests.support.ranks import PROMPTS, TARGETS, TP_SEQS, TP_TIMEOUT, omp_bind
 
-PROMPTS = [[2, 10, 20, 30], [2, 7], [2, 100, 101]]
-TARGETS = [[40, 50], [8, 9, 10, 11], [102]]
+pytestmark = pytest.mark.sglang
 
 
 def hf_model(path: Path):
@@ -206,10 +205,6 @@ def test_empty_sequences_are_refused(runner) -> None:
 
 # --------------------------------------------------------------------------- tensor parallelism
 
-TP_SEQS = [[2, 10, 20, 30, 40, 50], [2, 7], [2, 100, 101, 102]]
-TP_TIMEOUT = 300
-
-
 @pytest.mark.parametrize(
     "fields, message",
     [
@@ -286,39 +281,6 @@ def test_reuse_of_a_world_of_another_layout_is_refused(runner, tiny_opt: Path, m
                                       distributed="reuse"))
 
 
-def _omp_bind(ranks: int) -> str:
-    """SGLANG_CPU_OMP_THREADS_BIND giving each rank a share of this process's cores ('0,1|2,3')."""
-    import os
-
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < ranks:
-        cpus = cpus * ranks
-    share = len(cpus) // ranks
-    return "|".join(",".join(map(str, cpus[i * share : (i + 1) * share])) for i in range(ranks))
-
-
-def tp_rank_main(model: str, rank: int, port: int, out: str) -> None:
-    """One rank of the TP=2 test (its own interpreter): a fresh runner, then a second one that reuses
-    the world; saves both ranks' results to ``out``."""
-    import torch
-    from sglang.overlay import RunnerConfig, StandaloneRunner
-
-    config = RunnerConfig(model_path=model, device="cpu", tp_size=2, tp_rank=rank, dist_port=port)
-    first = StandaloneRunner(config)
-    res = dict(
-        shard_rows=first.model.lm_head.weight.shape[0],
-        logits=first.logits(TP_SEQS),
-        logprobs=first.token_logprobs(PROMPTS, TARGETS),
-        generated=first.generate(PROMPTS, 3),
-    )
-    with StandaloneRunner(RunnerConfig(model_path=model, device="cpu", tp_size=2, tp_rank=rank,
-                                       distributed="reuse")) as second:
-        res["reused_logits"] = second.logits(TP_SEQS)
-    first.close()
-    res["closed"] = not torch.distributed.is_initialized()
-    torch.save(res, out)
-
-
 @pytest.mark.slow
 def test_tp2_matches_tp1_on_cpu(runner, tiny_opt: Path, tmp_path: Path) -> None:
     """Two processes (gloo), one rank each: the same logits, log-probs and greedy tokens as one rank.
@@ -341,10 +303,10 @@ def test_tp2_matches_tp1_on_cpu(runner, tiny_opt: Path, tmp_path: Path) -> None:
     port = _free_port()
     env = dict(os.environ)
     env.pop("SGLANG_ALLOW_REUSE_DISTRIBUTED", None)
-    env.setdefault("SGLANG_CPU_OMP_THREADS_BIND", _omp_bind(2))  # SGLang binds each CPU rank's threads
+    env.setdefault("SGLANG_CPU_OMP_THREADS_BIND", omp_bind(2))  # SGLang binds each CPU rank's threads
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", "import sys; from tests.test_standalone import tp_rank_main; "
+            [sys.executable, "-c", "import sys; from tests.support.ranks import tp_rank_main; "
              "tp_rank_main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])",
              str(tiny_opt), str(rank), str(port), str(tmp_path / f"rank{rank}.pt")],
             cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -44,7 +44,7 @@ GOOD = json.dumps({"prompt": [2, 10, 11], "target": [12, 13]})
     ],
 )
 def test_bad_training_data_names_the_file_and_line(tiny_opt: Path, tmp_path: Path, lines, message) -> None:
-    from sglang.overlay.mezo_data import load_batches
+    from sglang.overlay.mezo.data import load_batches
 
     data = write_data(tmp_path / "data.jsonl", lines)
     with pytest.raises(ValueError, match=message):
@@ -54,10 +54,10 @@ def test_bad_training_data_names_the_file_and_line(tiny_opt: Path, tmp_path: Pat
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--steps", "-1"], "argument --steps: must be >= 1, got -1"),
-        (["--steps", "2", "--eps", "-1e-3"], "error: eps must be a finite number > 0, got -0.001"),
-        (["--steps", "2", "--lr", "0"], "error: lr must be a finite number > 0, got 0.0"),
-        (["--steps", "2", "--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+        (["--steps", "-1"], "argument --steps: must be an int >= 1, got -1"),
+        (["--steps", "2", "--eps", "-1e-3"], "argument --eps: must be a finite number > 0, got -0.001"),
+        (["--steps", "2", "--lr", "0"], "argument --lr: must be a finite number > 0, got 0.0"),
+        (["--steps", "2", "--batch-size", "0"], "argument --batch-size: must be an int >= 1, got 0"),
     ],
 )
 def test_bad_flags_are_one_line_before_anything_is_built(tiny_opt: Path, tmp_path: Path, extra, message) -> None:

@@ -1,4 +1,4 @@
-"""MeZO's noise (sglang.overlay.zo_noise): Philox against Random123's known answers, z independent of the
+"""MeZO's noise (sglang.overlay.mezo.noise): Philox against Random123's known answers, z independent of the
 layout (fused, sharded by rows or by columns), and the Triton pass kernel against the torch definition
 (run by Triton's interpreter on the CPU, in a subprocess: TRITON_INTERPRET is read at import)."""
 
@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 def test_philox_matches_random123_known_answers() -> None:
     import torch
 
-    from sglang.overlay.zo_noise import philox4x32
+    from sglang.overlay.mezo.noise import philox4x32
 
     assert [int(w) for w in philox4x32(0, torch.tensor([0]))] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
     q = 0x243F6A88 | (0x85A308D3 << 32)  # c1 >= 2^31: as a negative int64
@@ -32,7 +32,7 @@ def test_philox_matches_random123_known_answers() -> None:
 def test_normal_is_standard_normal_and_decorrelated() -> None:
     import torch
 
-    from sglang.overlay.zo_noise import normal
+    from sglang.overlay.mezo.noise import normal
 
     z = normal(12345, torch.arange(1 << 20) + (1 << 40))
     assert abs(z.mean().item()) < 4e-3 and abs(z.std().item() - 1) < 4e-3
@@ -46,7 +46,7 @@ def test_z_does_not_depend_on_the_layout() -> None:
     two column shards (rows 8 long in the HF layout, 4 in the shard): the same values."""
     import torch
 
-    from sglang.overlay.zo_noise import NoisePass, Stream
+    from sglang.overlay.mezo.noise import NoisePass, Stream
 
     g = torch.Generator().manual_seed(0)
     whole = torch.randn(6, 8, generator=g)
@@ -69,7 +69,7 @@ def test_z_does_not_depend_on_the_layout() -> None:
 def test_a_pass_is_one_fp32_expression_with_decay_only_where_asked() -> None:
     import torch
 
-    from sglang.overlay.zo_noise import NoisePass, Stream, normal
+    from sglang.overlay.mezo.noise import NoisePass, Stream, normal
 
     w = {"a.weight": torch.randn(10), "a.bias": torch.randn(3)}
     bases = {"a.weight": 0, "a.bias": 10}
@@ -83,7 +83,7 @@ def test_a_pass_is_one_fp32_expression_with_decay_only_where_asked() -> None:
 
 KERNEL_CHECK = r"""
 import json, sys, torch
-from sglang.overlay import zo_noise
+from sglang.overlay.mezo import noise as zo_noise
 assert zo_noise.triton is not None
 out = {}
 for dtype in (torch.float32, torch.float16):

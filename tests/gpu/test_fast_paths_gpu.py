@@ -179,12 +179,12 @@ def test_generate_matches_stepwise_decode():
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_zo_noise_kernel_matches_definition(dtype):
-    """MeZO's pass kernel (sglang.overlay.zo_noise) against the torch definition on the GPU: two streams,
+    """MeZO's pass kernel (sglang.overlay.mezo.noise) against the torch definition on the GPU: two streams,
     decay, a column-sharded tensor, offsets past 2^32; fp32 within 2e-6, half precision equal after
     rounding except where the fp32 results straddle a rounding boundary."""
     import torch
 
-    from sglang.overlay.zo_noise import NoisePass, Stream
+    from sglang.overlay.mezo.noise import NoisePass, Stream
 
     dt = getattr(torch, dtype)
     g = torch.Generator(device="cuda").manual_seed(3)
@@ -215,7 +215,7 @@ def test_zo_noise_kernel_z_is_within_its_bound_of_the_definition(fast, bound):
     default, FAST = 1), against the torch definition over 4M offsets whose Philox counters cross 2^32."""
     import torch
 
-    from sglang.overlay.zo_noise import NoisePass, Stream, normal
+    from sglang.overlay.mezo.noise import NoisePass, Stream, normal
 
     assert NoisePass.FAST == 1
     n, base = 1 << 22, (1 << 34) - (1 << 21)

@@ -1,6 +1,6 @@
 """An independent MeZO on HuggingFace ``OPTForCausalLM`` (fp32, CPU): the tests' reference.
 
-Written from the MeZO paper and the spec in ``sglang/overlay/mezo.py``'s docstring (step
+Written from the MeZO paper and the spec in ``sglang/overlay/mezo/trainer.py``'s docstring (step
 seeds, z order, LoRA scheme), not from its code: each step's seed is SHA-256 of
 ``"mezo:<seed>:step:<k>"``, and z of element i of trainable parameter p is
 ``zo_noise.normal(seed, base(p) + i)`` (the z definition; ``base(p)``: the elements
@@ -66,7 +66,7 @@ class ReferenceMeZO:
         return torch.cat(nll).mean().item()
 
     def _z(self, seed: int):
-        from sglang.overlay.zo_noise import normal
+        from sglang.overlay.mezo.noise import normal
 
         base = 0
         for name, p in self.params:

@@ -65,6 +65,8 @@ class RunnerConfig:
     cuda_graph_batch_sizes: Optional[tuple[int, ...]] = None
     first_gpu: int = 0
     log_level: str = "quiet"
+    # The model's parsed config.json, set by resolved(): a resolved config is not validated again.
+    _checkpoint: Optional[dict] = field(default=None, init=False, repr=False, compare=False)
 
     def device_kind(self) -> str:
         """'cuda' or 'cpu': what ``device`` means on this machine ("auto": CUDA when torch sees it)."""
@@ -73,10 +75,13 @@ class RunnerConfig:
         return self.device
 
     def resolved(self) -> "RunnerConfig":
-        """The config with the device's defaults filled in, validated."""
-        self.validate()
+        """The config with the device's defaults filled in, validated (once: a resolved config is its own
+        resolution)."""
+        if self._checkpoint is not None:
+            return self
+        checkpoint = self.validate()
         cpu = self.device_kind() == "cpu"
-        return dataclasses.replace(
+        out = dataclasses.replace(
             self,
             device=self.device_kind(),
             dtype=self.dtype or ("float32" if cpu else "auto"),
@@ -86,8 +91,15 @@ class RunnerConfig:
             server_args=dict(self.server_args),
             cuda_graph_batch_sizes=None if self.cuda_graph_batch_sizes is None else tuple(self.cuda_graph_batch_sizes),
         )
+        object.__setattr__(out, "_checkpoint", checkpoint)
+        return out
 
-    def validate(self) -> None:
+    def checkpoint_config(self) -> dict:
+        """The model's config.json, parsed (read once, by ``resolved``)."""
+        return dict(self.resolved()._checkpoint)
+
+    def validate(self) -> dict:
+        """ValueError saying what is wrong; returns the model's parsed config.json."""
         path = Path(self.model_path)
         if not (path / "config.json").is_file():
             raise ValueError(
@@ -128,13 +140,14 @@ class RunnerConfig:
             raise ValueError(f"distributed must be 'fresh' or 'reuse', got {self.distributed!r}")
         self._validate_tensor_parallel()
         try:
-            architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+            checkpoint = json.loads((path / "config.json").read_text())
         except ValueError as error:
             raise ValueError(f"{path / 'config.json'} is not valid JSON ({error})") from None
-        if not architectures:
+        if not isinstance(checkpoint, dict) or not checkpoint.get("architectures"):
             raise ValueError(f"{path / 'config.json'} names no architectures; SGLang cannot pick a model class")
         for weights in sorted(path.glob("*.safetensors")):
             _check_safetensors(weights)
+        return checkpoint
 
     def _validate_tensor_parallel(self) -> None:
         if self.tp_size < 1:
@@ -207,7 +220,7 @@ def _numa_nodes() -> Optional[int]:
 
 
 def make_server_args(config: RunnerConfig):
-    """ServerArgs for an in-process runner of ``config`` (validated and resolved)."""
+    """ServerArgs for an in-process runner of ``config`` (resolved, and so validated, once)."""
     from sglang.srt.server_args import ServerArgs
 
     config = config.resolved()

@@ -16,6 +16,11 @@ cache: K/V computed before an in-place weight change are never read after it.
 Scoring calls keep no K/V at all; for the native OPT they run on the dense
 scoring engine (``sglang.overlay.dense``) where it takes the batch.
 
+Code that holds an update of the weights not yet written (MeZO's deferred
+update) registers a sync with ``register_weight_sync``: the runner calls it
+before every forward it serves and before handing out ``model``, so nothing
+reads weights with an update pending.
+
 Several runners can live in one process: ``distributed="reuse"`` builds a
 runner on the torch.distributed and model-parallel groups that already exist
 (``sglang.srt.distributed.reuse.allow_reuse``). Runners do not share KV pools;
@@ -34,7 +39,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -62,6 +67,7 @@ class StandaloneRunner:
 
     def __init__(self, config: RunnerConfig) -> None:
         self.config = config.resolved()
+        self._weight_syncs: list[Callable[[], None]] = []
         if self.config.server_args.get("tp_size", self.config.tp_size) != self.config.tp_size:
             # make_server_args lets server_args override any field; a runner takes its ranks from the config.
             raise ValueError(
@@ -120,9 +126,25 @@ class StandaloneRunner:
 
         return allow_reuse()
 
+    def register_weight_sync(self, sync: Callable[[], None]) -> None:
+        """Call ``sync()`` before every forward this runner serves and before ``model`` is handed out: the
+        owner of an update not yet written to the weights (a MeZO trainer's deferred update) writes it."""
+        self._weight_syncs.append(sync)
+
+    def _sync_weights(self) -> None:
+        for sync in self._weight_syncs:
+            sync()
+
     @property
     def model(self) -> torch.nn.Module:
+        """The SGLang model, its weights as they are (every registered sync applied first)."""
+        self._sync_weights()
         return self.runner.model
+
+    @property
+    def hf_config(self) -> Any:
+        """The model's HF config, as SGLang loaded it."""
+        return self.runner.model_config.hf_config
 
     @property
     def vocab_size(self) -> int:
@@ -131,6 +153,7 @@ class StandaloneRunner:
     def logits(self, seqs: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """fp32 logits at every position: one ``[len(seq), vocab]`` tensor per sequence."""
         seqs = self._checked(seqs, "seqs")
+        self._sync_weights()
         out: list[torch.Tensor] = []
         for part in self._batches([len(s) for s in seqs], "seqs"):
             out += score(self.runner, [seqs[i] for i in part], engine=self.engine).all_logits(self.vocab_size)
@@ -144,6 +167,7 @@ class StandaloneRunner:
             raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets: give one target per prompt")
         seqs = [p + t for p, t in zip(prompts, targets)]
         inputs.within_context([len(s) for s in seqs], "prompts + targets", self.limits)
+        self._sync_weights()
         out: list[torch.Tensor] = []
         for part in self._batches([len(s) for s in seqs], "prompts + targets"):
             out += self._token_logprobs([prompts[i] for i in part], [targets[i] for i in part])
@@ -171,6 +195,7 @@ class StandaloneRunner:
         max_new_tokens = inputs.positive_int(max_new_tokens, "max_new_tokens")
         totals = [len(p) + max_new_tokens for p in prompts]
         inputs.within_context(totals, "prompts", self.limits, what=f"tokens with max_new_tokens={max_new_tokens}")
+        self._sync_weights()
         out: list[list[int]] = []
         for part in self._batches(totals, "prompts"):
             out += self._generate([prompts[i] for i in part], max_new_tokens)
@@ -204,6 +229,7 @@ class StandaloneRunner:
         if self not in _LIVE_RUNNERS:
             return
         _LIVE_RUNNERS.remove(self)
+        self._weight_syncs.clear()
         if self.engine is not None:
             self.engine.close()
         self.runner.req_to_token_pool.clear()

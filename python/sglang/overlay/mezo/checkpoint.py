@@ -9,15 +9,15 @@ A checkpoint is a folder::
 Resuming is exact: the z of step k depends only on (seed, k) and the batch of step k
 is batch k % len(batches), so loading the weights (LoRA: A/B; the base weights are
 the model's own, never written) and ``steps_done`` continues the same run bit for bit
-(same device type and dtype). ``load_checkpoint`` refuses a checkpoint of a different
+(same device type and dtype). ``MeZO.load_checkpoint`` refuses a checkpoint of a different
 MeZOConfig, model architecture, device type, dtype or run facts, naming both values.
 
 Saving writes into a temporary sibling folder (``.tmp-<name>-*``) and renames it
 into place, so an interrupted save leaves no partial checkpoint under the final
 name, and the previous checkpoints stay intact. ``latest_checkpoint`` ignores the
 temporary folders; ``remove_stale_temps`` deletes those a killed process left.
-The trainer is used duck-typed (``config``, ``steps_done``, ``weights``,
-``lora``, ``trainables``, ``hf_config``, ``save_pretrained``); this module does not import ``mezo``.
+This module knows files, not the trainer: ``MeZO.save_checkpoint`` /
+``MeZO.load_checkpoint`` hand it the state and the tensors.
 """
 
 from __future__ import annotations
@@ -28,9 +28,8 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -44,14 +43,14 @@ def checkpoint_name(steps_done: int) -> str:
     return f"step-{steps_done:06d}"
 
 
-def trainer_facts(trainer: Any) -> dict[str, Any]:
-    """What a checkpoint must share with the trainer that loads it, besides the MeZOConfig."""
-    hf = {k: v for k, v in trainer.hf_config.to_dict().items() if k not in ("transformers_version", "_name_or_path")}
-    first = next(iter(trainer.trainables.values()))
+def model_facts(hf_config: dict, device_type: str, dtype: torch.dtype) -> dict[str, str]:
+    """What a checkpoint must share with the trainer that loads it, besides the MeZOConfig: the model's
+    config (its hash), the device type and the dtype."""
+    hf = {k: v for k, v in hf_config.items() if k not in ("transformers_version", "_name_or_path")}
     return {
         "model_config_sha256": hashlib.sha256(json.dumps(hf, sort_keys=True, default=str).encode()).hexdigest(),
-        "device_type": first.device.type,
-        "dtype": str(first.dtype).replace("torch.", ""),
+        "device_type": device_type,
+        "dtype": str(dtype).replace("torch.", ""),
     }
 
 
@@ -68,24 +67,21 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(trainer: Any, directory: str | Path, run: Optional[dict] = None,
-                    extra: Optional[dict] = None) -> Path:
-    """Write ``trainer``'s checkpoint to ``directory`` atomically (temp folder + rename; an existing
-    ``directory`` is replaced). ``run``: facts a resume must match (data hash, batch size);
-    ``extra``: anything else to keep (not compared)."""
+def save_checkpoint(directory: str | Path, write_model: Callable[[Path], None], state: dict,
+                    lora: Optional[dict[str, torch.Tensor]] = None) -> Path:
+    """Write a checkpoint to ``directory`` atomically (temp folder + rename; an existing ``directory`` is
+    replaced): ``write_model(folder)`` writes the HF checkpoint, ``lora`` (CPU tensors) the A/B tensors,
+    ``state`` (steps done, the MeZOConfig, facts, the run's facts, extra) the trainer state."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{directory.name}-", dir=directory.parent))
     try:
-        trainer.save_pretrained(tmp)
-        if trainer.lora:
-            save_file({name: t.detach().to("cpu", copy=True).contiguous() for name, t in trainer.trainables.items()},
-                      str(tmp / LORA_FILE))
-        state = {"format": FORMAT, "steps_done": trainer.steps_done, "mezo_config": asdict(trainer.config),
-                 "facts": trainer_facts(trainer), "run": run or {}, "extra": extra or {}}
-        _write_state(tmp / STATE_FILE, state)
+        write_model(tmp)
+        if lora:
+            save_file({name: t.contiguous() for name, t in lora.items()}, str(tmp / LORA_FILE))
+        _write_state(tmp / STATE_FILE, {"format": FORMAT, **state})
         for path in tmp.iterdir():
             _fsync(path)
         if directory.exists():
@@ -139,39 +135,29 @@ def check_compatible(state: dict, config: dict, facts: Optional[dict], run: Opti
                          "new run in another --out")
 
 
-def load_checkpoint(trainer: Any, directory: str | Path, run: Optional[dict] = None) -> dict:
-    """Copy a checkpoint's weights (LoRA: A/B) into ``trainer``'s tensors in place and set its
-    ``steps_done``; returns the trainer state. ``run``: facts that must equal the saved ones
-    (None: not compared)."""
+def load_tensors(directory: str | Path, shapes: dict[str, tuple[int, ...]], lora: bool) -> dict[str, torch.Tensor]:
+    """The tensors named in ``shapes`` from a checkpoint (LoRA: its A/B file; else its HF weights), each
+    checked against its shape; ValueError naming the folder where one is missing or of another shape."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
-    state = read_state(directory)
-    check_compatible(state, asdict(trainer.config), trainer_facts(trainer), run, directory)
-    if trainer.lora:
-        files, targets = [directory / LORA_FILE], trainer.trainables
-    else:
-        files = sorted(p for p in directory.glob("*.safetensors") if p.name != LORA_FILE)
-        targets = trainer.weights
+    files = [directory / LORA_FILE] if lora else sorted(
+        p for p in directory.glob("*.safetensors") if p.name != LORA_FILE)
     loaded: dict[str, torch.Tensor] = {}
     for path in files:
         try:
-            loaded.update((k, v) for k, v in load_file(str(path)).items() if k in targets)
+            loaded.update((k, v) for k, v in load_file(str(path)).items() if k in shapes)
         except (OSError, ValueError, RuntimeError) as error:
             raise ValueError(f"{path}: cannot read the checkpoint's weights ({error})") from None
-    missing = [name for name in targets if name not in loaded]
+    missing = [name for name in shapes if name not in loaded]
     if missing:
         raise ValueError(f"{directory} lacks {len(missing)} trained tensors ({', '.join(missing[:3])}, ...): "
                          "it is not a checkpoint of this trainer")
-    for name, tensor in targets.items():
-        if loaded[name].shape != tensor.shape:
+    for name, shape in shapes.items():
+        if tuple(loaded[name].shape) != tuple(shape):
             raise ValueError(f"{directory}: {name} is {tuple(loaded[name].shape)} in the checkpoint, "
-                             f"{tuple(tensor.shape)} in the trainer")
-    with torch.no_grad():
-        for name, tensor in targets.items():
-            tensor.copy_(loaded[name])
-    trainer.steps_done = int(state["steps_done"])
-    return state
+                             f"{tuple(shape)} in the trainer")
+    return loaded
 
 
 def checkpoints(root: str | Path) -> list[tuple[int, Path]]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Sequence
 
-from sglang.overlay.mezo_data import EvalExample
+from sglang.overlay.mezo.data import EvalExample
 
 if TYPE_CHECKING:
     from sglang.overlay.runner import StandaloneRunner

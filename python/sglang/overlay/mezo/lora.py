@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from sglang.overlay.mezo_params import QKV
+from sglang.overlay.mezo.config import QKV
 
 
 def add_lora(model: torch.nn.Module, weights: dict[str, torch.Tensor], hf_config: Any, config: Any,

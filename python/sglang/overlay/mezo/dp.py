@@ -74,8 +74,8 @@ class DataParallel:
         return sum(part[0] for part in parts) / counts
 
 
-def launch_layout(model: str, device: str, dtype: Optional[str], tp_size: int) -> tuple[Optional[DataParallel], int, Any]:
-    """(data parallelism, global rank, RunnerConfig) of this process: one process without torchrun; under
+def launch_layout(model: str, device: str, dtype: Optional[str], tp_size: int) -> tuple[Optional[DataParallel], Any]:
+    """(data parallelism, RunnerConfig) of this process: one process without torchrun; under
     torchrun, process r is TP rank r % tp_size of replica r // tp_size, on its replica's own GPUs
     (LOCAL_RANK's block), its replica's torch.distributed world on port MASTER_PORT + 1 + replica."""
     from sglang.overlay.config import RunnerConfig
@@ -86,7 +86,7 @@ def launch_layout(model: str, device: str, dtype: Optional[str], tp_size: int) -
                          f"{tp_size} (more processes make data-parallel replicas)")
     dp = DataParallel.from_env(tp_size=tp_size)
     if dp is None and tp_size == 1:
-        return None, 0, RunnerConfig(model_path=model, device=device, dtype=dtype)
+        return None, RunnerConfig(model_path=model, device=device, dtype=dtype)
     replica, tp_rank = rank // tp_size, rank % tp_size
     local = int(os.environ.get("LOCAL_RANK", str(rank)))
     # Each replica's own world on a port of its own (MASTER_PORT + 1 + replica): replicas that each asked
@@ -96,4 +96,4 @@ def launch_layout(model: str, device: str, dtype: Optional[str], tp_size: int) -
                           dist_port=port)
     if config.device_kind() == "cuda":  # on the CPU the GPU id picks SGLang's NUMA binding: keep 0
         config = dataclasses.replace(config, first_gpu=local - tp_rank)
-    return dp, rank, config
+    return dp, config

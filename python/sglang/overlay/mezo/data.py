@@ -26,15 +26,28 @@ class Batch(NamedTuple):
     targets: list[list[int]]
 
 
-def model_limits(model_dir: str) -> tuple[int, int]:
-    """(vocab size, context length) from the model folder's config.json."""
-    config_path = Path(model_dir) / "config.json"
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, ValueError) as error:
-        raise ValueError(f"--model {model_dir}: cannot read {config_path} ({error}); give a local HF model folder") \
-            from None
-    return int(config["vocab_size"]), int(config.get("max_position_embeddings") or 1 << 62)
+class ModelLimits(NamedTuple):
+    """What every example must fit: token ids in [0, vocab_size), at most context_len tokens."""
+
+    vocab_size: int
+    context_len: int
+
+    @classmethod
+    def of(cls, config: dict) -> "ModelLimits":
+        """The limits a model's parsed config.json states (``RunnerConfig.checkpoint_config()``)."""
+        context = config.get("max_position_embeddings") or config.get("n_positions") or 1 << 62
+        return cls(int(config["vocab_size"]), int(context))
+
+    @classmethod
+    def read(cls, model_dir: str) -> "ModelLimits":
+        """The limits of the model folder's config.json."""
+        config_path = Path(model_dir) / "config.json"
+        try:
+            config = json.loads(config_path.read_text())
+        except (OSError, ValueError) as error:
+            raise ValueError(f"--model {model_dir}: cannot read {config_path} ({error}); give a local HF model "
+                             "folder") from None
+        return cls.of(config)
 
 
 class _Tokenizer:
@@ -98,8 +111,8 @@ def _records(path: Path, flag: str) -> Iterator[tuple[str, dict]]:
 class _Checker:
     """Turns a field (token ids or text) into checked token ids of the model in ``model_dir``."""
 
-    def __init__(self, model_dir: str) -> None:
-        self.vocab, self.context = model_limits(model_dir)
+    def __init__(self, model_dir: str, limits: Optional[ModelLimits]) -> None:
+        self.vocab, self.context = limits or ModelLimits.read(model_dir)
         self.tokenize = _Tokenizer(model_dir)
 
     def ids(self, value: Any, field: str, where: str, special: bool) -> list[int]:
@@ -113,10 +126,11 @@ class _Checker:
                              f"model's context length {self.context}")
 
 
-def load_batches(path: Path, batch_size: int, model_dir: str) -> list[Batch]:
+def load_batches(path: Path, batch_size: int, model_dir: str, limits: Optional[ModelLimits] = None) -> list[Batch]:
     """Batches of ``batch_size`` from a JSON Lines file of {"prompt": ..., "target": ...}, every
-    example checked against the model in ``model_dir`` first. Step k trains on batch k % len(batches)."""
-    check = _Checker(model_dir)
+    example checked against the model in ``model_dir`` first (``limits``: its vocabulary and context,
+    read from its config.json when None). Step k trains on batch k % len(batches)."""
+    check = _Checker(model_dir, limits)
     examples: list[tuple[list[int], list[int]]] = []
     for where, record in _records(path, "--data"):
         if not isinstance(record, dict) or "prompt" not in record or "target" not in record:
@@ -145,11 +159,11 @@ class EvalExample(NamedTuple):
         return self.target if self.target is not None else self.candidates[self.gold]
 
 
-def load_eval_examples(path: Path, model_dir: str) -> list[EvalExample]:
+def load_eval_examples(path: Path, model_dir: str, limits: Optional[ModelLimits] = None) -> list[EvalExample]:
     """Held-out examples from a JSON Lines file, checked like the training data. Each line has a
     "prompt" and a "target", or "candidates" (a non-empty list of targets: token ids or text) with
     "gold" (the index of the right one), or all three."""
-    check = _Checker(model_dir)
+    check = _Checker(model_dir, limits)
     examples: list[EvalExample] = []
     for where, record in _records(path, "--eval-data"):
         if not isinstance(record, dict) or "prompt" not in record or not ("target" in record or "candidates" in record):

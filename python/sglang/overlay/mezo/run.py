@@ -7,7 +7,7 @@ the trainer and saving the final checkpoint, for a run of ``steps`` steps in all
   StepResult) and per evaluation (``{"kind": "eval", "steps_done": k, "nll": ...,
   "accuracy": ..., ...}``), each flushed when written;
 - with ``save_every`` K, a checkpoint ``OUT/checkpoints/step-NNNNNN`` after every K
-  steps and after the last (:mod:`sglang.overlay.mezo_checkpoint`; ``keep_checkpoints``
+  steps and after the last (:mod:`sglang.overlay.mezo.checkpoint`; ``keep_checkpoints``
   N keeps the N newest);
 - with ``eval_examples``: an evaluation before the first step, after every
   ``eval_every`` steps, and after the last step (once per step count);
@@ -19,7 +19,8 @@ the trainer and saving the final checkpoint, for a run of ``steps`` steps in all
   same log and weights as one that was never interrupted. Without ``resume``, an
   ``OUT`` that already holds checkpoints is refused.
 
-This module uses the trainer duck-typed and does not import ``mezo``.
+Under tensor or data parallelism every rank runs the same code (every forward is
+a collective of its tensor-parallel group); only the trainer's lead rank writes.
 """
 
 from __future__ import annotations
@@ -29,48 +30,18 @@ import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
-from sglang.overlay import mezo_checkpoint as ckpt
-from sglang.overlay.mezo_eval import evaluate
+from sglang.overlay.mezo import checkpoint as ckpt
+from sglang.overlay.mezo.config import RunConfig, StepResult
+from sglang.overlay.mezo.data import Batch, EvalExample
+from sglang.overlay.mezo.progress import Progress
+
+if TYPE_CHECKING:
+    from sglang.overlay.mezo.trainer import MeZO
 
 LOG_FILE = "mezo_log.jsonl"
 CHECKPOINTS = "checkpoints"
-
-
-class Progress:
-    """A tqdm bar with the loss and the last evaluation, or plain lines where tqdm is missing."""
-
-    def __init__(self, total: int, enabled: bool, initial: int = 0) -> None:
-        self.total, self.enabled, self.bar, self.postfix = total, enabled, None, {}
-        if enabled:
-            try:
-                from tqdm import tqdm
-            except ImportError:
-                return
-            self.bar = tqdm(total=total, initial=initial, desc="MeZO", unit="step")
-
-    def update(self, result: Any) -> None:
-        self.postfix["loss"] = f"{result.loss:.4f}"
-        if self.bar is not None:
-            self.bar.set_postfix(self.postfix, refresh=False)
-            self.bar.update()
-        elif self.enabled:
-            print(f"MeZO step {result.step + 1}/{self.total} loss {result.loss:.4f}", file=sys.stderr)
-
-    def show_eval(self, record: dict) -> None:
-        self.postfix["eval_nll"] = f"{record['nll']:.4f}"
-        if record.get("accuracy") is not None:
-            self.postfix["eval_acc"] = f"{record['accuracy']:.3f}"
-        if self.bar is not None:
-            self.bar.set_postfix(self.postfix)
-        elif self.enabled:
-            print(f"MeZO eval after {record['steps_done']} steps: " + " ".join(
-                f"{k} {v}" for k, v in self.postfix.items() if k != "loss"), file=sys.stderr)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 class StepLog:
@@ -126,60 +97,66 @@ def plan_resume(out: str | Path, resume: bool, config: dict, run: Optional[dict]
     return latest
 
 
-def run_training(trainer: Any, batches: Sequence[Any], steps: int, out: str | Path, *,
-                 save_every: Optional[int] = None, keep_checkpoints: Optional[int] = None,
-                 eval_examples: Optional[Sequence[Any]] = None, eval_every: Optional[int] = None,
-                 eval_batch_size: int = 32, resume: bool = False, run: Optional[dict] = None,
-                 progress: bool = True, callback: Optional[Callable[[Any], None]] = None) -> list[Any]:
-    """Train ``trainer`` to ``steps`` steps in all, logging, evaluating and checkpointing under ``out``
-    (see the module docstring); ``run``: facts a resume must match (data hash, batch size);
-    ``callback(result)`` after each step's log line, eval and checkpoint. Returns this call's StepResults."""
-    for name, value in (("save_every", save_every), ("keep_checkpoints", keep_checkpoints),
-                        ("eval_every", eval_every)):
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be an int >= 1 or None, got {value!r}")
-    if eval_every is not None and not eval_examples:
+def run_training(trainer: MeZO, batches: Sequence[Batch], config: RunConfig, *,
+                 eval_examples: Optional[Sequence[EvalExample]] = None, run: Optional[dict] = None,
+                 callback: Optional[Callable[[StepResult], None]] = None) -> list[StepResult]:
+    """Train ``trainer`` to ``config.steps`` steps in all, logging, evaluating and checkpointing under
+    ``config.out`` (see the module docstring); ``run``: facts a resume must match (data hash, batch size);
+    ``callback(result)`` after each step's log line, eval and checkpoint. Returns this call's StepResults.
+
+    Every rank of a tensor- or data-parallel run calls it, and each takes part in every forward
+    (evaluations included); the trainer's lead rank alone writes the log and the checkpoints."""
+    config.validate()
+    if config.eval_every is not None and not eval_examples:
         raise ValueError("--eval-every needs held-out examples: give --eval-data FILE")
-    out = Path(out)
+    out, lead = Path(config.out), trainer.lead
     root = out / CHECKPOINTS
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt.remove_stale_temps(root)
-    latest = plan_resume(out, resume, asdict(trainer.config), run)
-    state = ckpt.load_checkpoint(trainer, latest, run) if latest is not None else {"extra": {}}
-    start = trainer.steps_done
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_stale_temps(root)
+    latest = plan_resume(out, config.resume, asdict(trainer.config), run)
+    state = trainer.load_checkpoint(latest, run) if latest is not None else {"extra": {}}
+    start, steps = trainer.steps_done, config.steps
     if start > steps:
         raise ValueError(f"{latest} has {start} steps done, more than --steps {steps}: give --steps >= {start}")
-    log = StepLog(out / LOG_FILE, resume_at=start)
-    bar = Progress(steps, progress, initial=start)
+    if latest is not None and lead:
+        print(f"MeZO: resuming from {latest} ({start} of {steps} steps done)", file=sys.stderr, flush=True)
+    log = StepLog(out / LOG_FILE, resume_at=start) if lead else None
+    bar = Progress(steps, config.progress and lead, initial=start)
     last_eval = dict(state["extra"].get("last_eval") or {})
     if last_eval:
         bar.show_eval(last_eval)
 
     def run_eval() -> None:
-        result = evaluate(trainer.runner, eval_examples, eval_batch_size)
+        result = trainer.evaluate(eval_examples, config.eval_batch_size)
         last_eval.clear()
         last_eval.update(kind="eval", steps_done=trainer.steps_done, **result.summary())
-        log.write(dict(last_eval))
+        if log is not None:
+            log.write(dict(last_eval))
         bar.show_eval(last_eval)
 
     def due(count: int) -> bool:
-        return bool(eval_examples) and (count == 0 or (eval_every is not None and count % eval_every == 0))
+        every = config.eval_every
+        return bool(eval_examples) and (count == 0 or (every is not None and count % every == 0))
 
     def save() -> None:
+        if not lead:
+            return
         log.sync()
         done = trainer.steps_done
         extra = {"last_eval": dict(last_eval), "batches": len(batches), "next_batch": done % len(batches),
                  "order": "file order: step k trains on batch k % batches"}
-        ckpt.save_checkpoint(trainer, root / ckpt.checkpoint_name(done), run, extra)
-        if keep_checkpoints is not None:
-            ckpt.prune(root, keep_checkpoints)
+        trainer.save_checkpoint(root / ckpt.checkpoint_name(done), run, extra)
+        if config.keep_checkpoints is not None:
+            ckpt.prune(root, config.keep_checkpoints)
 
-    def on_step(result: Any) -> None:
-        log.write({"kind": "step", **asdict(result)})
+    def on_step(result: StepResult) -> None:
+        if log is not None:
+            log.write({"kind": "step", **asdict(result)})
         bar.update(result)
         if due(trainer.steps_done):
             run_eval()
-        if save_every is not None and trainer.steps_done % save_every == 0:
+        if config.save_every is not None and trainer.steps_done % config.save_every == 0:
             save()
         if callback is not None:
             callback(result)
@@ -190,9 +167,10 @@ def run_training(trainer: Any, batches: Sequence[Any], steps: int, out: str | Pa
         results = trainer.train(batches, steps - start, progress=False, callback=on_step)
         if eval_examples and last_eval.get("steps_done") != steps:
             run_eval()
-        if save_every is not None and steps % save_every != 0 and steps > start:
+        if config.save_every is not None and steps % config.save_every != 0 and steps > start:
             save()  # the last step too, so a finished run can be extended (--resume with more --steps)
     finally:
         bar.close()
-        log.close()
+        if log is not None:
+            log.close()
     return results

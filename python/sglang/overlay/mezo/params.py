@@ -19,7 +19,8 @@ from typing import Any, Optional
 
 import torch
 
-QKV = ("q_proj", "k_proj", "v_proj")
+from sglang.overlay.mezo.config import QKV
+
 VOCAB_PARAMS = ("model.decoder.embed_tokens.weight", "lm_head.weight")
 
 
@@ -104,7 +105,7 @@ def place(model: torch.nn.Module, hf_config: Any, tp_rank: int = 0, tp_size: int
         if count != want:
             raise ValueError(
                 f"SGLang parameter {name!r} {tuple(params[name].shape)}: HF parameters cover {count} of its {want} "
-                "elements; MeZO would leave the rest untrained. Map it in sglang/overlay/mezo_params.py:place"
+                "elements; MeZO would leave the rest untrained. Map it in sglang/overlay/mezo/params.py:place"
             )
     return placements
 
