@@ -21,8 +21,10 @@ def main() -> None:
 
     info_file = ROOT / STAGE / "build.json"
     if not info_file.is_file():
-        sys.exit("error: nothing is staged: build the fork with `pip wheel --no-deps .` or `pip install .` "
-                 "(the build backend in pyproject.toml stages the patched release first)")
+        sys.exit(
+            "error: nothing is staged: build the fork with `pip wheel --no-deps .` or `pip install .` "
+            "(the build backend in pyproject.toml stages the patched release first)"
+        )
     info = json.loads(info_file.read_text())
     package_root = ROOT / info["package_root"]
 

@@ -76,7 +76,7 @@ def matmul_peak_tflops(n: int = 8192, iters: int = 30) -> float:
     """The bf16 dense matmul rate of this GPU now: an n^3 GEMM, timed as the workloads are."""
     x = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     y = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    return 2 * n ** 3 / cuda_time(lambda: x @ y, iters, warmup=10) / 1e12
+    return 2 * n**3 / cuda_time(lambda: x @ y, iters, warmup=10) / 1e12
 
 
 def copy_bandwidth(nbytes: int = 1 << 31) -> float:
@@ -136,8 +136,12 @@ def sgl_fns(runner, engine, fb, last_rows, rows, targets) -> dict:
         hidden, head = final_hidden_states(runner, fb, engine=engine, keep_kv=False)
         return -target_logprobs(hidden[rows], head, vocab, targets).mean()
 
-    return {"prefill": prefill(False), "prefill+kv": prefill(True), "prefill runner": lambda: runner.forward(fb),
-            "loss": loss}
+    return {
+        "prefill": prefill(False),
+        "prefill+kv": prefill(True),
+        "prefill runner": lambda: runner.forward(fb),
+        "loss": loss,
+    }
 
 
 FAST_PATHS = ("dense_prefill", "fc1_relu", "add_layer_norm", "split_qkv", "prefill_graphs")
@@ -202,8 +206,11 @@ def kernel_summary(fn, label: str) -> dict:
     kernels, n = [], 0
     averages = prof.key_averages()
     for e in averages:
-        if getattr(e, "device_type", None) != DeviceType.CUDA or getattr(e, "is_user_annotation", False) \
-                or e.key.startswith("step["):  # annotation ranges, not kernels
+        if (
+            getattr(e, "device_type", None) != DeviceType.CUDA
+            or getattr(e, "is_user_annotation", False)
+            or e.key.startswith("step[")
+        ):  # annotation ranges, not kernels
             continue
         us = e.self_device_time_total
         n += e.count
@@ -224,21 +231,40 @@ def kernel_summary(fn, label: str) -> dict:
         kernels.append((us / 1e3, e.count, e.key[:90]))
     kernels.sort(reverse=True)
     gpu = sum(cats.values())
-    log(f"PROFILE {label}: wall {wall * 1e3:.2f} ms, GPU kernels {gpu:.2f} ms ({n} launches), "
-        + ", ".join(f"{k} {v:.2f}" for k, v in cats.items()))
+    log(
+        f"PROFILE {label}: wall {wall * 1e3:.2f} ms, GPU kernels {gpu:.2f} ms ({n} launches), "
+        + ", ".join(f"{k} {v:.2f}" for k, v in cats.items())
+    )
     for ms, cnt, name in kernels[:6]:
         log(f"    {ms:8.3f} ms  x{cnt:<4d} {name}")
-    host = sorted(((e.self_cpu_time_total / 1e3, e.count, e.key[:70]) for e in averages
-                   if getattr(e, "device_type", None) == DeviceType.CPU), reverse=True)[:12]
-    return dict(label=label, wall_ms=wall * 1e3, gpu_ms=gpu, launches=n, **{f"{k}_ms": v for k, v in cats.items()},
-                top_kernels=kernels[:12], top_host_ops=host)
+    host = sorted(
+        (
+            (e.self_cpu_time_total / 1e3, e.count, e.key[:70])
+            for e in averages
+            if getattr(e, "device_type", None) == DeviceType.CPU
+        ),
+        reverse=True,
+    )[:12]
+    return dict(
+        label=label,
+        wall_ms=wall * 1e3,
+        gpu_ms=gpu,
+        launches=n,
+        **{f"{k}_ms": v for k, v in cats.items()},
+        top_kernels=kernels[:12],
+        top_host_ops=host,
+    )
 
 
 # ------------------------------------------------------------------------------------------ main
 def build(path, a, graphs: bool):
     """A StandaloneRunner; decode CUDA graphs (batch ``--decode-batch`` only) when ``graphs``."""
-    kw = dict(max_total_tokens=a.kv_tokens, max_running_requests=max(64, a.batch, a.decode_batch),
-              mem_fraction_static=0.6, prefill_graphs=a.prefill_graphs)
+    kw = dict(
+        max_total_tokens=a.kv_tokens,
+        max_running_requests=max(64, a.batch, a.decode_batch),
+        mem_fraction_static=0.6,
+        prefill_graphs=a.prefill_graphs,
+    )
     if graphs:
         kw.update(cuda_graphs=True, cuda_graph_batch_sizes=(a.decode_batch,))
     return common.runner(path, a.dtype, **kw)
@@ -271,8 +297,10 @@ def bench_shape(name: str, a) -> dict:
         graphs = False
         sr = build(path, a, graphs=False)
     runner = sr.runner
-    log(f"{name}: runner built in {time.perf_counter() - t:.1f}s, decode graphs "
-        f"{type(runner.decode_cuda_graph_runner).__name__ if graphs else 'off'}, attn {type(runner.attn_backend).__name__}")
+    log(
+        f"{name}: runner built in {time.perf_counter() - t:.1f}s, decode graphs "
+        f"{type(runner.decode_cuda_graph_runner).__name__ if graphs else 'off'}, attn {type(runner.attn_backend).__name__}"
+    )
     hf = common.hf_model(path, a.dtype)
     cfg = hf.config
     g = torch.Generator().manual_seed(7)
@@ -282,10 +310,19 @@ def bench_shape(name: str, a) -> dict:
     peak = a.peak_tflops * 1e12
 
     def record(kind, t_sgl, t_hf, fpt):
-        row.update({f"{kind}_sgl_tps": B * S / t_sgl, f"{kind}_hf_tps": B * S / t_hf, f"{kind}_ratio": t_hf / t_sgl,
-                    f"{kind}_sgl_mfu": B * S * fpt / t_sgl / peak, f"{kind}_hf_mfu": B * S * fpt / t_hf / peak})
-        log(f"{name} {kind}: sgl {B * S / t_sgl:,.0f} tok/s  hf {B * S / t_hf:,.0f} tok/s  sgl/hf {t_hf / t_sgl:.2f}"
-            f"  MFU sgl {row[f'{kind}_sgl_mfu']:.1%} hf {row[f'{kind}_hf_mfu']:.1%}")
+        row.update(
+            {
+                f"{kind}_sgl_tps": B * S / t_sgl,
+                f"{kind}_hf_tps": B * S / t_hf,
+                f"{kind}_ratio": t_hf / t_sgl,
+                f"{kind}_sgl_mfu": B * S * fpt / t_sgl / peak,
+                f"{kind}_hf_mfu": B * S * fpt / t_hf / peak,
+            }
+        )
+        log(
+            f"{name} {kind}: sgl {B * S / t_sgl:,.0f} tok/s  hf {B * S / t_hf:,.0f} tok/s  sgl/hf {t_hf / t_sgl:.2f}"
+            f"  MFU sgl {row[f'{kind}_sgl_mfu']:.1%} hf {row[f'{kind}_hf_mfu']:.1%}"
+        )
 
     with torch.no_grad():
         # prefill (last-token logits) and loss (MeZO: mean NLL over all B x (S-1) predicted tokens)
@@ -307,7 +344,12 @@ def bench_shape(name: str, a) -> dict:
 
         hf_loss = lambda: hf(ids, labels=ids, use_cache=False).loss  # noqa: E731
         row["loss_sgl"], row["loss_hf"] = fns["loss"]().item(), hf_loss().item()
-        record("loss", cuda_time(fns["loss"], a.iters), cuda_time(hf_loss, a.iters), flops_per_token(cfg, S, with_head=True))
+        record(
+            "loss",
+            cuda_time(fns["loss"], a.iters),
+            cuda_time(hf_loss, a.iters),
+            flops_per_token(cfg, S, with_head=True),
+        )
         log(f"{name} loss values: sgl {row['loss_sgl']:.4f} hf {row['loss_hf']:.4f}")
         if a.profile:
             row["profile_loss_sgl"] = kernel_summary(fns["loss"], f"{name} loss sglang")
@@ -345,8 +387,10 @@ def bench_shape(name: str, a) -> dict:
     for side in ("sgl", "sgl_eager", "hf"):  # bytes / step time, step time = batch / tok/s
         if f"decode_{side}_tps" in row:
             row[f"decode_{side}_hbm"] = row["decode_step_bytes"] * row[f"decode_{side}_tps"] / DB / (a.hbm_tb_s * 1e12)
-    log(f"{name} decode: sgl {row.get('decode_sgl_tps', float('nan')):,.0f} tok/s "
-        f"(eager {row.get('decode_sgl_eager_tps', float('nan')):,.0f})  hf {row['decode_hf_tps']:,.0f} tok/s")
+    log(
+        f"{name} decode: sgl {row.get('decode_sgl_tps', float('nan')):,.0f} tok/s "
+        f"(eager {row.get('decode_sgl_eager_tps', float('nan')):,.0f})  hf {row['decode_hf_tps']:,.0f} tok/s"
+    )
     hf = runner = None  # the runner closes below; HF goes first
     sr.close()
     common.free_cuda()
@@ -363,12 +407,14 @@ def table(rows, a) -> str:
     def p(x):
         return f"{100 * x:.1f}%" if isinstance(x, float) else "n/a"
 
-    out = [f"OPT native SGLang vs HF, {a.dtype}, prefill/loss batch {a.batch}x{a.seq}, decode batch "
-           f"{a.decode_batch} (prompt {a.decode_prompt}, {a.decode_steps} steps); tok/s; ratio = SGLang/HF; "
-           f"MFU vs {a.peak_tflops:.0f} TFLOP/s",
-           "| shape | prefill SGL | prefill HF | ratio | MFU SGL | MFU HF | ratio +K/V | ratio runner | loss SGL | loss HF "
-           "| ratio | MFU SGL | MFU HF | decode SGL (graphs) | decode SGL (eager) | decode HF | ratio |",
-           "|---|" + "---|" * 16]
+    out = [
+        f"OPT native SGLang vs HF, {a.dtype}, prefill/loss batch {a.batch}x{a.seq}, decode batch "
+        f"{a.decode_batch} (prompt {a.decode_prompt}, {a.decode_steps} steps); tok/s; ratio = SGLang/HF; "
+        f"MFU vs {a.peak_tflops:.0f} TFLOP/s",
+        "| shape | prefill SGL | prefill HF | ratio | MFU SGL | MFU HF | ratio +K/V | ratio runner | loss SGL | loss HF "
+        "| ratio | MFU SGL | MFU HF | decode SGL (graphs) | decode SGL (eager) | decode HF | ratio |",
+        "|---|" + "---|" * 16,
+    ]
     for x in rows:
         out.append(
             f"| {x['shape']} | {k(x.get('prefill_sgl_tps', float('nan')))} | {k(x.get('prefill_hf_tps', float('nan')))} "
@@ -378,19 +424,28 @@ def table(rows, a) -> str:
             f"| {p(x.get('loss_sgl_mfu'))} | {p(x.get('loss_hf_mfu'))} "
             f"| {k(x.get('decode_sgl_tps', float('nan'))) if x.get('decode_sgl_graphs') else 'n/a'} "
             f"| {k(x.get('decode_sgl_eager_tps', x.get('decode_sgl_tps', float('nan')) if not x.get('decode_sgl_graphs') else float('nan')))} "
-            f"| {k(x.get('decode_hf_tps', float('nan')))} | {r(x.get('decode_ratio'))} |")
-    out += ["", f"Decode against the hardware: batch {a.decode_batch}, prompt {a.decode_prompt}, {a.decode_steps} steps; "
-            f"bytes a step must read (weights + K/V at the mean context) over the step time, against the "
-            f"{a.hbm_tb_s:.2f} TB/s a device-to-device copy moved in this run",
-            "| shape | MB / step | SGL step ms | SGL TB/s | SGL % of HBM | SGL eager % | HF step ms | HF % of HBM |",
-            "|---|" + "---|" * 7]
+            f"| {k(x.get('decode_hf_tps', float('nan')))} | {r(x.get('decode_ratio'))} |"
+        )
+    out += [
+        "",
+        f"Decode against the hardware: batch {a.decode_batch}, prompt {a.decode_prompt}, {a.decode_steps} steps; "
+        f"bytes a step must read (weights + K/V at the mean context) over the step time, against the "
+        f"{a.hbm_tb_s:.2f} TB/s a device-to-device copy moved in this run",
+        "| shape | MB / step | SGL step ms | SGL TB/s | SGL % of HBM | SGL eager % | HF step ms | HF % of HBM |",
+        "|---|" + "---|" * 7,
+    ]
     for x in rows:
         if "decode_step_bytes" not in x:
             continue
-        ms = lambda side: f"{1e3 * a.decode_batch / x[f'decode_{side}_tps']:.2f}" if f"decode_{side}_tps" in x else "n/a"  # noqa: E731
-        out.append(f"| {x['shape']} | {x['decode_step_bytes'] / 1e6:,.0f} | {ms('sgl')} "
-                   f"| {r(x['decode_sgl_hbm'] * a.hbm_tb_s) if 'decode_sgl_hbm' in x else 'n/a'} "
-                   f"| {p(x.get('decode_sgl_hbm'))} | {p(x.get('decode_sgl_eager_hbm'))} | {ms('hf')} | {p(x.get('decode_hf_hbm'))} |")
+
+        def ms(side: str, x: dict = x) -> str:
+            return f"{1e3 * a.decode_batch / x[f'decode_{side}_tps']:.2f}" if f"decode_{side}_tps" in x else "n/a"
+
+        out.append(
+            f"| {x['shape']} | {x['decode_step_bytes'] / 1e6:,.0f} | {ms('sgl')} "
+            f"| {r(x['decode_sgl_hbm'] * a.hbm_tb_s) if 'decode_sgl_hbm' in x else 'n/a'} "
+            f"| {p(x.get('decode_sgl_hbm'))} | {p(x.get('decode_sgl_eager_hbm'))} | {ms('hf')} | {p(x.get('decode_hf_hbm'))} |"
+        )
     return "\n".join(out)
 
 
@@ -408,15 +463,22 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, help="the bf16 peak for MFU (default: measured at the start)")
     ap.add_argument("--profile", action="store_true", help="also profile one prefill and one loss call per side")
     ap.add_argument("--ab", action="store_true", help="also measure prefill with each opt.py fast path switched off")
-    ap.add_argument("--prefill-graphs", type=int, default=4,
-                    help="RunnerConfig.prefill_graphs: CUDA graphs of the decoder for repeated prefills (0: off)")
+    ap.add_argument(
+        "--prefill-graphs",
+        type=int,
+        default=4,
+        help="RunnerConfig.prefill_graphs: CUDA graphs of the decoder for repeated prefills (0: off)",
+    )
     ap.add_argument("--json", type=Path, help="write the rows here")
     a = ap.parse_args()
-    import sglang
     import transformers
 
-    log(f"sglang {sglang.__version__} ({Path(sglang.__file__).parent}), transformers {transformers.__version__}, "
-        f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}, {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
+    import sglang
+
+    log(
+        f"sglang {sglang.__version__} ({Path(sglang.__file__).parent}), transformers {transformers.__version__}, "
+        f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}, {time.strftime('%Y-%m-%d %H:%M:%S %Z')}"
+    )
     if a.peak_tflops is None:
         a.peak_tflops = matmul_peak_tflops()
         log(f"bf16 matmul peak measured: {a.peak_tflops:.0f} TFLOP/s (8192^3)")

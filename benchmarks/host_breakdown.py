@@ -11,6 +11,7 @@ prefill graph's replay ("pre": host work while the GPU idles), the replay ("grap
 which DenseEngine.forward, DensePrefill.plan, PrefillGraphs.run, the fingerprint walk and the replay are
 entered and left), the replay's GPU time back to back, the eager paths, and HF's calls.
 """
+
 from __future__ import annotations
 
 import json
@@ -146,18 +147,23 @@ def breakdown_shape(name, a):
         fns = bo.sgl_fns(runner, engine, fb, pos[:, -1], pos[:, :-1].reshape(-1), ids[:, 1:].reshape(-1))
         w = decoder.embed_positions.weight
         res["host_fingerprint_ms"] = host_ms(lambda: PrefillGraphs._fingerprint(decoder))
-        res["host_plan_ms"] = host_ms(lambda: DensePrefill.plan(fb, engine.attention, w.dtype, w.device, runner.token_to_kv_pool, False))
+        res["host_plan_ms"] = host_ms(
+            lambda: DensePrefill.plan(fb, engine.attention, w.dtype, w.device, runner.token_to_kv_pool, False)
+        )
         for kind in ("prefill runner", "prefill+kv", "prefill", "loss"):
             res[kind] = breakdown(fns[kind])
             log(f"{name} {kind}: " + ", ".join(f"{k} {v:.3f}" for k, v in res[kind].items()))
-        undo = [stamped(engine, "forward", "engine.forward"), stamped(dense.DensePrefill, "plan", "plan"),
-                stamped(engine.graphs, "run", "graphs.run"),
-                stamped(engine.graphs, "_fingerprint", "fingerprint"),
-                stamped(torch.cuda.CUDAGraph, "replay", "replay")]
+        undo = [
+            stamped(engine, "forward", "engine.forward"),
+            stamped(dense.DensePrefill, "plan", "plan"),
+            stamped(engine.graphs, "run", "graphs.run"),
+            stamped(engine.graphs, "_fingerprint", "fingerprint"),
+            stamped(torch.cuda.CUDAGraph, "replay", "replay"),
+        ]
         try:
             for kind in ("prefill", "prefill runner"):
                 res[kind + " host"] = host_timeline(fns[kind])
-                log(f"{name} {kind} host ms: " + ", ".join(f"{k} {v:.3f}" for k, v in res[kind + ' host'].items()))
+                log(f"{name} {kind} host ms: " + ", ".join(f"{k} {v:.3f}" for k, v in res[kind + " host"].items()))
         finally:
             for u in undo:
                 u()
@@ -174,24 +180,27 @@ def breakdown_shape(name, a):
         enable_graphs(engine, 0)
         for kind in ("prefill", "prefill runner"):
             res[kind + " eager"] = breakdown(fns[kind])
-            log(f"{name} {kind} eager: " + ", ".join(f"{k} {v:.3f}" for k, v in res[kind + ' eager'].items()))
+            log(f"{name} {kind} eager: " + ", ".join(f"{k} {v:.3f}" for k, v in res[kind + " eager"].items()))
         hf = common.hf_model(path, a.dtype)
         res["hf_prefill"] = breakdown(lambda: hf(ids, use_cache=False, logits_to_keep=1))
         res["hf_loss"] = breakdown(lambda: hf(ids, labels=ids, use_cache=False).loss)
         hf = None
     log(f"{name}: " + json.dumps({k: v for k, v in res.items() if not isinstance(v, dict)}))
-    log(f"{name} hf prefill {res['hf_prefill']['call']:.3f} ms, loss {res['hf_loss']['call']:.3f} ms; "
+    log(
+        f"{name} hf prefill {res['hf_prefill']['call']:.3f} ms, loss {res['hf_loss']['call']:.3f} ms; "
         f"ratios prefill {res['hf_prefill']['call'] / res['prefill']['call']:.2f}, "
         f"runner {res['hf_prefill']['call'] / res['prefill runner']['call']:.2f}, "
-        f"loss {res['hf_loss']['call'] / res['loss']['call']:.2f}")
+        f"loss {res['hf_loss']['call'] / res['loss']['call']:.2f}"
+    )
     sr.close()
     common.free_cuda()
     return res
 
 
 def main():
-    a = types.SimpleNamespace(kv_tokens=32768, batch=16, decode_batch=64, prefill_graphs=4, dtype="bfloat16",
-                              seq=512, iters=10)
+    a = types.SimpleNamespace(
+        kv_tokens=32768, batch=16, decode_batch=64, prefill_graphs=4, dtype="bfloat16", seq=512, iters=10
+    )
     OUT.mkdir(parents=True, exist_ok=True)
     out = {}
     for name in sys.argv[1].split(","):

@@ -112,13 +112,21 @@ def main() -> None:
     ap.add_argument("--kv-tokens", type=int, default=8192)
     ap.add_argument("--drift-steps", type=int, default=1000)
     ap.add_argument("--mem-fraction", type=float, default=0.5, help="the runner's mem_fraction_static")
-    ap.add_argument("--dummy", action="store_true",
-                    help="random weights made in place (SGLang load_format=dummy, HF from the config): no "
-                         "checkpoint on disk; the default from opt-13b up")
+    ap.add_argument(
+        "--dummy",
+        action="store_true",
+        help="random weights made in place (SGLang load_format=dummy, HF from the config): no "
+        "checkpoint on disk; the default from opt-13b up",
+    )
     ap.add_argument("--no-hf", action="store_true", help="skip the HF reference (shapes where two copies do not fit)")
-    ap.add_argument("--z-math", type=int, default=None, choices=[0, 1, 2],
-                    help="the z kernel's transcendentals (default: NoisePass.FAST, 1): 0 precise (z's definition), "
-                         "1 hardware sin/cos, 2 also log")
+    ap.add_argument(
+        "--z-math",
+        type=int,
+        default=None,
+        choices=[0, 1, 2],
+        help="the z kernel's transcendentals (default: NoisePass.FAST, 1): 0 precise (z's definition), "
+        "1 hardware sin/cos, 2 also log",
+    )
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     from sglang.overlay.mezo import MeZO, MeZOConfig
@@ -134,8 +142,15 @@ def main() -> None:
     prompts = [[2] + torch.randint(3, 50000, (a.prompt - 1,), generator=g).tolist() for _ in range(a.batch)]
     targets = [torch.randint(3, 50000, (a.target,), generator=g).tolist() for _ in range(a.batch)]
     cfg = MeZOConfig(lr=1e-6, eps=1e-3, seed=0)
-    row = dict(shape=a.shape, dtype=a.dtype, batch=a.batch, tokens=a.prompt + a.target, steps=a.steps,
-               weights="dummy" if dummy else "checkpoint", z_math=NoisePass.FAST)
+    row = dict(
+        shape=a.shape,
+        dtype=a.dtype,
+        batch=a.batch,
+        tokens=a.prompt + a.target,
+        steps=a.steps,
+        weights="dummy" if dummy else "checkpoint",
+        z_math=NoisePass.FAST,
+    )
 
     from bench_opt import copy_bandwidth, cuda_time, flops_per_token, matmul_peak_tflops
     from sglang.overlay.mezo.noise import Stream
@@ -179,8 +194,10 @@ def main() -> None:
                 sgl_passes(k)
             trainer.noise([Stream(1000 + a.drift_steps - 1, 0.0, eps)])
             diffs = [(w.float() - s0).abs() for w, s0 in zip(weights, start)]
-            row["sgl_drift"] = (max(d.max().item() for d in diffs),
-                                sum(d.sum().item() for d in diffs) / sum(d.numel() for d in diffs))
+            row["sgl_drift"] = (
+                max(d.max().item() for d in diffs),
+                sum(d.sum().item() for d in diffs) / sum(d.numel() for d in diffs),
+            )
     common.free_cuda()
     from transformers import AutoConfig
 
@@ -229,35 +246,51 @@ def hf_side(a, row: dict, path, dummy: bool, cfg, prompts, targets) -> None:
                 ref.perturb(seed, -2.0)
                 ref.perturb(seed, 1.0)
         diffs = [(p.float() - s0).abs() for p, s0 in zip(params, start)]
-        row["hf_drift"] = (max(d.max().item() for d in diffs),
-                           sum(d.sum().item() for d in diffs) / sum(d.numel() for d in diffs))
+        row["hf_drift"] = (
+            max(d.max().item() for d in diffs),
+            sum(d.sum().item() for d in diffs) / sum(d.numel() for d in diffs),
+        )
 
 
 def report(a, row: dict, weight_bytes: int) -> None:
     gib = 2**30
-    log(f"MeZO {a.shape} {a.dtype}, batch {a.batch} x {a.prompt}+{a.target} tokens, median of {a.steps} steps; "
-        f"{row['weight_tensors']} weight tensors, {weight_bytes / 1e9:.2f} GB")
+    log(
+        f"MeZO {a.shape} {a.dtype}, batch {a.batch} x {a.prompt}+{a.target} tokens, median of {a.steps} steps; "
+        f"{row['weight_tensors']} weight tensors, {weight_bytes / 1e9:.2f} GB"
+    )
     log("| side | steps/s | tokens/s | peak GiB (step) | peak GiB (inference) | step/inference | mean loss 1st step |")
     log("|---|---|---|---|---|---|---|")
-    sides = [s for s in (("sgl", "SGLang (sglang/overlay/mezo/trainer.py)"), ("hf", "HF reference")) if f"{s[0]}_first" in row]
+    sides = [
+        s
+        for s in (("sgl", "SGLang (sglang/overlay/mezo/trainer.py)"), ("hf", "HF reference"))
+        if f"{s[0]}_first" in row
+    ]
     for side, name in sides:
         first = row[f"{side}_first"]
-        log(f"| {name} | {row[f'{side}_steps_per_s']:.2f} | {row[f'{side}_tokens_per_s']:,.0f} "
+        log(
+            f"| {name} | {row[f'{side}_steps_per_s']:.2f} | {row[f'{side}_tokens_per_s']:,.0f} "
             f"| {row[f'{side}_step_peak'] / gib:.2f} | {row[f'{side}_infer_peak'] / gib:.2f} "
-            f"| {row[f'{side}_step_peak'] / row[f'{side}_infer_peak']:.3f} | {(first[0] + first[1]) / 2:.4f} |")
+            f"| {row[f'{side}_step_peak'] / row[f'{side}_infer_peak']:.3f} | {(first[0] + first[1]) / 2:.4f} |"
+        )
     if "ratio" in row:
         log(f"steps/s SGLang / HF: {row['ratio']:.2f}")
     if "hf_error" in row:
         log(f"HF reference: {row['hf_error']}")
-    log(f"roofline: {row['roofline_steps_per_s']:.2f} steps/s (2 loss forwards at {row['matmul_peak_tflops']:.0f} TFLOP/s "
-        f"+ 2 weight passes at {row['copy_tb_s']:.2f} TB/s); SGLang at {row['fraction_of_roofline']:.1%} of it")
-    log(f"SGLang step {1e3 / row['sgl_steps_per_s']:.2f} ms: loss forward {row['sgl_loss_ms']:.2f} ms x 2, "
+    log(
+        f"roofline: {row['roofline_steps_per_s']:.2f} steps/s (2 loss forwards at {row['matmul_peak_tflops']:.0f} TFLOP/s "
+        f"+ 2 weight passes at {row['copy_tb_s']:.2f} TB/s); SGLang at {row['fraction_of_roofline']:.1%} of it"
+    )
+    log(
+        f"SGLang step {1e3 / row['sgl_steps_per_s']:.2f} ms: loss forward {row['sgl_loss_ms']:.2f} ms x 2, "
         f"perturbation pass {row['sgl_pass_ms']:.3f} ms + folded pass {row['sgl_fold_pass_ms']:.3f} ms "
         f"({row['sgl_perturb_share']:.1%} of the step; a pass at the copy bandwidth: "
-        f"{2 * weight_bytes / (row['copy_tb_s'] * 1e12) * 1e3:.3f} ms)")
+        f"{2 * weight_bytes / (row['copy_tb_s'] * 1e12) * 1e3:.3f} ms)"
+    )
     if "sgl_drift" in row and "hf_drift" in row:
-        log(f"drift after {a.drift_steps} lr=0 steps, max / mean |θ - θ0|: SGLang {row['sgl_drift'][0]:.3e} / "
-            f"{row['sgl_drift'][1]:.3e}, HF reference {row['hf_drift'][0]:.3e} / {row['hf_drift'][1]:.3e}")
+        log(
+            f"drift after {a.drift_steps} lr=0 steps, max / mean |θ - θ0|: SGLang {row['sgl_drift'][0]:.3e} / "
+            f"{row['sgl_drift'][1]:.3e}, HF reference {row['hf_drift'][0]:.3e} / {row['hf_drift'][1]:.3e}"
+        )
 
 
 if __name__ == "__main__":

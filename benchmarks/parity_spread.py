@@ -73,8 +73,7 @@ def measure(shape: str, dtypes: list[str], sets_count: int) -> list[dict]:
         with common.runner(path, dtype) as r:
             for name in SGL_VARIANTS:
                 with sgl_variant(name):
-                    per_variant[name] = [metrics(common.sgl_logits(r, seqs)[0], ref)
-                                         for seqs, ref in zip(sets, ref32)]
+                    per_variant[name] = [metrics(common.sgl_logits(r, seqs)[0], ref) for seqs, ref in zip(sets, ref32)]
         common.free_cuda()
         for name in HF_VARIANTS:
             outs = common.hf_logits_per_set(path, dtype, sets, name.split("-", 1)[1])
@@ -86,14 +85,26 @@ def measure(shape: str, dtypes: list[str], sets_count: int) -> list[dict]:
             # McNemar: positions only this variant gets wrong vs only hf-sdpa gets wrong, over all sets.
             worse = sum(int((~right & hf).sum()) for (_, right), hf in zip(values, base))
             better = sum(int((right & ~hf).sum()) for (_, right), hf in zip(values, base))
-            rows.append(dict(
-                shape=shape, dtype=dtype, variant=name, sets=len(values), positions=sum(common.PARITY_LENGTHS),
-                agree_mean=statistics.fmean(agrees), agree_std=statistics.stdev(agrees) if len(agrees) > 1 else 0.0,
-                agree_min=min(agrees), rel_mean=statistics.fmean(rel for rel, _ in values),
-                diff_mean=statistics.fmean(diffs), diff_std=statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
-                diff_worst=min(diffs), only_variant_wrong=worse, only_hf_wrong=better,
-                mcnemar_z=(worse - better) / max(1.0, (worse + better) ** 0.5), per_set=agrees,
-            ))
+            rows.append(
+                dict(
+                    shape=shape,
+                    dtype=dtype,
+                    variant=name,
+                    sets=len(values),
+                    positions=sum(common.PARITY_LENGTHS),
+                    agree_mean=statistics.fmean(agrees),
+                    agree_std=statistics.stdev(agrees) if len(agrees) > 1 else 0.0,
+                    agree_min=min(agrees),
+                    rel_mean=statistics.fmean(rel for rel, _ in values),
+                    diff_mean=statistics.fmean(diffs),
+                    diff_std=statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
+                    diff_worst=min(diffs),
+                    only_variant_wrong=worse,
+                    only_hf_wrong=better,
+                    mcnemar_z=(worse - better) / max(1.0, (worse + better) ** 0.5),
+                    per_set=agrees,
+                )
+            )
             print("SPREAD " + json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -110,17 +121,23 @@ def main() -> None:
         rows += measure(shape, args.dtypes.split(","), args.sets)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
-    print(f"\n{args.sets} token sets x {sum(common.PARITY_LENGTHS)} positions; argmax agreement with an fp32 forward; "
-          "diff = the variant's agreement minus hf-sdpa's on the same set; worse / better = positions only the "
-          "variant / only hf-sdpa gets wrong (all sets); z = (worse - better) / sqrt(worse + better)")
-    print("| shape | dtype | variant | agree mean | std | min | rel vs fp32 | diff mean | diff std | diff worst "
-          "| worse | better | z |")
+    print(
+        f"\n{args.sets} token sets x {sum(common.PARITY_LENGTHS)} positions; argmax agreement with an fp32 forward; "
+        "diff = the variant's agreement minus hf-sdpa's on the same set; worse / better = positions only the "
+        "variant / only hf-sdpa gets wrong (all sets); z = (worse - better) / sqrt(worse + better)"
+    )
+    print(
+        "| shape | dtype | variant | agree mean | std | min | rel vs fp32 | diff mean | diff std | diff worst "
+        "| worse | better | z |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['shape']} | {r['dtype']} | {r['variant']} | {100 * r['agree_mean']:.2f}% | "
-              f"{100 * r['agree_std']:.2f}% | {100 * r['agree_min']:.2f}% | {r['rel_mean']:.2e} | "
-              f"{100 * r['diff_mean']:+.2f}% | {100 * r['diff_std']:.2f}% | {100 * r['diff_worst']:+.2f}% | "
-              f"{r['only_variant_wrong']} | {r['only_hf_wrong']} | {r['mcnemar_z']:+.2f} |")
+        print(
+            f"| {r['shape']} | {r['dtype']} | {r['variant']} | {100 * r['agree_mean']:.2f}% | "
+            f"{100 * r['agree_std']:.2f}% | {100 * r['agree_min']:.2f}% | {r['rel_mean']:.2e} | "
+            f"{100 * r['diff_mean']:+.2f}% | {100 * r['diff_std']:.2f}% | {100 * r['diff_worst']:+.2f}% | "
+            f"{r['only_variant_wrong']} | {r['only_hf_wrong']} | {r['mcnemar_z']:+.2f} |"
+        )
 
 
 if __name__ == "__main__":

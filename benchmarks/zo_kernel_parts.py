@@ -56,12 +56,16 @@ def main() -> None:
     floor = 2 * nbytes / copy_bandwidth(nbytes)  # a device-to-device copy of the same bytes
     one, two = [Stream(7, 0.0, 0.0)], [Stream(7, 0.0, 0.0), Stream(8, 0.0, 0.0)]
     rows = [("device-to-device copy of the same bytes", floor, "")]
-    rows.append(("pass kernel, no noise (w = k w)", cuda_time(lambda: noise._kernel_pass(one, 1.0, noise=False), 20, 5), ""))
-    variants = [("Philox 0, precise", dict(rounds=0)),
-                ("Philox 10, precise (z)", {}),
-                ("Philox 0, fast sin/cos", dict(rounds=0, fast=1)),
-                ("Philox 10, fast sin/cos", dict(fast=1)),
-                ("Philox 10, fast sin/cos/log", dict(fast=2))]
+    rows.append(
+        ("pass kernel, no noise (w = k w)", cuda_time(lambda: noise._kernel_pass(one, 1.0, noise=False), 20, 5), "")
+    )
+    variants = [
+        ("Philox 0, precise", dict(rounds=0)),
+        ("Philox 10, precise (z)", {}),
+        ("Philox 0, fast sin/cos", dict(rounds=0, fast=1)),
+        ("Philox 10, fast sin/cos", dict(fast=1)),
+        ("Philox 10, fast sin/cos/log", dict(fast=2)),
+    ]
 
     def z(**kw) -> dict[str, torch.Tensor]:
         """z itself over every offset (fp32 zeros + z) from the kernel variant ``kw``."""
@@ -72,7 +76,7 @@ def main() -> None:
     exact = z()
     for label, kw in variants:
         for n_label, streams in (("1 stream", one), ("2 streams", two)):
-            t = cuda_time(lambda: noise._kernel_pass(streams, 1.0, **kw), 20, 5)
+            t = cuda_time(lambda streams=streams, kw=kw: noise._kernel_pass(streams, 1.0, **kw), 20, 5)
             accuracy = ""
             if n_label == "1 stream" and kw.get("rounds", 10) == 10:
                 accuracy = f"{max(float((v - exact[k]).abs().max()) for k, v in z(**kw).items()):.2e}"
@@ -81,10 +85,12 @@ def main() -> None:
         sized = NoisePass(tensors, bases)
         sized.BLOCK = block
         for n_label, streams in (("1 stream", one), ("2 streams", two)):
-            t = cuda_time(lambda: sized._kernel_pass(streams, 1.0, fast=1), 20, 5)
+            t = cuda_time(lambda sized=sized, streams=streams: sized._kernel_pass(streams, 1.0, fast=1), 20, 5)
             rows.append((f"Philox 10, fast sin/cos, BLOCK {block} (default {NoisePass.BLOCK}), {n_label}", t, ""))
-    print(f"z pass over the {a.shape} weights: {len(tensors)} tensors, {nbytes / 1e9:.2f} GB {a.dtype}, "
-          f"{torch.cuda.get_device_name(0)}; copy floor {2 * nbytes / floor / 1e12:.2f} TB/s (read + written)")
+    print(
+        f"z pass over the {a.shape} weights: {len(tensors)} tensors, {nbytes / 1e9:.2f} GB {a.dtype}, "
+        f"{torch.cuda.get_device_name(0)}; copy floor {2 * nbytes / floor / 1e12:.2f} TB/s (read + written)"
+    )
     print("| variant | ms | x copy floor | max abs z diff vs the precise kernel (fp32) |")
     print("|---|---|---|---|")
     for label, t, accuracy in rows:

@@ -23,7 +23,7 @@ def _sglang_overlay_run_upstream_init(namespace):
     except ModuleNotFoundError as exc:
         if not exc.name or exc.name.partition(".")[0] == namespace["__name__"]:
             raise  # sglang's own module is missing: a broken install, raised as upstream raises it
-        _sglang_overlay_defer(namespace, path, exc)
+        _sglang_overlay_defer(namespace, path, exc)  # noqa: F821 (defined below; both are deleted at the end)
 
 
 def _sglang_overlay_defer(namespace, path, error):
@@ -53,16 +53,18 @@ def _sglang_overlay_defer(namespace, path, error):
                 for target in targets:
                     names.update(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
                 if any(isinstance(t, ast.Name) and t.id == "__all__" for t in targets):
-                    names.update(c.value for c in ast.walk(node.value)
-                                 if isinstance(c, ast.Constant) and isinstance(c.value, str))
+                    names.update(
+                        c.value
+                        for c in ast.walk(node.value)
+                        if isinstance(c, ast.Constant) and isinstance(c.value, str)
+                    )
             else:  # if / try / with blocks at module level
                 for field in ("body", "orelse", "finalbody", "handlers"):
                     body.extend(getattr(node, field, []))
         return names
 
     def __getattr__(name):
-        is_submodule = os.path.isdir(os.path.join(package, name)) or os.path.isfile(
-            os.path.join(package, name + ".py"))
+        is_submodule = os.path.isdir(os.path.join(package, name)) or os.path.isfile(os.path.join(package, name + ".py"))
         if name.startswith("__") or is_submodule or name not in upstream_names():
             raise AttributeError(f"module {namespace['__name__']!r} has no attribute {name!r}")
         raise ModuleNotFoundError(

@@ -15,7 +15,6 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 from transformers import OPTConfig, OPTForCausalLM
@@ -34,8 +33,15 @@ def main() -> None:
     print(sglang.overlay.describe())
     with tempfile.TemporaryDirectory(prefix="sglang-overlay-demo-") as tmp:
         torch.manual_seed(0)
-        config = OPTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
-                           vocab_size=512, max_position_embeddings=128, word_embed_proj_dim=64)
+        config = OPTConfig(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            ffn_dim=128,
+            vocab_size=512,
+            max_position_embeddings=128,
+            word_embed_proj_dim=64,
+        )
         hf = OPTForCausalLM(config).eval()
         with quiet.scope(LOG_LEVEL):
             hf.save_pretrained(tmp)
@@ -44,8 +50,10 @@ def main() -> None:
 
         tic = time.perf_counter()
         first = StandaloneRunner(RunnerConfig(model_path=tmp, device="cpu", log_level=LOG_LEVEL))
-        print(f"ModelRunner built in {time.perf_counter() - tic:.2f} s: "
-              f"{type(first.model).__module__}.{type(first.model).__name__}")
+        print(
+            f"ModelRunner built in {time.perf_counter() - tic:.2f} s: "
+            f"{type(first.model).__module__}.{type(first.model).__name__}"
+        )
         logits = first.logits(SEQS)
         with torch.no_grad():
             reference = [hf(torch.tensor([s])).logits[0] for s in SEQS]
@@ -54,17 +62,20 @@ def main() -> None:
         for i, (ours, theirs) in enumerate(zip(logits, reference)):
             for pos in (0, len(SEQS[i]) - 1):
                 top = theirs[pos].topk(3).indices
-                print(f"{i:3d}  {pos:3d}  {fmt(ours[pos], top)}  {fmt(theirs[pos], top)}  "
-                      f"{(ours[pos] - theirs[pos]).abs().max().item():.2e}")
+                print(
+                    f"{i:3d}  {pos:3d}  {fmt(ours[pos], top)}  {fmt(theirs[pos], top)}  "
+                    f"{(ours[pos] - theirs[pos]).abs().max().item():.2e}"
+                )
         worst = max((a - b).abs().max().item() for a, b in zip(logits, reference))
         print(f"\nmax |sglang - HF| over every position of the batch: {worst:.2e}")
 
         tic = time.perf_counter()
-        second = StandaloneRunner(RunnerConfig(model_path=tmp, device="cpu", distributed="reuse",
-                                                 log_level=LOG_LEVEL))
+        second = StandaloneRunner(RunnerConfig(model_path=tmp, device="cpu", distributed="reuse", log_level=LOG_LEVEL))
         same = all(torch.equal(a, b) for a, b in zip(logits, second.logits(SEQS)))
-        print(f"second runner in this process (distributed='reuse') built in {time.perf_counter() - tic:.2f} s; "
-              f"identical logits: {same}")
+        print(
+            f"second runner in this process (distributed='reuse') built in {time.perf_counter() - tic:.2f} s; "
+            f"identical logits: {same}"
+        )
         second.close()
         first.close()
         if worst > 1e-5 or not same:

@@ -52,18 +52,18 @@ PRECOMMIT = """repos:
         files: ^test/registered/.*\\.py$
         pass_filenames: false
 """
-CHECK_REGISTERED = '''import glob, sys
+CHECK_REGISTERED = """import glob, sys
 bad = [f for f in glob.glob("test/registered/**/*.py", recursive=True) if "register_cpu_ci(" not in open(f).read()]
 print("\\n".join(f"No CI registry found in {f}" for f in bad))
 sys.exit(1 if bad else 0)
-'''
-RUN_SUITE = '''def validate_all_suites(tests):
+"""
+RUN_SUITE = """def validate_all_suites(tests):
     for t in tests:
         assert t.suite == "base-a-test-cpu", t
-'''
-GOOD_SOURCE = '''def double(x: int) -> int:
+"""
+GOOD_SOURCE = """def double(x: int) -> int:
     return 2 * x
-'''
+"""
 GOOD_TEST = '''"""Unit tests for sglang.srt.fixture."""
 
 from sglang.test.ci.ci_register import register_cpu_ci
@@ -129,43 +129,81 @@ def test_check_passes_a_good_branch_and_fails_a_bad_one(fixture_upstream: Path) 
     envs = Cache().root / "venvs"
     lint = export_check.make_lint_env(fixture_upstream, envs)
     base = git("rev-parse", "v0.0.1", cwd=fixture_upstream).strip()
-    good = branch(fixture_upstream, "good", {"python/sglang/srt/fixture.py": GOOD_SOURCE,
-                                             "test/registered/unit/test_fixture.py": GOOD_TEST})
+    good = branch(
+        fixture_upstream,
+        "good",
+        {"python/sglang/srt/fixture.py": GOOD_SOURCE, "test/registered/unit/test_fixture.py": GOOD_TEST},
+    )
     results = export_check.run_checks(good, base, lint, Path(sys.executable))
     assert all(r.ok for r in results), "\n".join(r.line() + "\n" + r.output for r in results)
     names = {r.name.split(" (")[0] for r in results}
-    assert {"pre-commit isort", "pre-commit ruff", "pre-commit black-jupyter", "pre-commit check-registered-tests",
-            "pre-commit check-ast", "test/run_suite.py collection",
-            "exported test test/registered/unit/test_fixture.py"} <= names
+    assert {
+        "pre-commit isort",
+        "pre-commit ruff",
+        "pre-commit black-jupyter",
+        "pre-commit check-registered-tests",
+        "pre-commit check-ast",
+        "test/run_suite.py collection",
+        "exported test test/registered/unit/test_fixture.py",
+    } <= names
     assert "pre-commit check-toml" not in names  # its manifest limits it to .toml files: none here
 
-    bad = branch(fixture_upstream, "bad", {
-        "python/sglang/srt/fixture.py": BAD_SOURCE,
-        "test/registered/unit/test_fixture.py": GOOD_TEST.replace("assertEqual(double(2), 4)",
-                                                                  "assertEqual(double(2), 5)"),
-        "test/registered/unit/test_unregistered.py": "import unittest\n"})
-    failed = {r.name.split(" (")[0] for r in export_check.run_checks(bad, base, lint, Path(sys.executable))
-              if not r.ok}
-    assert failed == {"pre-commit isort", "pre-commit ruff", "pre-commit black-jupyter", "pre-commit check-registered-tests",
-                      "test/run_suite.py collection", "exported test test/registered/unit/test_fixture.py"}
+    bad = branch(
+        fixture_upstream,
+        "bad",
+        {
+            "python/sglang/srt/fixture.py": BAD_SOURCE,
+            "test/registered/unit/test_fixture.py": GOOD_TEST.replace(
+                "assertEqual(double(2), 4)", "assertEqual(double(2), 5)"
+            ),
+            "test/registered/unit/test_unregistered.py": "import unittest\n",
+        },
+    )
+    failed = {r.name.split(" (")[0] for r in export_check.run_checks(bad, base, lint, Path(sys.executable)) if not r.ok}
+    assert failed == {
+        "pre-commit isort",
+        "pre-commit ruff",
+        "pre-commit black-jupyter",
+        "pre-commit check-registered-tests",
+        "test/run_suite.py collection",
+        "exported test test/registered/unit/test_fixture.py",
+    }
     assert not git("status", "--porcelain", cwd=bad).strip()  # fixers' changes are undone
 
 
 def test_findings_in_the_bases_own_code_are_not_held_against_the_branch(fixture_upstream: Path) -> None:
     lint = export_check.make_lint_env(fixture_upstream, Cache().root / "venvs")
-    base = export_check.BaseTree(branch(fixture_upstream, "touch", {
-        "python/sglang/srt/legacy.py": LEGACY + "\n\ndef total() -> int:\n    return sum(SIZES)\n"}), "v0.0.1")
+    base = export_check.BaseTree(
+        branch(
+            fixture_upstream,
+            "touch",
+            {"python/sglang/srt/legacy.py": LEGACY + "\n\ndef total() -> int:\n    return sum(SIZES)\n"},
+        ),
+        "v0.0.1",
+    )
     try:
-        black = next(r for r in export_check.run_hooks(base.work, ["python/sglang/srt/legacy.py"], lint, base)
-                     if "black" in r.name)
+        black = next(
+            r
+            for r in export_check.run_hooks(base.work, ["python/sglang/srt/legacy.py"], lint, base)
+            if "black" in r.name
+        )
         assert black.ok and "also at the base" in black.note, black.output
     finally:
         base.close()
-    base = export_check.BaseTree(branch(fixture_upstream, "touch-bad", {
-        "python/sglang/srt/legacy.py": LEGACY + "\n\ndef total()->int:\n    return sum(SIZES)\n"}), "v0.0.1")
+    base = export_check.BaseTree(
+        branch(
+            fixture_upstream,
+            "touch-bad",
+            {"python/sglang/srt/legacy.py": LEGACY + "\n\ndef total()->int:\n    return sum(SIZES)\n"},
+        ),
+        "v0.0.1",
+    )
     try:
-        black = next(r for r in export_check.run_hooks(base.work, ["python/sglang/srt/legacy.py"], lint, base)
-                     if "black" in r.name)
+        black = next(
+            r
+            for r in export_check.run_hooks(base.work, ["python/sglang/srt/legacy.py"], lint, base)
+            if "black" in r.name
+        )
         assert not black.ok and "def total() -> int:" in black.output
     finally:
         base.close()
@@ -178,7 +216,9 @@ def test_exported_tests_are_rewritten_for_the_variants_api() -> None:
     assert "publish_build_topology(tp_size=tp_size, pp_size=pp_size)" in new
     assert "tensor_model_parallel_size=" not in new
     with pytest.raises(OverlayError, match="_initialize_model_parallel"):
-        export_changes.exported_test_text(text.replace("parallel_state.initialize_model_parallel(", "build("), "self-pp")
+        export_changes.exported_test_text(
+            text.replace("parallel_state.initialize_model_parallel(", "build("), "self-pp"
+        )
 
 
 @pytest.mark.parametrize("version", ["0.5.18", "0.5.23"])
@@ -191,8 +231,11 @@ def test_opt_fixes_apply_to_upstreams_file(version: str) -> None:
     assert "return nn.Identity()" not in fixed and "self.model.embed_tokens" not in fixed
     if version == "0.5.23":  # upstream's own newer code is kept
         assert 'resolve_linear_parallel_group("tp")' in fixed
-    changed = [ln for ln in difflib.unified_diff(text.splitlines(), fixed.splitlines(), lineterm="")
-               if ln[:1] in "+-" and ln[:3] not in ("+++", "---")]
+    changed = [
+        ln
+        for ln in difflib.unified_diff(text.splitlines(), fixed.splitlines(), lineterm="")
+        if ln[:1] in "+-" and ln[:3] not in ("+++", "---")
+    ]
     assert 20 < len(changed) < 80
 
 

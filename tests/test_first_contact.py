@@ -33,12 +33,12 @@ def test_a_release_that_does_not_run_on_cpu_is_refused_before_any_download(verb:
     version = _first_non_cpu(real)
     work = tmp_path / "work"
     work.mkdir()
-    args = {"venv": ["venv", version, str(work / "venv")],
-            "demo": ["demo", version, "--venvs", str(work / "venvs")]}[verb]
+    args = {"venv": ["venv", version, str(work / "venv")], "demo": ["demo", version, "--venvs", str(work / "venvs")]}[
+        verb
+    ]
     env = {**os.environ, "SGLANG_OVERLAY_CACHE": str(work / "cache")}
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, str(OVERLAY_PY), *args], capture_output=True, text=True, env=env,
-                          timeout=60)
+    proc = subprocess.run([sys.executable, str(OVERLAY_PY), *args], capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert time.monotonic() - started < 20
     assert proc.stderr.startswith(f"error: sglang {version} does not run on CPU")
@@ -67,8 +67,9 @@ def test_a_pipe_closed_early_ends_quietly(args: list[str]) -> None:
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
-        proc = subprocess.run([sys.executable, str(OVERLAY_PY), *args], stdout=write_end, stderr=subprocess.PIPE,
-                              text=True, timeout=60)
+        proc = subprocess.run(
+            [sys.executable, str(OVERLAY_PY), *args], stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60
+        )
     finally:
         os.close(write_end)
     assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr, proc.stderr
@@ -78,8 +79,13 @@ def test_a_pipe_closed_early_ends_quietly(args: list[str]) -> None:
 
 
 def test_a_reader_that_takes_one_line_gets_it_and_no_traceback() -> None:
-    proc = subprocess.Popen([sys.executable, str(OVERLAY_PY), "releases"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, str(OVERLAY_PY), "releases"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     assert proc.stdout is not None and proc.stderr is not None
     first = proc.stdout.readline()
     proc.stdout.close()
@@ -90,15 +96,32 @@ def test_a_reader_that_takes_one_line_gets_it_and_no_traceback() -> None:
 
 
 def test_progress_line_format() -> None:
-    row = {"release": "0.5.17", "variant": "bootstrap", "level": "release", "apply": "ok", "compile": "ok",
-           "tests": "ok", "seconds": 81.4}
+    row = {
+        "release": "0.5.17",
+        "variant": "bootstrap",
+        "level": "release",
+        "apply": "ok",
+        "compile": "ok",
+        "tests": "ok",
+        "seconds": 81.4,
+    }
     assert format_progress(3, 52, row) == "[3/52] 0.5.17 ok 81 s"
-    assert format_progress(4, 52, {**row, "tests": "FAILED (pytest exit 1)", "seconds": 95.0}) == \
-        "[4/52] 0.5.17 tests FAILED (pytest exit 1) 95 s"
-    assert format_progress(1, 2, {**row, "release": "0.5.4", "apply": "FAILED", "compile": "-", "tests": "-",
-                                  "seconds": 1.2}) == "[1/2] 0.5.4 apply FAILED 1 s"
-    assert format_progress(2, 2, {**row, "release": "0.4.9", "level": "compile", "tests": "n/a: imports vllm",
-                                  "seconds": 0.4}) == "[2/2] 0.4.9 ok (apply+compile only) 0 s"
+    assert (
+        format_progress(4, 52, {**row, "tests": "FAILED (pytest exit 1)", "seconds": 95.0})
+        == "[4/52] 0.5.17 tests FAILED (pytest exit 1) 95 s"
+    )
+    assert (
+        format_progress(
+            1, 2, {**row, "release": "0.5.4", "apply": "FAILED", "compile": "-", "tests": "-", "seconds": 1.2}
+        )
+        == "[1/2] 0.5.4 apply FAILED 1 s"
+    )
+    assert (
+        format_progress(
+            2, 2, {**row, "release": "0.4.9", "level": "compile", "tests": "n/a: imports vllm", "seconds": 0.4}
+        )
+        == "[2/2] 0.4.9 ok (apply+compile only) 0 s"
+    )
 
 
 def _git(*args: str, cwd: Path) -> None:
@@ -124,14 +147,16 @@ def test_matrix_prints_a_progress_line_per_row_as_it_finishes(tmp_path: Path, ca
         'default = "1.0"\n[runtime]\ntorch = "2.13.0"\ntorchvision = "0.28.0"\npackages = []\n'
         '[variants.good]\nbase = "1.0"\n[variants.bad]\nbase = "2.0"\n'
         '[releases."1.0"]\nvariant = "good"\ntransformers = "4.0"\ncpu = false\ncpu_note = "fixture: no CPU"\n'
-        '[releases."2.0"]\nvariant = "bad"\ntransformers = "4.0"\ncpu = false\ncpu_note = "fixture: no CPU"\n')
+        '[releases."2.0"]\nvariant = "bad"\ntransformers = "4.0"\ncpu = false\ncpu_note = "fixture: no CPU"\n'
+    )
     (root / "python" / "sglang").mkdir(parents=True)
     (root / "python" / "sglang" / "overlay_fixture.py").write_text("HOOKED = True\n")
     (root / "patches" / "bad" / "0001-hook.patch").write_text(  # a context line upstream does not have
         "From: Fixture <fixture@example.invalid>\nSubject: [PATCH] hook\n\n---\n"
         "diff --git a/python/sglang/version.py b/python/sglang/version.py\n"
         "--- a/python/sglang/version.py\n+++ b/python/sglang/version.py\n"
-        "@@ -1 +1,2 @@\n no such line in upstream\n+HOOK = True\n")
+        "@@ -1 +1,2 @@\n no such line in upstream\n+HOOK = True\n"
+    )
     cache = Cache(tmp_path / "cache")
     for version in ("1.0", "2.0"):
         _fake_release_tree(cache, version)

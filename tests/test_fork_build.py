@@ -33,9 +33,16 @@ def fork_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``pip wheel --no-deps .`` of this repository for the release under test, offline."""
     release = _release()
     dist = tmp_path_factory.mktemp("dist")
-    env = {**os.environ, "SGLANG_OVERLAY_BUILD_RELEASE": release, "SGLANG_OVERLAY_UPSTREAM": str(Cache().wheel(release))}
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist),
-                    str(REPO)], env=env, check=True)
+    env = {
+        **os.environ,
+        "SGLANG_OVERLAY_BUILD_RELEASE": release,
+        "SGLANG_OVERLAY_UPSTREAM": str(Cache().wheel(release)),
+    }
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(REPO)],
+        env=env,
+        check=True,
+    )
     (wheel,) = dist.glob("sglang-*.whl")
     return wheel
 
@@ -44,8 +51,10 @@ def fork_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def fork_site(fork_wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The fork wheel installed with ``pip install --no-deps --target``: the README's CPU install."""
     target = tmp_path_factory.mktemp("fork") / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(fork_wheel)],
-                   check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(fork_wheel)],
+        check=True,
+    )
     return target
 
 
@@ -60,24 +69,36 @@ def test_pip_wheel_builds_the_patched_release(fork_wheel: Path, fork_site: Path)
     state, report = status(target / "sglang", Overlay.load(REPO), Cache())
     assert state == "applied", report
 
-    out = subprocess.run([sys.executable, "-m", "sglang.overlay"], env={**os.environ, "PYTHONPATH": str(target)},
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "sglang.overlay"],
+        env={**os.environ, "PYTHONPATH": str(target)},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert out.strip().startswith(f"sglang {release} patched by sglang-overlay ")
 
 
 def test_the_wheel_holds_every_module_of_the_fork_package(fork_wheel: Path) -> None:
     names = set(zipfile.ZipFile(fork_wheel).namelist())
     package = REPO / "python" / "sglang" / "overlay"
-    expected = {f"sglang/overlay/{p.relative_to(package).as_posix()}" for p in package.rglob("*.py")
-                if "__pycache__" not in p.parts}
+    expected = {
+        f"sglang/overlay/{p.relative_to(package).as_posix()}"
+        for p in package.rglob("*.py")
+        if "__pycache__" not in p.parts
+    }
     assert "sglang/overlay/__init__.py" in expected
     assert sorted(expected - names) == []
 
 
 def test_an_unsupported_release_is_refused(tmp_path: Path) -> None:
     env = {**os.environ, "SGLANG_OVERLAY_BUILD_RELEASE": "0.0.1"}
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(REPO)],
-                          env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(REPO)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode != 0
     assert "0.0.1 is not a supported release" in proc.stdout + proc.stderr
 
@@ -85,8 +106,13 @@ def test_an_unsupported_release_is_refused(tmp_path: Path) -> None:
 def _bare(target: Path, code: str) -> subprocess.CompletedProcess:
     """``code`` in a bare interpreter: isolated (-I), no site-packages (-S), only ``target`` on the path."""
     boot = f"import sys; sys.path.insert(0, {str(target)!r}); " + code
-    return subprocess.run([sys.executable, "-I", "-S", "-c", boot], env={"PATH": os.environ.get("PATH", "")},
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-I", "-S", "-c", boot],
+        env={"PATH": os.environ.get("PATH", "")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_python_m_sglang_overlay_needs_only_the_standard_library(fork_site: Path) -> None:
@@ -110,13 +136,22 @@ def test_import_sglang_with_the_runtime_is_upstreams(fork_site: Path) -> None:
     """With the runtime installed, the fork's ``sglang`` has upstream's names and imports what it imports."""
     release = _release()
     pristine = Cache().release_tree(release) / "python"
-    assert (fork_site / "sglang" / "_upstream_init.py").read_bytes() == (pristine / "sglang" / "__init__.py").read_bytes()
-    probe = ("import sys, sglang; print(sorted(vars(sglang))); print(sorted(m for m in sys.modules if m.startswith('sglang')));"
-             "print(sglang.gen.__module__, sglang.__version__)")
+    assert (fork_site / "sglang" / "_upstream_init.py").read_bytes() == (
+        pristine / "sglang" / "__init__.py"
+    ).read_bytes()
+    probe = (
+        "import sys, sglang; print(sorted(vars(sglang))); print(sorted(m for m in sys.modules if m.startswith('sglang')));"
+        "print(sglang.gen.__module__, sglang.__version__)"
+    )
     seen = []
     for path in (fork_site, pristine):
-        proc = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "PYTHONPATH": str(path)},
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-c", probe],
+            env={**os.environ, "PYTHONPATH": str(path)},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         seen.append(proc.stdout.splitlines())
     fork, upstream = seen

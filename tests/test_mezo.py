@@ -54,8 +54,10 @@ def test_full_training_equals_the_hf_reference(variant: str, build, tmp_path: Pa
     model_dir = make_tiny_opt(tmp_path / "model", seed=3, **overrides)
     initial = load_saved(model_dir).state_dict()
     trainer, reference, trained = train_both(build(model_dir), model_dir, hyper, tmp_path / "out")
-    print(f"MEZO_VS_HF {variant}: max |dL+-| {trainer.max_loss_diff:.1e}, max |dW| "
-          f"{max_weight_diff(trained, reference.state_dict()):.1e}, largest move {max_weight_diff(trained, initial):.1e}")
+    print(
+        f"MEZO_VS_HF {variant}: max |dL+-| {trainer.max_loss_diff:.1e}, max |dW| "
+        f"{max_weight_diff(trained, reference.state_dict()):.1e}, largest move {max_weight_diff(trained, initial):.1e}"
+    )
     assert max_weight_diff(trained, reference.state_dict()) < TOL
     assert max_weight_diff(trained, initial) > 1e-3, "20 steps must move the weights"
 
@@ -74,8 +76,10 @@ def test_lora_training_equals_the_hf_reference_and_leaves_base_weights(build, ti
         f"model.decoder.layers.{i}.self_attn.{t}_proj.lora_{m}.weight" for i in range(2) for t in "qv" for m in "AB"
     ]
     initial = load_saved(tiny_opt).state_dict()
-    print(f"MEZO_VS_HF lora: max |dL+-| {trainer.max_loss_diff:.1e}, max |dW| "
-          f"{max_weight_diff(trained, reference.state_dict()):.1e}, largest move {max_weight_diff(trained, initial):.1e}")
+    print(
+        f"MEZO_VS_HF lora: max |dL+-| {trainer.max_loss_diff:.1e}, max |dW| "
+        f"{max_weight_diff(trained, reference.state_dict()):.1e}, largest move {max_weight_diff(trained, initial):.1e}"
+    )
     assert max_weight_diff(trained, reference.state_dict()) < TOL
     changed = {k for k in initial if not torch.equal(trained[k], initial[k])}
     assert changed == {f"model.decoder.layers.{i}.self_attn.{t}_proj.weight" for i in range(2) for t in "qv"}
@@ -84,7 +88,9 @@ def test_lora_training_equals_the_hf_reference_and_leaves_base_weights(build, ti
         MeZO(runner, trainer.config)
 
 
-def test_scoring_after_an_in_place_perturbation_sees_only_the_new_weights(build, tiny_opt: Path, tmp_path: Path) -> None:
+def test_scoring_after_an_in_place_perturbation_sees_only_the_new_weights(
+    build, tiny_opt: Path, tmp_path: Path
+) -> None:
     """No K/V of the old weights is read: the runner tracks HF on the perturbed weights.
 
     (Claims that RadixAttention reuses most of the KV across MeZO's perturbation
@@ -160,8 +166,12 @@ def test_the_same_seed_gives_identical_weights(build, tiny_opt: Path) -> None:
     for _ in range(2):
         runner = build(tiny_opt)
         trainer = MeZO(runner, MeZOConfig(lr=1e-4, eps=1e-2, seed=9))
-        runs.append((trainer.train([(PROMPTS, TARGETS), (PROMPTS[:1], TARGETS[:1])], 3, progress=False),
-                     trainer.hf_state_dict()))
+        runs.append(
+            (
+                trainer.train([(PROMPTS, TARGETS), (PROMPTS[:1], TARGETS[:1])], 3, progress=False),
+                trainer.hf_state_dict(),
+            )
+        )
         runner.close()
     (results_a, weights_a), (results_b, weights_b) = runs
     assert results_a == results_b
@@ -177,11 +187,15 @@ def test_unmapped_or_mismatched_parameters_are_refused(build, tiny_opt: Path) ->
     runner = build(tiny_opt)
     config = AutoConfig.from_pretrained(tiny_opt)
     assert len(hf_parameter_views(runner.model, config)) == 2 + 16 * 2 + 2
-    with pytest.raises(ValueError, match=r"'model.decoder.layers.0.fc1.weight' \(96, 64\) does not fit SGLang parameter"):
+    with pytest.raises(
+        ValueError, match=r"'model.decoder.layers.0.fc1.weight' \(96, 64\) does not fit SGLang parameter"
+    ):
         hf_parameter_views(runner.model, AutoConfig.from_pretrained(tiny_opt, ffn_dim=96))
     runner.model.register_parameter("adapter", torch.nn.Parameter(torch.zeros(3)))
     try:
-        with pytest.raises(ValueError, match=r"SGLang parameter 'adapter' \(3,\): HF parameters cover 0 of its 3 elements"):
+        with pytest.raises(
+            ValueError, match=r"SGLang parameter 'adapter' \(3,\): HF parameters cover 0 of its 3 elements"
+        ):
             hf_parameter_views(runner.model, config)
     finally:
         del runner.model.adapter
@@ -211,10 +225,14 @@ def test_invalid_configs_say_what_is_wrong(fields: dict, message: str) -> None:
 def test_pipeline_parallel_and_lora_under_tensor_parallel_are_refused() -> None:
     from sglang.overlay.mezo import MeZO, MeZOConfig
 
-    runner = SimpleNamespace(server_args=SimpleNamespace(tp_size=1, pp_size=2), config=SimpleNamespace(tp_rank=0, tp_size=1))
+    runner = SimpleNamespace(
+        server_args=SimpleNamespace(tp_size=1, pp_size=2), config=SimpleNamespace(tp_rank=0, tp_size=1)
+    )
     with pytest.raises(ValueError, match="pipeline-parallel size 1 only, the runner has 2"):
         MeZO(runner, MeZOConfig())
-    runner = SimpleNamespace(server_args=SimpleNamespace(tp_size=2, pp_size=1), config=SimpleNamespace(tp_rank=0, tp_size=2))
+    runner = SimpleNamespace(
+        server_args=SimpleNamespace(tp_size=2, pp_size=1), config=SimpleNamespace(tp_rank=0, tp_size=2)
+    )
     with pytest.raises(ValueError, match="LoRA with tensor parallelism is not supported"):
         MeZO(runner, MeZOConfig(lora_rank=2))
 
@@ -225,9 +243,33 @@ def test_command_line_trains_and_saves_a_checkpoint(tiny_opt: Path, tmp_path: Pa
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"prompt": p, "target": t}) + "\n" for p, t in zip(PROMPTS, TARGETS)))
     out = tmp_path / "out"
-    assert main(["--model", str(tiny_opt), "--data", str(data), "--steps", "3", "--batch-size", "2",
-                 "--lr", "1e-4", "--eps", "1e-2", "--seed", "1", "--lora-rank", "2", "--device", "cpu",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                str(tiny_opt),
+                "--data",
+                str(data),
+                "--steps",
+                "3",
+                "--batch-size",
+                "2",
+                "--lr",
+                "1e-4",
+                "--eps",
+                "1e-2",
+                "--seed",
+                "1",
+                "--lora-rank",
+                "2",
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "loss=" in capsys.readouterr().err
     log = [json.loads(line) for line in (out / "mezo_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [0, 1, 2]

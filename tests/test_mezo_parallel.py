@@ -21,7 +21,6 @@ def test_tp2_trajectory_equals_tp1(build, tiny_opt: Path, tmp_path: Path) -> Non
     """Two processes (gloo), one TP rank each, every rank perturbing its shards (q/k/v/fc1 rows, out_proj/fc2
     columns, vocabulary rows) at their HF offsets: TP = 2 draws TP = 1's z, and 20 steps give TP = 1's losses
     and weights within 1e-5."""
-    from tests.support.runtime import wait_all
     import os
     import subprocess
     import sys
@@ -30,6 +29,7 @@ def test_tp2_trajectory_equals_tp1(build, tiny_opt: Path, tmp_path: Path) -> Non
 
     from sglang.overlay.compat import free_port
     from sglang.overlay.mezo import MeZO, MeZOConfig
+    from tests.support.runtime import wait_all
 
     runner = build(tiny_opt)
     trainer = MeZO(runner, MeZOConfig(**TP_HYPER))
@@ -41,11 +41,26 @@ def test_tp2_trajectory_equals_tp1(build, tiny_opt: Path, tmp_path: Path) -> Non
     port = free_port()
     env = dict(os.environ)
     env.setdefault("SGLANG_CPU_OMP_THREADS_BIND", omp_bind(2))
-    procs = [subprocess.Popen(
-        [sys.executable, "-c", "import sys; from tests.support.ranks import tp_mezo_main; "
-         "tp_mezo_main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])",
-         str(tiny_opt), str(rank), str(port), str(tmp_path / f"rank{rank}.pt")],
-        cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from tests.support.ranks import tp_mezo_main; "
+                "tp_mezo_main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])",
+                str(tiny_opt),
+                str(rank),
+                str(port),
+                str(tmp_path / f"rank{rank}.pt"),
+            ],
+            cwd=root,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
     wait_all(procs, TP_TIMEOUT)
     for rank in (0, 1):
         res = torch.load(tmp_path / f"rank{rank}.pt")
@@ -61,7 +76,6 @@ def test_dp2_trajectory_equals_one_replica_on_the_union_batch(build, tiny_opt: P
     """Two replicas as torchrun starts them (RANK, WORLD_SIZE, MASTER_ADDR/PORT and the agent's store), each
     scoring half of every batch and exchanging (NLL sum, token count) through the store: both end with the
     same weights, bit for bit, and follow one replica on the whole batch within 1e-5 over 20 steps."""
-    from tests.support.runtime import wait_all
     import os
     import subprocess
     import sys
@@ -71,6 +85,7 @@ def test_dp2_trajectory_equals_one_replica_on_the_union_batch(build, tiny_opt: P
 
     from sglang.overlay.compat import free_port
     from sglang.overlay.mezo import MeZO, MeZOConfig
+    from tests.support.runtime import wait_all
 
     runner = build(tiny_opt)
     trainer = MeZO(runner, MeZOConfig(**TP_HYPER))
@@ -79,17 +94,41 @@ def test_dp2_trajectory_equals_one_replica_on_the_union_batch(build, tiny_opt: P
     runner.close()
 
     port = free_port()
-    store = torch.distributed.TCPStore("127.0.0.1", port, world_size=None, is_master=True,
-                                       timeout=timedelta(seconds=TP_TIMEOUT), wait_for_workers=False)
+    store = torch.distributed.TCPStore(
+        "127.0.0.1",
+        port,
+        world_size=None,
+        is_master=True,
+        timeout=timedelta(seconds=TP_TIMEOUT),
+        wait_for_workers=False,
+    )
     root = Path(__file__).resolve().parents[1]
     procs = []
     for rank in (0, 1):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   TORCHELASTIC_USE_AGENT_STORE="True")
-        procs.append(subprocess.Popen(
-            [sys.executable, "-c", "import sys; from tests.support.ranks import dp_mezo_main; "
-             "dp_mezo_main(sys.argv[1], sys.argv[2])", str(tiny_opt), str(tmp_path / f"rank{rank}.pt")],
-            cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            TORCHELASTIC_USE_AGENT_STORE="True",
+        )
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    "import sys; from tests.support.ranks import dp_mezo_main; dp_mezo_main(sys.argv[1], sys.argv[2])",
+                    str(tiny_opt),
+                    str(tmp_path / f"rank{rank}.pt"),
+                ],
+                cwd=root,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     try:
         wait_all(procs, TP_TIMEOUT, "replica")
     finally:
@@ -102,6 +141,7 @@ def test_dp2_trajectory_equals_one_replica_on_the_union_batch(build, tiny_opt: P
         assert abs(plus - step.loss_plus) < TOL and abs(minus - step.loss_minus) < TOL
     assert max_weight_diff(replicas[0]["state"], want_state) < TOL
 
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["dp2", "tp2"])
 def test_torchrun_command_line_equals_one_process(tiny_opt: Path, tmp_path: Path, layout: str) -> None:
@@ -113,32 +153,83 @@ def test_torchrun_command_line_equals_one_process(tiny_opt: Path, tmp_path: Path
     import subprocess
     import sys
 
-
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"prompt": p, "target": t}) + "\n" for p, t in zip(PROMPTS, TARGETS)))
     dev = tmp_path / "dev.jsonl"
     dev.write_text("".join(json.dumps(e) + "\n" for e in EVAL))
-    flags = ["--model", str(tiny_opt), "--data", str(data), "--steps", "4", "--batch-size", "3", "--lr", "1e-4",
-             "--eps", "1e-2", "--seed", "3", "--device", "cpu", "--no-progress", "--eval-data", str(dev),
-             "--eval-every", "2"]
+    flags = [
+        "--model",
+        str(tiny_opt),
+        "--data",
+        str(data),
+        "--steps",
+        "4",
+        "--batch-size",
+        "3",
+        "--lr",
+        "1e-4",
+        "--eps",
+        "1e-2",
+        "--seed",
+        "3",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--eval-data",
+        str(dev),
+        "--eval-every",
+        "2",
+    ]
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ)
     if layout == "tp2":  # SGLang binds each CPU rank's threads; a replica at tp_size 1 takes the default
         env.setdefault("SGLANG_CPU_OMP_THREADS_BIND", omp_bind(2))
     else:
         env.pop("SGLANG_CPU_OMP_THREADS_BIND", None)
-    single = subprocess.run([sys.executable, "-m", "sglang.overlay.mezo", *flags, "--out", str(tmp_path / "one")],
-                            cwd=root, capture_output=True, text=True, timeout=TP_TIMEOUT)
+    single = subprocess.run(
+        [sys.executable, "-m", "sglang.overlay.mezo", *flags, "--out", str(tmp_path / "one")],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=TP_TIMEOUT,
+    )
     assert single.returncode == 0, single.stderr[-4000:]
     extra = ["--tp-size", "2"] if layout == "tp2" else []
-    many = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "sglang.overlay.mezo", *flags, *extra, "--out", str(tmp_path / "many")],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=TP_TIMEOUT)
+    many = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "sglang.overlay.mezo",
+            *flags,
+            *extra,
+            "--out",
+            str(tmp_path / "many"),
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TP_TIMEOUT,
+    )
     assert many.returncode == 0, many.stdout[-3000:] + many.stderr[-6000:]
-    logs = [[json.loads(line) for line in (tmp_path / d / "mezo_log.jsonl").read_text().splitlines()]
-            for d in ("one", "many")]
+    logs = [
+        [json.loads(line) for line in (tmp_path / d / "mezo_log.jsonl").read_text().splitlines()]
+        for d in ("one", "many")
+    ]
     assert [(r["kind"], r.get("step", r.get("steps_done"))) for r in logs[1]] == [
-        ("eval", 0), ("step", 0), ("step", 1), ("eval", 2), ("step", 2), ("step", 3), ("eval", 4)]
+        ("eval", 0),
+        ("step", 0),
+        ("step", 1),
+        ("eval", 2),
+        ("step", 2),
+        ("step", 3),
+        ("eval", 4),
+    ]
     for a, b in zip(*logs):
         assert a["kind"] == b["kind"]
         if a["kind"] == "step":

@@ -49,18 +49,17 @@ class Crash(Exception):
 
 
 RESUME_VARIANTS = {
-    "full_wd_linear_2_samples": dict(lr=1e-4, eps=1e-2, seed=5, weight_decay=0.1, lr_schedule="linear",
-                                     total_steps=6, n_samples=2),
+    "full_wd_linear_2_samples": dict(
+        lr=1e-4, eps=1e-2, seed=5, weight_decay=0.1, lr_schedule="linear", total_steps=6, n_samples=2
+    ),
     "lora": dict(lr=1e-2, eps=1e-2, seed=7, lora_rank=4, lora_alpha=8.0),
 }
 
 
 @pytest.mark.parametrize("variant", list(RESUME_VARIANTS))
 def test_a_crashed_and_resumed_run_ends_bit_identical_to_an_uninterrupted_one(variant, tiny_opt, tmp_path) -> None:
-    from sglang.overlay.mezo import MeZO, MeZOConfig
+    from sglang.overlay.mezo import MeZO, MeZOConfig, RunConfig
     from sglang.overlay.mezo.run import read_log, run_training
-
-    from sglang.overlay.mezo import RunConfig
 
     config = MeZOConfig(**RESUME_VARIANTS[variant])
     opts = dict(eval_examples=eval_examples(), run={"data": "x"})
@@ -88,8 +87,16 @@ def test_a_crashed_and_resumed_run_ends_bit_identical_to_an_uninterrupted_one(va
     log = read_log(tmp_path / "whole" / "mezo_log.jsonl")
     assert read_log(tmp_path / "parts" / "mezo_log.jsonl") == log
     assert [(x["kind"], x.get("step", x.get("steps_done"))) for x in log] == [
-        ("eval", 0), ("step", 0), ("step", 1), ("step", 2), ("eval", 3), ("step", 3), ("step", 4), ("step", 5),
-        ("eval", 6)]
+        ("eval", 0),
+        ("step", 0),
+        ("step", 1),
+        ("step", 2),
+        ("eval", 3),
+        ("step", 3),
+        ("step", 4),
+        ("step", 5),
+        ("eval", 6),
+    ]
     if config.lr_schedule == "linear":
         assert [x["lr"] for x in log if x["kind"] == "step"] == [config.lr * (1 - k / 6) for k in range(6)]
 
@@ -168,8 +175,12 @@ def test_the_log_is_written_and_flushed_at_every_step_and_a_finished_run_can_be_
     config = MeZOConfig(lr=1e-4, eps=1e-2)
     with runner(tiny_opt) as r:
         trainer = MeZO(r, config)
-        results = run_training(trainer, BATCHES, RunConfig(steps=3, out=tmp_path, progress=False, save_every=2),
-                               callback=lambda result: seen.append(read_log(tmp_path / "mezo_log.jsonl")))
+        results = run_training(
+            trainer,
+            BATCHES,
+            RunConfig(steps=3, out=tmp_path, progress=False, save_every=2),
+            callback=lambda result: seen.append(read_log(tmp_path / "mezo_log.jsonl")),
+        )
     assert [[x["step"] for x in log] for log in seen] == [[0], [0, 1], [0, 1, 2]]
     assert seen[-1] == [{"kind": "step", **result.__dict__} for result in results]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
@@ -195,8 +206,12 @@ def hf_scores(model):
 
     total = sum(loglik(e["prompt"], e.get("target") or e["candidates"][e["gold"]]) for e in EVAL)
     tokens = sum(len(e.get("target") or e["candidates"][e["gold"]]) for e in EVAL)
-    picks = [max(range(len(e["candidates"])), key=lambda i: loglik(e["prompt"], e["candidates"][i]))
-             if "candidates" in e else None for e in EVAL]
+    picks = [
+        max(range(len(e["candidates"])), key=lambda i: loglik(e["prompt"], e["candidates"][i]))
+        if "candidates" in e
+        else None
+        for e in EVAL
+    ]
     return -total / tokens, picks
 
 
@@ -229,8 +244,12 @@ def test_evaluations_during_a_run_score_the_trained_weights(tiny_opt, tmp_path) 
 
     hyper = dict(lr=1e-3, eps=1e-2, seed=8)
     with runner(tiny_opt) as r:
-        run_training(MeZO(r, MeZOConfig(**hyper)), BATCHES, RunConfig(steps=3, out=tmp_path, eval_every=1,
-                                                                         progress=False), eval_examples=eval_examples())
+        run_training(
+            MeZO(r, MeZOConfig(**hyper)),
+            BATCHES,
+            RunConfig(steps=3, out=tmp_path, eval_every=1, progress=False),
+            eval_examples=eval_examples(),
+        )
     evals = [x for x in read_log(tmp_path / "mezo_log.jsonl") if x["kind"] == "eval"]
     assert [x["steps_done"] for x in evals] == [0, 1, 2, 3]
     reference = ReferenceMeZO(tiny_opt, **hyper)
@@ -247,15 +266,22 @@ def test_evaluations_during_a_run_score_the_trained_weights(tiny_opt, tmp_path) 
     "line, message",
     [
         ({"prompt": [2, 3], "candidates": [], "gold": 0}, r"eval.jsonl:2: 'candidates' must be a non-empty list"),
-        ({"prompt": [2, 3], "candidates": [[4], [5]], "gold": 2}, r"eval.jsonl:2: 'gold' must be the index of the "
-                                                                   r"right candidate, an int in \[0, 2\), got 2"),
+        (
+            {"prompt": [2, 3], "candidates": [[4], [5]], "gold": 2},
+            r"eval.jsonl:2: 'gold' must be the index of the "
+            r"right candidate, an int in \[0, 2\), got 2",
+        ),
         ({"prompt": [2, 3], "candidates": [[4]]}, r"eval.jsonl:2: 'candidates' and 'gold' go together"),
         ({"prompt": [2, 3], "candidates": [4, 5], "gold": 0}, r"eval.jsonl:2: candidates\[0\] is 4: each candidate"),
-        ({"prompt": [2, 3], "candidates": [[4], [512]], "gold": 0},
-         r"eval.jsonl:2: candidates\[1\]\[0\] = 512 is not a token id of the model"),
+        (
+            {"prompt": [2, 3], "candidates": [[4], [512]], "gold": 0},
+            r"eval.jsonl:2: candidates\[1\]\[0\] = 512 is not a token id of the model",
+        ),
         ({"prompt": [2, 3]}, r"eval.jsonl:2: each line must be an object with 'prompt' and 'target', or"),
-        ({"prompt": [2] * 120, "candidates": [[4], [5] * 9], "gold": 0},
-         r"eval.jsonl:2: prompt \+ candidates\[1\] is 129 tokens, more than the model's context length 128"),
+        (
+            {"prompt": [2] * 120, "candidates": [[4], [5] * 9], "gold": 0},
+            r"eval.jsonl:2: prompt \+ candidates\[1\] is 129 tokens, more than the model's context length 128",
+        ),
     ],
 )
 def test_bad_eval_data_names_the_file_and_line(line, message, tiny_opt, tmp_path) -> None:
@@ -305,16 +331,24 @@ def test_n_spsa_and_the_linear_schedule_equal_the_hf_reference(tiny_opt) -> None
     assert max((trained[k] - expected[k]).abs().max().item() for k in trained) < TOL
     with pytest.raises(ValueError, match="step 3 is past the linear schedule's total_steps 3"):
         config.lr_at(3)
-    for fields, message in [(dict(n_samples=0), "n_samples must be an int >= 1"),
-                            (dict(lr_schedule="cosine"), "lr_schedule must be one of"),
-                            (dict(lr_schedule="linear"), "lr_schedule='linear' needs total_steps")]:
+    for fields, message in [
+        (dict(n_samples=0), "n_samples must be an int >= 1"),
+        (dict(lr_schedule="cosine"), "lr_schedule must be one of"),
+        (dict(lr_schedule="linear"), "lr_schedule='linear' needs total_steps"),
+    ]:
         with pytest.raises(ValueError, match=message):
             MeZOConfig(**fields).validate()
 
 
 def mezo_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sglang.overlay.mezo", "--device", "cpu", *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ})
+    return subprocess.run(
+        [sys.executable, "-m", "sglang.overlay.mezo", "--device", "cpu", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ},
+    )
 
 
 def test_command_line_checkpoints_resumes_and_evaluates(tiny_opt, tmp_path) -> None:
@@ -326,18 +360,45 @@ def test_command_line_checkpoints_resumes_and_evaluates(tiny_opt, tmp_path) -> N
     data, dev = tmp_path / "train.jsonl", tmp_path / "dev.jsonl"
     data.write_text("".join(json.dumps({"prompt": p, "target": t}) + "\n" for p, t in zip(PROMPTS, TARGETS)))
     dev.write_text("".join(json.dumps(e) + "\n" for e in EVAL))
-    common = ["--model", str(tiny_opt), "--data", str(data), "--batch-size", "2", "--lr", "1e-2", "--eps", "1e-2",
-              "--seed", "4", "--lora-rank", "2", "--n-samples", "2", "--save-every", "2", "--eval-data", str(dev),
-              "--eval-every", "2"]
+    common = [
+        "--model",
+        str(tiny_opt),
+        "--data",
+        str(data),
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e-2",
+        "--eps",
+        "1e-2",
+        "--seed",
+        "4",
+        "--lora-rank",
+        "2",
+        "--n-samples",
+        "2",
+        "--save-every",
+        "2",
+        "--eval-data",
+        str(dev),
+        "--eval-every",
+        "2",
+    ]
     whole = mezo_cli(*common, "--steps", "4", "--out", str(tmp_path / "whole"), "--no-progress")
     assert whole.returncode == 0, whole.stderr[-3000:]  # a subprocess as the others: the same float math
     first = mezo_cli(*common, "--steps", "2", "--out", str(tmp_path / "parts"))
     assert first.returncode == 0, first.stderr[-3000:]
-    with pytest.raises(SystemExit, match=r"^error: --out .* already holds checkpoints of a run \(step-000002\): "
-                                         r"pass --resume"):
+    with pytest.raises(
+        SystemExit,
+        match=r"^error: --out .* already holds checkpoints of a run \(step-000002\): "
+        r"pass --resume",
+    ):
         main([*common, "--steps", "4", "--out", str(tmp_path / "parts"), "--no-progress"])
-    with pytest.raises(SystemExit, match=r"^error: cannot resume from .*step-000002: .*lr: checkpoint 0.01, "
-                                         r"this run 0.02"):
+    with pytest.raises(
+        SystemExit,
+        match=r"^error: cannot resume from .*step-000002: .*lr: checkpoint 0.01, "
+        r"this run 0.02",
+    ):
         main([*common, "--steps", "4", "--out", str(tmp_path / "parts"), "--resume", "--lr", "2e-2"])
     resumed = mezo_cli(*common, "--steps", "4", "--out", str(tmp_path / "parts"), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -349,6 +410,9 @@ def test_command_line_checkpoints_resumes_and_evaluates(tiny_opt, tmp_path) -> N
     state = json.loads((tmp_path / "parts" / "checkpoints" / "step-000004" / "trainer_state.json").read_text())
     assert state["steps_done"] == 4 and state["run"]["batch_size"] == 2 and state["mezo_config"]["n_samples"] == 2
     assert (tmp_path / "parts" / "checkpoints" / "step-000004" / "mezo_lora.safetensors").is_file()
-    evals = [x for x in map(json.loads, (tmp_path / "whole" / "mezo_log.jsonl").read_text().splitlines())
-             if x["kind"] == "eval"]
+    evals = [
+        x
+        for x in map(json.loads, (tmp_path / "whole" / "mezo_log.jsonl").read_text().splitlines())
+        if x["kind"] == "eval"
+    ]
     assert [x["steps_done"] for x in evals] == [0, 2, 4] and all(0 <= x["accuracy"] <= 1 for x in evals)

@@ -132,9 +132,17 @@ def _grow_rows(name):
 
 BROKEN = {
     # id: (OPTConfig overrides, mutation, the name the error must give)
-    "missing": ({}, _drop("model.decoder.layers.1.self_attn.k_proj.bias"), "model.decoder.layers.1.self_attn.k_proj.bias"),
+    "missing": (
+        {},
+        _drop("model.decoder.layers.1.self_attn.k_proj.bias"),
+        "model.decoder.layers.1.self_attn.k_proj.bias",
+    ),
     "missing_untied_head": (dict(tie_word_embeddings=False), _drop("lm_head.weight"), "lm_head.weight"),
-    "unexpected": ({}, _add("model.decoder.layers.0.mlp.gate_proj.weight", (128, 64)), "model.decoder.layers.0.mlp.gate_proj.weight"),
+    "unexpected": (
+        {},
+        _add("model.decoder.layers.0.mlp.gate_proj.weight", (128, 64)),
+        "model.decoder.layers.0.mlp.gate_proj.weight",
+    ),
     "misshaped": ({}, _grow_rows("model.decoder.layers.0.fc1.weight"), "model.decoder.layers.0.fc1.weight"),
 }
 

@@ -50,15 +50,23 @@ def upstream(cache: Cache, release: Release) -> Path:
 
 def commit_all(repo: Path, message: str) -> None:
     git("add", "-A", cwd=repo)
-    git("commit", "-q", "-m", message, cwd=repo, env={
-        "GIT_AUTHOR_NAME": "Fixture Author", "GIT_AUTHOR_EMAIL": "fixture@example.invalid",
-        "GIT_COMMITTER_NAME": "Fixture Author", "GIT_COMMITTER_EMAIL": "fixture@example.invalid",
-    })
+    git(
+        "commit",
+        "-q",
+        "-m",
+        message,
+        cwd=repo,
+        env={
+            "GIT_AUTHOR_NAME": "Fixture Author",
+            "GIT_AUTHOR_EMAIL": "fixture@example.invalid",
+            "GIT_COMMITTER_NAME": "Fixture Author",
+            "GIT_COMMITTER_EMAIL": "fixture@example.invalid",
+        },
+    )
 
 
 @pytest.fixture(scope="session")
-def fixture_root(tmp_path_factory: pytest.TempPathFactory, cache: Cache, release: Release,
-                 upstream: Path) -> Path:
+def fixture_root(tmp_path_factory: pytest.TempPathFactory, cache: Cache, release: Release, upstream: Path) -> Path:
     """An overlay root whose variant has two fixture patches and one new file, made with refresh."""
     root = tmp_path_factory.mktemp("fixture-overlay")
     (root / "patches" / release.variant).mkdir(parents=True)
@@ -67,14 +75,18 @@ def fixture_root(tmp_path_factory: pytest.TempPathFactory, cache: Cache, release
     (root / NEW_FILE).write_text('"""A new file of the fixture overlay."""\nHOOKED = True\n')
     empty = Overlay.load(root)
     work = checkout(release.version, tmp_path_factory.mktemp("co") / "c", empty, cache)
-    for rel, line in ((HOOKED, "from sglang.srt import overlay_fixture  # fixture hook\n"),
-                      (SECOND, "FIXTURE_SECOND_HOOK = True\n")):
+    for rel, line in (
+        (HOOKED, "from sglang.srt import overlay_fixture  # fixture hook\n"),
+        (SECOND, "FIXTURE_SECOND_HOOK = True\n"),
+    ):
         with open(work / rel, "a") as f:
             f.write(line)
         commit_all(work, f"fixture: hook {Path(rel).name}\n\nUpstream-Status: Inappropriate [test fixture]")
     written = export_patches(work, Overlay.load(root))
-    assert [p.name for p in written] == ["0001-fixture-hook-parallel-state-py.patch",
-                                         "0002-fixture-hook-expert-location-py.patch"]
+    assert [p.name for p in written] == [
+        "0001-fixture-hook-parallel-state-py.patch",
+        "0002-fixture-hook-expert-location-py.patch",
+    ]
     return root
 
 
@@ -100,8 +112,9 @@ def tree_digest(root: Path) -> str:
 
 
 def test_releases_lists_every_supported_release() -> None:
-    out = subprocess.run([sys.executable, str(REPO / "scripts" / "overlay.py"), "releases"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "overlay.py"), "releases"], capture_output=True, text=True, check=True
+    ).stdout
     for version, r in Overlay.load(REPO).releases.items():
         assert version in out and r.variant in out
 
@@ -113,8 +126,11 @@ def test_unsupported_release_is_refused_with_exit_2(checkout_target: Path) -> No
         version_file.write_text(text.replace(Target.resolve(checkout_target).version(), "0.0.1"))
     else:
         (checkout_target / "python" / "sglang" / "version.py").write_text('__version__ = "0.0.1"\n')
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "overlay.py"), "apply", str(checkout_target)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "overlay.py"), "apply", str(checkout_target)],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert "0.0.1 is not a supported release" in proc.stderr
     for version in Overlay.load(REPO).releases:
@@ -130,8 +146,10 @@ def test_apply_then_status_then_revert_restores_exact_bytes(overlay, cache, upst
     assert status(checkout_target, overlay, cache)[0] == "applied"
     revert(checkout_target, overlay, cache)
     for rel in (HOOKED, SECOND):
-        assert hashlib.sha256((checkout_target / rel).read_bytes()).digest() == \
-            hashlib.sha256((upstream / rel).read_bytes()).digest()
+        assert (
+            hashlib.sha256((checkout_target / rel).read_bytes()).digest()
+            == hashlib.sha256((upstream / rel).read_bytes()).digest()
+        )
     assert not (checkout_target / NEW_FILE).exists()
     assert tree_digest(checkout_target) == before
 
@@ -149,8 +167,7 @@ def test_apply_check_writes_nothing(overlay, cache, checkout_target) -> None:
     assert tree_digest(checkout_target) == before
 
 
-def test_a_patch_that_does_not_apply_leaves_every_file_byte_identical(overlay, cache, checkout_target,
-                                                                      release) -> None:
+def test_a_patch_that_does_not_apply_leaves_every_file_byte_identical(overlay, cache, checkout_target, release) -> None:
     second = overlay.patches(release)[1]
     text = second.read_text()
     context = next(line for line in text.splitlines() if line.startswith(" ") and line.strip())
@@ -254,12 +271,19 @@ def test_every_release_names_a_variant_with_patches_whose_base_is_its_own() -> N
 
 
 def fake_overlay(tmp_path: Path, releases: dict[str, dict], variants: dict[str, str], default: str) -> Overlay:
-    lines = [f'default = "{default}"', "[runtime]", 'torch = "2.13.0"', 'torchvision = "0.28.0"', 'packages = ["numpy"]']
+    lines = [
+        f'default = "{default}"',
+        "[runtime]",
+        'torch = "2.13.0"',
+        'torchvision = "0.28.0"',
+        'packages = ["numpy"]',
+    ]
     for name, base in variants.items():
         lines += [f"[variants.{name}]", f'base = "{base}"']
     for version, r in releases.items():
-        lines += [f'[releases."{version}"]'] + [f"{k} = {v!r}".replace("True", "true").replace("False", "false")
-                                               for k, v in r.items()]
+        lines += [f'[releases."{version}"]'] + [
+            f"{k} = {v!r}".replace("True", "true").replace("False", "false") for k, v in r.items()
+        ]
     (tmp_path / "patches").mkdir()
     (tmp_path / "patches" / "releases.toml").write_text("\n".join(lines) + "\n")
     (tmp_path / "scripts" / "venv_support").mkdir(parents=True)
@@ -268,21 +292,36 @@ def fake_overlay(tmp_path: Path, releases: dict[str, dict], variants: dict[str, 
 
 
 def test_levels_and_shared_dependency_groups(tmp_path: Path) -> None:
-    overlay = fake_overlay(tmp_path, {
-        "1.0": dict(variant="a", transformers="4.0", cpu=False, cpu_note="imports sgl_kernel"),
-        "1.1": dict(variant="a", transformers="4.0", cpu=True),
-        "1.2": dict(variant="a", transformers="5.0", cpu=True),
-        "2.0": dict(variant="b", transformers="5.0", cpu=True),
-        "2.1": dict(variant="b", transformers="5.0", cpu=True),
-        "2.2": dict(variant="b", transformers="6.0", cpu=True),
-        "3.0": dict(variant="c", transformers="6.0", cpu=True),
-    }, {"a": "1.1", "b": "2.0", "c": "3.0"}, default="2.2")
+    overlay = fake_overlay(
+        tmp_path,
+        {
+            "1.0": dict(variant="a", transformers="4.0", cpu=False, cpu_note="imports sgl_kernel"),
+            "1.1": dict(variant="a", transformers="4.0", cpu=True),
+            "1.2": dict(variant="a", transformers="5.0", cpu=True),
+            "2.0": dict(variant="b", transformers="5.0", cpu=True),
+            "2.1": dict(variant="b", transformers="5.0", cpu=True),
+            "2.2": dict(variant="b", transformers="6.0", cpu=True),
+            "3.0": dict(variant="c", transformers="6.0", cpu=True),
+        },
+        {"a": "1.1", "b": "2.0", "c": "3.0"},
+        default="2.2",
+    )
     levels = {v: test_level(overlay.releases[v], overlay) for v in overlay.versions()}
-    assert levels == {"1.0": "compile", "1.1": "release", "1.2": "release", "2.0": "release", "2.1": "release",
-                      "2.2": "full", "3.0": "release"}
+    assert levels == {
+        "1.0": "compile",
+        "1.1": "release",
+        "1.2": "release",
+        "2.0": "release",
+        "2.1": "release",
+        "2.2": "full",
+        "3.0": "release",
+    }
     # One environment per transformers pin, shared across variants; compile-only releases need none.
-    assert dependency_groups(overlay.versions(), overlay) == {"4.0": ["1.1"], "5.0": ["1.2", "2.0", "2.1"],
-                                                                  "6.0": ["2.2", "3.0"]}
+    assert dependency_groups(overlay.versions(), overlay) == {
+        "4.0": ["1.1"],
+        "5.0": ["1.2", "2.0", "2.1"],
+        "6.0": ["2.2", "3.0"],
+    }
 
 
 def _pypi_answer(tmp_path: Path, version: str) -> str:
@@ -293,8 +332,12 @@ def _pypi_answer(tmp_path: Path, version: str) -> str:
 
 def test_newest_unsupported_release_is_refused_naming_it(tmp_path: Path) -> None:
     env = {**os.environ, "SGLANG_OVERLAY_PYPI_JSON": _pypi_answer(tmp_path, "9.9.9")}
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "overlay.py"), "matrix", "--newest"],
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "overlay.py"), "matrix", "--newest"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert proc.returncode == 2
     assert "sglang 9.9.9 is the newest release on PyPI but patches/releases.toml does not list it" in proc.stderr
     assert "refresh" in proc.stderr and "matrix 9.9.9" in proc.stderr
@@ -332,11 +375,13 @@ def test_every_module_is_small_and_imports_without_work(tmp_path: Path) -> None:
         assert len(path.read_text().splitlines()) < 500, f"{path.name} has grown past 500 lines: split it"
     # Importing every module (the build backend and setup.py too) from another directory writes
     # nothing and runs nothing: no cache, no build/ stage, no subprocess.
-    code = ("import importlib, runpy, subprocess, sys\n"
-            "subprocess.Popen = None\n"
-            f"sys.path.insert(0, {str(REPO / 'scripts')!r})\n"
-            f"for m in {modules!r}: importlib.import_module('overlay_tool.' + m)\n"
-            f"runpy.run_path({str(REPO / 'setup.py')!r}, run_name='setup')\n")
+    code = (
+        "import importlib, runpy, subprocess, sys\n"
+        "subprocess.Popen = None\n"
+        f"sys.path.insert(0, {str(REPO / 'scripts')!r})\n"
+        f"for m in {modules!r}: importlib.import_module('overlay_tool.' + m)\n"
+        f"runpy.run_path({str(REPO / 'setup.py')!r}, run_name='setup')\n"
+    )
     env = {**os.environ, "SGLANG_OVERLAY_CACHE": str(tmp_path / "cache"), "PYTHONDONTWRITEBYTECODE": "1"}
     stage_before = (REPO / "build" / "sglang-overlay" / "build.json").exists()
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True)

@@ -52,8 +52,14 @@ def _run(level: str, script: str, tiny_opt: Path, tmp_path: Path) -> str:
     data.write_text('{"prompt": [2, 100, 5], "target": [200, 300]}\n{"prompt": [2, 7], "target": [9]}\n')
     head = f"MODEL, DATA, OUT, LEVEL = {str(tiny_opt)!r}, {str(data)!r}, {str(tmp_path / level)!r}, {level!r}\n"
     env = {k: v for k, v in os.environ.items() if k != "SGLANG_USE_CUDA_IPC_TRANSPORT"}
-    proc = subprocess.run([sys.executable, "-c", head + textwrap.dedent(script)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", head + textwrap.dedent(script)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     return out
@@ -71,14 +77,23 @@ def test_upstream_noise_is_dropped_by_default_and_shown_when_verbose(tiny_opt: P
     quiet = _run("quiet", RUNNERS + MEZO + KEPT, tiny_opt, tmp_path)
     shown = _matched(verbose)
     print(f"verbose shows {len(shown)} NOISE entries:", *shown, sep="\n  ")
-    for message in ("support AWQ currently", "Ignore import error when loading sglang.srt.models.",
-                    "Multi-thread loading shards"):
-        assert message in verbose, f"{message!r} is not printed with --verbose / log_level='verbose':\n{verbose[-3000:]}"
+    for message in (
+        "support AWQ currently",
+        "Ignore import error when loading sglang.srt.models.",
+        "Multi-thread loading shards",
+    ):
+        assert message in verbose, (
+            f"{message!r} is not printed with --verbose / log_level='verbose':\n{verbose[-3000:]}"
+        )
     assert len(shown) >= 6, verbose[-3000:]
     ours = "\n".join(line for line in quiet.splitlines() if "kept" not in line)
     assert _matched(ours) == [], f"noise in the quiet default:\n{quiet[-3000:]}"
     assert "saved " in quiet and "after 2 steps" in quiet
-    for kept in ("Ignore import error when loading sglang.srt.models.opt: kept",
-                 "kept: a registry message the list does not name", "kept: an upstream warning the list does not name",
-                 "support AWQ currently. kept: not from sglang", "re-projected the config bags: kept after the scope"):
+    for kept in (
+        "Ignore import error when loading sglang.srt.models.opt: kept",
+        "kept: a registry message the list does not name",
+        "kept: an upstream warning the list does not name",
+        "support AWQ currently. kept: not from sglang",
+        "re-projected the config bags: kept after the scope",
+    ):
         assert kept in quiet, f"{kept!r} was dropped:\n{quiet[-3000:]}"

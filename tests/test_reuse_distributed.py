@@ -43,7 +43,7 @@ def _parse(proc: subprocess.CompletedProcess, what: str) -> Dict[str, Any]:
             f"{what} failed (rc={proc.returncode})\n--- stdout ---\n{proc.stdout[-4000:]}\n"
             f"--- stderr ---\n{proc.stderr[-6000:]}"
         )
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def run_scenario(scenario: str, model: Path, *extra: str, reuse: Optional[str] = "1") -> Dict[str, Any]:
@@ -86,7 +86,10 @@ def test_mismatches_raise_value_error_naming_both_values(tiny_opt: Path) -> None
     assert res["unset_eplb"]["type"] == "AssertionError"
     # Variable unset: upstream behaviour (world silently reused, groups assert).
     assert res["unset_world_size"]["type"] is None
-    assert res["unset_mp"] == {"type": "AssertionError", "message": "tensor model parallel group is already initialized"}
+    assert res["unset_mp"] == {
+        "type": "AssertionError",
+        "message": "tensor model parallel group is already initialized",
+    }
 
 
 UPSTREAM_SECOND_RUNNER = {
@@ -130,7 +133,11 @@ def test_tp2_two_processes_gloo(tiny_opt: Path) -> None:
     procs = [
         subprocess.Popen(
             _cmd("tp2", tiny_opt, "--rank", str(rank), "--port", port),
-            cwd=ROOT, env=_env("1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=ROOT,
+            env=_env("1"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for rank in (0, 1)
     ]

@@ -29,8 +29,9 @@ def pair(tmp_path_factory: pytest.TempPathFactory):
     from tests.support.runtime import make_tiny_opt
 
     path = make_tiny_opt(tmp_path_factory.mktemp("inputs_opt"), seed=3)
-    runner = StandaloneRunner(RunnerConfig(model_path=str(path), device="cpu", max_total_tokens=KV_TOKENS,
-                                           max_running_requests=REQUESTS))
+    runner = StandaloneRunner(
+        RunnerConfig(model_path=str(path), device="cpu", max_total_tokens=KV_TOKENS, max_running_requests=REQUESTS)
+    )
     hf = OPTForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     yield runner, hf
     runner.close()
@@ -48,7 +49,7 @@ def hf_logprobs(hf, prompts, targets):
 
     out = []
     for prompt, target, logits in zip(prompts, targets, hf_logits(hf, [p + t for p, t in zip(prompts, targets)])):
-        logp = torch.log_softmax(logits[len(prompt) - 1: -1], dim=-1)
+        logp = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)
         out.append(logp.gather(-1, torch.tensor(target)[:, None])[:, 0])
     return out
 
@@ -57,23 +58,35 @@ def hf_greedy(hf, prompts, n):
     import torch
 
     with torch.no_grad():
-        return [hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                            max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=1)[0, len(p):].tolist()
-                for p in prompts]
+        return [
+            hf.generate(
+                torch.tensor([p]),
+                attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=1,
+            )[0, len(p) :].tolist()
+            for p in prompts
+        ]
 
 
 def close(got, want, atol: float) -> bool:
     import torch
 
     return len(got) == len(want) and all(
-        g.shape == w.shape and torch.allclose(g, w, atol=atol, equal_nan=True) for g, w in zip(got, want))
+        g.shape == w.shape and torch.allclose(g, w, atol=atol, equal_nan=True) for g, w in zip(got, want)
+    )
 
 
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda r: r.logits([[2, 5, VOCAB]]), rf"seqs\[0\]\[2\] = {VOCAB} is not a token id of this model: "
-                                              rf"ids must be in \[0, {VOCAB}\)"),
+        (
+            lambda r: r.logits([[2, 5, VOCAB]]),
+            rf"seqs\[0\]\[2\] = {VOCAB} is not a token id of this model: "
+            rf"ids must be in \[0, {VOCAB}\)",
+        ),
         (lambda r: r.logits([[2, 5], [-1]]), r"seqs\[1\]\[0\] = -1 is not a token id"),
         (lambda r: r.logits([[2, 5], []]), r"seqs\[1\] is empty"),
         (lambda r: r.logits([]), r"seqs is empty"),
@@ -81,8 +94,11 @@ def close(got, want, atol: float) -> bool:
         (lambda r: r.logits([[2, 7.0]]), r"seqs\[0\]\[1\] is 7.0 \(float\)"),
         (lambda r: r.logits([[2, True]]), r"seqs\[0\]\[1\] is True \(bool\)"),
         (lambda r: r.logits(["hello"]), r"seqs\[0\] is 'hello' \(str\), not a list of token ids"),
-        (lambda r: r.logits([[2] * (CONTEXT + 1)]), rf"seqs\[0\] has {CONTEXT + 1} tokens, more than the model's "
-                                                    rf"context length {CONTEXT}"),
+        (
+            lambda r: r.logits([[2] * (CONTEXT + 1)]),
+            rf"seqs\[0\] has {CONTEXT + 1} tokens, more than the model's "
+            rf"context length {CONTEXT}",
+        ),
         (lambda r: r.loss([[2, 3]], [[4], [5]]), "1 prompts but 2 targets"),
         (lambda r: r.loss([[2] * 100], [[3] * 29]), r"prompts \+ targets\[0\] has 129 tokens"),
         (lambda r: r.generate([[2, 3]], 0), r"max_new_tokens must be an int >= 1, got 0"),
@@ -101,10 +117,14 @@ def test_a_sequence_larger_than_the_pool_says_which_field_to_raise(pair, tmp_pat
     from tests.support.runtime import make_tiny_opt
 
     path = make_tiny_opt(tmp_path / "opt")
-    with StandaloneRunner(RunnerConfig(model_path=str(path), device="cpu", max_total_tokens=64,
-                                       distributed="reuse")) as runner:  # the module's runner is alive
-        with pytest.raises(ValueError, match=r"seqs\[1\] needs 100 KV slots, but the runner's KV pool holds 64: "
-                                             r"build the runner with a larger RunnerConfig\(max_total_tokens=...\)"):
+    with StandaloneRunner(
+        RunnerConfig(model_path=str(path), device="cpu", max_total_tokens=64, distributed="reuse")
+    ) as runner:  # the module's runner is alive
+        with pytest.raises(
+            ValueError,
+            match=r"seqs\[1\] needs 100 KV slots, but the runner's KV pool holds 64: "
+            r"build the runner with a larger RunnerConfig\(max_total_tokens=...\)",
+        ):
             runner.logits([[2, 3], [2] * 100])
         runner.logits([[2] * 64])  # exactly the pool
 
@@ -129,6 +149,7 @@ def test_batches_larger_than_the_pools_run_in_parts(pair) -> None:
 
 def _random_call(rng: random.Random):
     """(method, args, what): a random call of the runner's API, valid or broken in one way."""
+
     def seq(n=None):
         return [2] + [rng.randrange(3, VOCAB) for _ in range((n or rng.randint(1, 60)) - 1)]
 
@@ -138,8 +159,21 @@ def _random_call(rng: random.Random):
         batch = [seq(rng.randint(60, 100)) for _ in range(rng.randint(3, 6))]
     if method == "generate":
         batch = [s[:30] for s in batch]
-    broken = rng.choice([None] * 10 + ["negative", "huge", "vocab", "empty_seq", "empty_batch", "str_token",
-                                      "float_token", "none_token", "str_seq", "too_long"])
+    broken = rng.choice(
+        [None] * 10
+        + [
+            "negative",
+            "huge",
+            "vocab",
+            "empty_seq",
+            "empty_batch",
+            "str_token",
+            "float_token",
+            "none_token",
+            "str_seq",
+            "too_long",
+        ]
+    )
     i = rng.randrange(len(batch))
     if broken == "negative":
         batch[i][rng.randrange(len(batch[i]))] = -rng.randint(1, 10**6)

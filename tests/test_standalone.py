@@ -71,8 +71,14 @@ def test_generate_matches_huggingface_greedy(runner, tiny_opt: Path) -> None:
     with torch.no_grad():
         for prompt, got in zip(prompts, ours):
             ids = torch.tensor([prompt])
-            want = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6,
-                               do_sample=False, pad_token_id=1)[0, len(prompt):].tolist()
+            want = hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=6,
+                min_new_tokens=6,
+                do_sample=False,
+                pad_token_id=1,
+            )[0, len(prompt) :].tolist()
             assert got == want, (prompt, got, want)
     with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1"):
         runner.generate(prompts, max_new_tokens=0)
@@ -103,20 +109,23 @@ def reload_into_hf(runner, hf):
     """HF's model with the runner's (perturbed) weights, through the fused QKV split."""
     params = dict(runner.model.named_parameters())
     state = {}
-    for name, tensor in hf.state_dict().items():
+    for name in hf.state_dict():
         for proj, index in (("q_proj", 0), ("k_proj", 1), ("v_proj", 2)):
             if f".{proj}." in name:
                 fused = params[name.replace(proj, "qkv_proj")]
                 state[name] = fused.chunk(3, dim=0)[index]
                 break
         else:
-            state[name] = params.get(name, params.get(name.replace("lm_head.weight", "model.decoder.embed_tokens.weight")))
+            state[name] = params.get(
+                name, params.get(name.replace("lm_head.weight", "model.decoder.embed_tokens.weight"))
+            )
     hf.load_state_dict({k: v.detach().clone() for k, v in state.items()})
     return hf
 
 
 def test_a_second_fresh_runner_is_refused_and_reuse_works(runner, tiny_opt: Path) -> None:
     import torch
+
     from sglang.overlay import RunnerConfig, StandaloneRunner
 
     with pytest.raises(ValueError, match="already exist in this process"):
@@ -128,6 +137,7 @@ def test_a_second_fresh_runner_is_refused_and_reuse_works(runner, tiny_opt: Path
 
 def test_closing_the_last_runner_destroys_the_distributed_setup(tiny_opt: Path) -> None:
     import torch
+
     from sglang.overlay import RunnerConfig, StandaloneRunner
 
     with StandaloneRunner(RunnerConfig(model_path=str(tiny_opt), device="cpu")):
@@ -143,6 +153,7 @@ def test_runners_leave_the_callers_own_world_alive(tiny_opt: Path) -> None:
 
     import torch
     import torch.distributed as dist
+
     from sglang.overlay import RunnerConfig, StandaloneRunner
     from sglang.overlay.compat import free_port
     from sglang.srt.distributed import parallel_state
@@ -205,6 +216,7 @@ def test_empty_sequences_are_refused(runner) -> None:
 
 # --------------------------------------------------------------------------- tensor parallelism
 
+
 @pytest.mark.parametrize(
     "fields, message",
     [
@@ -215,8 +227,9 @@ def test_empty_sequences_are_refused(runner) -> None:
         (dict(dist_port=70000), r"dist_port must be a TCP port in \[1, 65535\]"),
     ],
 )
-def test_invalid_tensor_parallel_configs_say_what_to_do(tiny_opt: Path, fields: dict, message: str,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_invalid_tensor_parallel_configs_say_what_to_do(
+    tiny_opt: Path, fields: dict, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from sglang.overlay import RunnerConfig
 
     monkeypatch.setenv("SGLANG_CPU_OMP_THREADS_BIND", "0|1")
@@ -232,21 +245,26 @@ def test_tensor_parallel_fields_resolve(tiny_opt: Path, monkeypatch: pytest.Monk
     assert (config.tp_size, config.tp_rank, config.dist_port) == (2, 1, 29500)
     assert make_server_args(config).tp_size == 2
     # 'reuse' keeps the existing world, so it needs no port; a matching server_args tp_size is accepted.
-    RunnerConfig(model_path=str(tiny_opt), device="cpu", tp_size=2, tp_rank=1, distributed="reuse",
-                 server_args={"tp_size": 2}).resolved()
+    RunnerConfig(
+        model_path=str(tiny_opt), device="cpu", tp_size=2, tp_rank=1, distributed="reuse", server_args={"tp_size": 2}
+    ).resolved()
     assert make_server_args(RunnerConfig(model_path=str(tiny_opt), device="cpu")).tp_size == 1
 
 
 def test_tensor_parallel_needs_the_gpus_and_cpu_cores(tiny_opt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
-    from sglang.overlay import config as overlay_config
+
     from sglang.overlay import RunnerConfig
+    from sglang.overlay import config as overlay_config
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
-    with pytest.raises(ValueError, match=r"tp_size=2 on CUDA puts rank r on GPU r, but torch sees 1 GPU\(s\) "
-                                         r"\(CUDA_VISIBLE_DEVICES='3'\): make 2 GPUs visible"):
+    with pytest.raises(
+        ValueError,
+        match=r"tp_size=2 on CUDA puts rank r on GPU r, but torch sees 1 GPU\(s\) "
+        r"\(CUDA_VISIBLE_DEVICES='3'\): make 2 GPUs visible",
+    ):
         RunnerConfig(model_path=str(tiny_opt), device="cuda", tp_size=2, dist_port=29500).validate()
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     RunnerConfig(model_path=str(tiny_opt), device="cuda", tp_size=2, tp_rank=1, dist_port=29500).validate()
@@ -266,8 +284,11 @@ def test_tensor_parallel_needs_the_gpus_and_cpu_cores(tiny_opt: Path, monkeypatc
 def test_a_runner_takes_tp_size_from_the_config_not_server_args(tiny_opt: Path) -> None:
     from sglang.overlay import RunnerConfig, StandaloneRunner
 
-    with pytest.raises(ValueError, match=r"server_args sets tp_size=2, the config tp_size=1: set it with "
-                                         r"RunnerConfig\(tp_size=...\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"server_args sets tp_size=2, the config tp_size=1: set it with "
+        r"RunnerConfig\(tp_size=...\)",
+    ):
         StandaloneRunner(RunnerConfig(model_path=str(tiny_opt), device="cpu", server_args={"tp_size": 2}))
 
 
@@ -275,10 +296,14 @@ def test_reuse_of_a_world_of_another_layout_is_refused(runner, tiny_opt: Path, m
     from sglang.overlay import RunnerConfig, StandaloneRunner
 
     monkeypatch.setenv("SGLANG_CPU_OMP_THREADS_BIND", "0|1")
-    with pytest.raises(ValueError, match=r"existing torch.distributed world \(world size 1, rank 0\), which is not "
-                                         r"this runner's layout \(tp_size=2, tp_rank=1\)"):
-        StandaloneRunner(RunnerConfig(model_path=str(tiny_opt), device="cpu", tp_size=2, tp_rank=1,
-                                      distributed="reuse"))
+    with pytest.raises(
+        ValueError,
+        match=r"existing torch.distributed world \(world size 1, rank 0\), which is not "
+        r"this runner's layout \(tp_size=2, tp_rank=1\)",
+    ):
+        StandaloneRunner(
+            RunnerConfig(model_path=str(tiny_opt), device="cpu", tp_size=2, tp_rank=1, distributed="reuse")
+        )
 
 
 @pytest.mark.slow
@@ -286,13 +311,14 @@ def test_tp2_matches_tp1_on_cpu(runner, tiny_opt: Path, tmp_path: Path) -> None:
     """Two processes (gloo), one rank each: the same logits, log-probs and greedy tokens as one rank.
 
     The vocab-parallel head's logits are gathered over the TP group on every rank."""
-    from tests.support.runtime import wait_all
     import os
     import subprocess
     import sys
 
     import torch
+
     from sglang.overlay.compat import free_port as _free_port
+    from tests.support.runtime import wait_all
 
     want_logits = runner.logits(TP_SEQS)
     want_logprobs = runner.token_logprobs(PROMPTS, TARGETS)
@@ -306,10 +332,21 @@ def test_tp2_matches_tp1_on_cpu(runner, tiny_opt: Path, tmp_path: Path) -> None:
     env.setdefault("SGLANG_CPU_OMP_THREADS_BIND", omp_bind(2))  # SGLang binds each CPU rank's threads
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", "import sys; from tests.support.ranks import tp_rank_main; "
-             "tp_rank_main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])",
-             str(tiny_opt), str(rank), str(port), str(tmp_path / f"rank{rank}.pt")],
-            cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                sys.executable,
+                "-c",
+                "import sys; from tests.support.ranks import tp_rank_main; "
+                "tp_rank_main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])",
+                str(tiny_opt),
+                str(rank),
+                str(port),
+                str(tmp_path / f"rank{rank}.pt"),
+            ],
+            cwd=root,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for rank in (0, 1)
     ]
@@ -334,8 +371,7 @@ def test_cuda_graph_fields_mean_the_same_on_every_release(tiny_opt: Path) -> Non
     """RunnerConfig(cuda_graphs, cuda_graph_batch_sizes) become this release's own ServerArgs fields."""
     import inspect
 
-    from sglang.overlay import RunnerConfig
-    from sglang.overlay import compat
+    from sglang.overlay import RunnerConfig, compat
     from sglang.srt.server_args import ServerArgs
 
     fields = compat.decode_graph_server_args([1, 8, 64])

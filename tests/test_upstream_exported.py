@@ -51,8 +51,7 @@ def branch_root(release: Release, tmp_path_factory: pytest.TempPathFactory) -> P
 
     root = tmp_path_factory.mktemp("branch")
     tree = Path(sglang.__file__).resolve().parents[1]
-    shutil.copytree(tree, root / "python", copy_function=os.link,
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(tree, root / "python", copy_function=os.link, ignore=shutil.ignore_patterns("__pycache__"))
     opt = root / export_opt_fixes.OPT_PATH
     upstream_opt = Cache().release_tree(release.version) / export_opt_fixes.OPT_PATH
     opt.unlink()  # a hard link into the release cache: replace it, never write through it

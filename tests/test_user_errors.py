@@ -16,8 +16,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def mezo_cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sglang.overlay.mezo", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "sglang.overlay.mezo", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def write_data(path: Path, lines: list[str]) -> Path:
@@ -33,13 +34,19 @@ GOOD = json.dumps({"prompt": [2, 10, 11], "target": [12, 13]})
     [
         ([GOOD] * 5 + ['{"prompt": [2, 3] "target": [4]}'], r"data.jsonl:6: not valid JSON \(Expecting ',' delimiter"),
         ([GOOD, '{"prompt": [2, 3]}'], r"data.jsonl:2: each line must be an object with 'prompt' and 'target'"),
-        ([GOOD, json.dumps({"prompt": [2, 512], "target": [4]})],
-         r"data.jsonl:2: prompt\[1\] = 512 is not a token id of the model: ids must be in \[0, 512\)"),
+        (
+            [GOOD, json.dumps({"prompt": [2, 512], "target": [4]})],
+            r"data.jsonl:2: prompt\[1\] = 512 is not a token id of the model: ids must be in \[0, 512\)",
+        ),
         ([json.dumps({"prompt": [2, 3], "target": [-4]})], r"data.jsonl:1: target\[0\] = -4 is not a token id"),
-        ([json.dumps({"prompt": [2] * 120, "target": [4] * 9})],
-         r"data.jsonl:1: prompt \+ target is 129 tokens, more than the model's context length 128"),
-        ([json.dumps({"prompt": "hello there", "target": " world"})],
-         r"data.jsonl:1: the example is text, but .* has no usable tokenizer|data.jsonl:1: the tokenizer of .* turned"),
+        (
+            [json.dumps({"prompt": [2] * 120, "target": [4] * 9})],
+            r"data.jsonl:1: prompt \+ target is 129 tokens, more than the model's context length 128",
+        ),
+        (
+            [json.dumps({"prompt": "hello there", "target": " world"})],
+            r"data.jsonl:1: the example is text, but .* has no usable tokenizer|data.jsonl:1: the tokenizer of .* turned",
+        ),
         ([], r"data.jsonl has no examples"),
     ],
 )
@@ -86,21 +93,28 @@ def test_a_truncated_safetensors_file_is_named_by_validate(tiny_opt: Path, tmp_p
     shutil.copytree(tiny_opt, broken)
     (weights,) = broken.glob("*.safetensors")
     weights.write_bytes(weights.read_bytes()[:-1000])
-    with pytest.raises(ValueError, match=rf"{weights} is truncated: its header describes \d+ bytes, the file has "
-                                         r"\d+; save or download it again"):
+    with pytest.raises(
+        ValueError,
+        match=rf"{weights} is truncated: its header describes \d+ bytes, the file has "
+        r"\d+; save or download it again",
+    ):
         RunnerConfig(model_path=str(broken), device="cpu").validate()
     weights.write_bytes(b"\x01")
     with pytest.raises(ValueError, match=rf"{weights} is not a readable safetensors file"):
         RunnerConfig(model_path=str(broken), device="cpu").validate()
 
 
-def test_a_gpu_attention_backend_on_a_cpu_machine_fails_in_validate(tiny_opt: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_gpu_attention_backend_on_a_cpu_machine_fails_in_validate(
+    tiny_opt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import torch
 
     from sglang.overlay import RunnerConfig
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ValueError, match=r"attention_backend 'triton' does not run on CPU \(device='auto' is the "
-                                         r"CPU here\); use 'torch_native'"):
+    with pytest.raises(
+        ValueError,
+        match=r"attention_backend 'triton' does not run on CPU \(device='auto' is the "
+        r"CPU here\); use 'torch_native'",
+    ):
         RunnerConfig(model_path=str(tiny_opt), attention_backend="triton").validate()

@@ -114,12 +114,13 @@ def test_the_triton_kernel_computes_the_definition() -> None:
     fp16 the same after rounding except where fp32 differed at a rounding boundary. (bf16 is checked on
     the GPU: the interpreter rounds fp32 to bf16 by truncation, not to nearest even as the GPU does.)"""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", KERNEL_CHECK], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", KERNEL_CHECK], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-4000:]
-    result = json.loads(lines[-1][len("RESULT "):])
+    result = json.loads(lines[-1][len("RESULT ") :])
     for name, (max_diff, _) in result["torch.float32"].items():
         assert max_diff <= 1e-6, (name, result)
     for name, (max_diff, differ) in result["torch.float16"].items():
-        assert differ <= 0.01 and max_diff <= 2 ** -8, (name, result)
+        assert differ <= 0.01 and max_diff <= 2**-8, (name, result)

@@ -52,13 +52,23 @@ CARRY_LIMIT = 64 * 1024 * 1024
 # travel with the sglang-kernel built for torch 2.11 (0.4.5, 0.5.17's); its transformers 5.19.0
 # (huggingface-hub >= 1.31 and tokenizers 0.23.x: the image's 1.33.0 and 0.23.2 do).
 CORE = {
-    "0.5.17": ["sglang==0.5.17", "sglang-kernel==0.4.5", "flashinfer-python==0.6.15.post1",
-               "transformers==5.12.1", "tokenizers==0.22.2"],
+    "0.5.17": [
+        "sglang==0.5.17",
+        "sglang-kernel==0.4.5",
+        "flashinfer-python==0.6.15.post1",
+        "transformers==5.12.1",
+        "tokenizers==0.22.2",
+    ],
     "0.5.23": ["sglang==0.5.23", "sglang-kernel==0.4.5", "flashinfer-python==0.7.2", "transformers==5.19.0"],
 }
 # Where 0.5.23's METADATA pins a small dependency differently from 0.5.17's.
-DEPS_PINS = {"0.5.23": {"openai": "openai==2.8.0", "xgrammar": "xgrammar==0.2.7",
-                        "compressed-tensors": "compressed-tensors==0.18.0"}}
+DEPS_PINS = {
+    "0.5.23": {
+        "openai": "openai==2.8.0",
+        "xgrammar": "xgrammar==0.2.7",
+        "compressed-tensors": "compressed-tensors==0.18.0",
+    }
+}
 # Archive "deps": small runtime deps of the import path that the device image lacks. Pins: sglang's
 # METADATA where it pins (apache-tvm-ffi, openai, xgrammar), else what the CPU venv of 0.5.17 runs.
 DEPS = [
@@ -117,9 +127,16 @@ STRIP = [
     "xgrammar/lib",  # libxgrammar.a (65 MB static library; the bindings .so is what loads)
 ]
 PLATFORMS = [
-    "manylinux_2_39_x86_64", "manylinux_2_35_x86_64", "manylinux_2_34_x86_64", "manylinux_2_31_x86_64",
-    "manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
-    "manylinux2014_x86_64", "manylinux1_x86_64",
+    "manylinux_2_39_x86_64",
+    "manylinux_2_35_x86_64",
+    "manylinux_2_34_x86_64",
+    "manylinux_2_31_x86_64",
+    "manylinux_2_28_x86_64",
+    "manylinux_2_27_x86_64",
+    "manylinux_2_24_x86_64",
+    "manylinux_2_17_x86_64",
+    "manylinux2014_x86_64",
+    "manylinux1_x86_64",
 ]
 
 
@@ -152,9 +169,27 @@ def download(cache: Path, spec: str) -> Path:
     found = find_wheel(cache, spec)
     if found:
         return found
-    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-           "--python-version", "3.12", "--implementation", "cp", "--abi", "cp312", "--abi", "abi3",
-           "--abi", "none", "-d", str(cache)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "-q",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        "3.12",
+        "--implementation",
+        "cp",
+        "--abi",
+        "cp312",
+        "--abi",
+        "abi3",
+        "--abi",
+        "none",
+        "-d",
+        str(cache),
+    ]
     for p in PLATFORMS + ["any"]:
         cmd += ["--platform", p]
     log(f"pip download {spec}")
@@ -173,8 +208,7 @@ def requires(wheel: Path) -> list[str]:
 
 
 def stripped(rel: str) -> bool:
-    return any(rel == s or rel.startswith(s + "/") or rel.startswith(s + ".") or rel.startswith(s + "-")
-               for s in STRIP)
+    return any(rel == s or rel.startswith(s + "/") or rel.startswith(s + ".") or rel.startswith(s + "-") for s in STRIP)
 
 
 def extract(wheel: Path, site: Path) -> tuple[int, int]:
@@ -219,7 +253,9 @@ def pack(site: Path, tops: list[str], dest: Path) -> None:
                     tar.addfile(info, f)
             else:
                 tar.addfile(info)
-    dest.write_bytes(lzma.compress(buf.getvalue(), preset=9 | lzma.PRESET_EXTREME if os.environ.get("STAGE_XZ_EXTREME") else 9))
+    dest.write_bytes(
+        lzma.compress(buf.getvalue(), preset=9 | lzma.PRESET_EXTREME if os.environ.get("STAGE_XZ_EXTREME") else 9)
+    )
 
 
 def sha256(path: Path) -> str:
@@ -238,8 +274,7 @@ def main() -> None:
 
     pins = DEPS_PINS.get(args.release, {})
     deps = [pins.get(spec.split("==")[0], spec) for spec in DEPS]
-    groups = {g: s for g, s in {"core": list(CORE[args.release]), "deps": deps}.items()
-              if g in args.groups.split(",")}
+    groups = {g: s for g, s in {"core": list(CORE[args.release]), "deps": deps}.items() if g in args.groups.split(",")}
     wheels: dict[str, list[Path]] = {}
     for group, specs in groups.items():
         wheels[group] = []
@@ -254,8 +289,11 @@ def main() -> None:
     old_path = args.out / "MANIFEST.json"
     old = json.loads(old_path.read_text()) if old_path.is_file() else {}
     if old.get("release") == args.release:  # keep the archives not rebuilt
-        manifest["archives"] = {k: v for k, v in old.get("archives", {}).items()
-                                if k.split(".")[0] not in groups and (args.out / k).is_file()}
+        manifest["archives"] = {
+            k: v
+            for k, v in old.get("archives", {}).items()
+            if k.split(".")[0] not in groups and (args.out / k).is_file()
+        }
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="stage-") as tmp:
         for group, ws in wheels.items():
@@ -269,10 +307,15 @@ def main() -> None:
             if group == "core" and not args.no_overlay:
                 # Verifies the package is the pristine release (bytes of the cached cp311 wheel)
                 # before patching; refuses otherwise.
-                subprocess.run([sys.executable, str(REPO / "scripts" / "overlay.py"), "apply", str(site / "sglang")],
-                               check=True)
-                st = subprocess.run([sys.executable, str(REPO / "scripts" / "overlay.py"), "status",
-                                     str(site / "sglang")], check=True, capture_output=True, text=True)
+                subprocess.run(
+                    [sys.executable, str(REPO / "scripts" / "overlay.py"), "apply", str(site / "sglang")], check=True
+                )
+                st = subprocess.run(
+                    [sys.executable, str(REPO / "scripts" / "overlay.py"), "status", str(site / "sglang")],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                )
                 log(f"overlay status: {st.stdout.strip()}")
                 for pyc in (site / "sglang").rglob("__pycache__"):
                     shutil.rmtree(pyc)

@@ -41,7 +41,7 @@ class Target:
     def file(self, rel: str) -> Path:
         """The target path of repo-relative ``python/sglang/...`` path ``rel``."""
         assert rel.startswith(PACKAGE_PREFIX), rel
-        return self.package_dir / rel[len(PACKAGE_PREFIX):]
+        return self.package_dir / rel[len(PACKAGE_PREFIX) :]
 
     def version(self) -> str:
         for name in ("_version.py", "version.py"):
@@ -80,8 +80,9 @@ def patch_paths(patch: Path) -> list[str]:
     return sorted({p for pair in paths for p in pair})
 
 
-def patched_files(overlay: Overlay, release: Release,
-                  upstream_tree: Path) -> dict[str, tuple[Optional[bytes], Optional[bytes]]]:
+def patched_files(
+    overlay: Overlay, release: Release, upstream_tree: Path
+) -> dict[str, tuple[Optional[bytes], Optional[bytes]]]:
     """rel path -> (upstream bytes, patched bytes) for every file the overlay touches.
 
     Patches are checked one by one with ``git apply --check`` in a scratch copy of
@@ -112,8 +113,9 @@ def patched_files(overlay: Overlay, release: Release,
     return result
 
 
-def plan_for(target: Target, overlay: Overlay, cache: Cache,
-             upstream: Optional[Path] = None) -> tuple[Release, list[FilePlan]]:
+def plan_for(
+    target: Target, overlay: Overlay, cache: Cache, upstream: Optional[Path] = None
+) -> tuple[Release, list[FilePlan]]:
     """What the overlay does to ``target``; ``upstream`` (a tree holding python/sglang)
     defaults to the cached release."""
     release = overlay.release(target.version())
@@ -157,8 +159,9 @@ def _drop_bytecode(path: Path) -> None:
         pyc.unlink()
 
 
-def apply(target_path: Path, overlay: Overlay, cache: Cache, check_only: bool = False,
-          upstream: Optional[Path] = None) -> str:
+def apply(
+    target_path: Path, overlay: Overlay, cache: Cache, check_only: bool = False, upstream: Optional[Path] = None
+) -> str:
     """Apply the overlay to ``target_path``: every patch and file is checked first, then written."""
     target = Target.resolve(target_path)
     release, plans = plan_for(target, overlay, cache, upstream)
@@ -167,16 +170,22 @@ def apply(target_path: Path, overlay: Overlay, cache: Cache, check_only: bool = 
         raise OverlayError(
             f"{target.path} has local edits where the overlay lands; nothing was written:\n  "
             + "\n  ".join(modified)
-            + "\nRestore those files to sglang " + release.version + "'s bytes (or reinstall it) and apply again."
+            + "\nRestore those files to sglang "
+            + release.version
+            + "'s bytes (or reinstall it) and apply again."
         )
     todo = [p for p in plans if p.state == PRISTINE]
     if not todo:
         return f"sglang {release.version} at {target.path}: overlay already applied (nothing to do)"
     if check_only:
-        return (f"sglang {release.version} at {target.path}: overlay applies cleanly "
-                f"({len(todo)} file(s) to write, variant {release.variant})")
+        return (
+            f"sglang {release.version} at {target.path}: overlay applies cleanly "
+            f"({len(todo)} file(s) to write, variant {release.variant})"
+        )
     write_atomically([(target.file(p.rel), p.patched) for p in todo])
-    return f"sglang {release.version} at {target.path}: overlay applied ({len(todo)} file(s), variant {release.variant})"
+    return (
+        f"sglang {release.version} at {target.path}: overlay applied ({len(todo)} file(s), variant {release.variant})"
+    )
 
 
 def revert(target_path: Path, overlay: Overlay, cache: Cache) -> str:

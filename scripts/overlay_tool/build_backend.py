@@ -95,8 +95,11 @@ def requirements(metadata: dict[str, str]) -> tuple[list[str], dict[str, list[st
             extras.setdefault(m.group(1), []).append(requirement.strip() + (f"; {rest}" if rest else ""))
         return install, extras, msg.get("Requires-Python", "")
     project = load_toml(metadata["pyproject"])["project"]
-    return (project.get("dependencies", []), project.get("optional-dependencies", {}),
-            project.get("requires-python", ""))
+    return (
+        project.get("dependencies", []),
+        project.get("optional-dependencies", {}),
+        project.get("requires-python", ""),
+    )
 
 
 def overlay_version(root: Path) -> str:
@@ -136,9 +139,13 @@ def prepare(root: Path) -> dict:
     release = overlay.release(os.environ.get("SGLANG_OVERLAY_BUILD_RELEASE") or overlay.default)
     cache = Cache()
     stage = root / STAGE
-    stamp = {"release": release.version, "overlay": overlay.fingerprint(release),
-             "overlay_version": overlay_version(root), "source": _source_identity(release.version, cache),
-             "light_init": hashlib.sha256((root / LIGHT_INIT).read_bytes()).hexdigest()}
+    stamp = {
+        "release": release.version,
+        "overlay": overlay.fingerprint(release),
+        "overlay_version": overlay_version(root),
+        "source": _source_identity(release.version, cache),
+        "light_init": hashlib.sha256((root / LIGHT_INIT).read_bytes()).hexdigest(),
+    }
     info_file = stage / BUILD_INFO
     if stamp["source"] is not None and info_file.is_file():
         info = json.loads(info_file.read_text())
@@ -154,14 +161,22 @@ def prepare(root: Path) -> dict:
                 f"the upstream source is sglang {found}, but the build asks for {release.version}: "
                 "set SGLANG_OVERLAY_BUILD_RELEASE to match it"
             )
-        shutil.copytree(pristine / "python" / "sglang", stage / "patched" / "python" / "sglang",
-                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            pristine / "python" / "sglang",
+            stage / "patched" / "python" / "sglang",
+            ignore=shutil.ignore_patterns("__pycache__"),
+        )
         log(apply(stage / "patched", overlay, cache, upstream=pristine))
         install_light_init(stage / "patched" / "python" / "sglang", root)
     install, extras, python_requires = requirements(metadata)
-    info = {"stamp": stamp, "version": f"{release.version}+overlay.{stamp['overlay_version']}",
-            "package_root": (STAGE / "patched" / "python").as_posix(), "install_requires": install,
-            "extras_require": extras, "python_requires": python_requires}
+    info = {
+        "stamp": stamp,
+        "version": f"{release.version}+overlay.{stamp['overlay_version']}",
+        "package_root": (STAGE / "patched" / "python").as_posix(),
+        "install_requires": install,
+        "extras_require": extras,
+        "python_requires": python_requires,
+    }
     info_file.write_text(json.dumps(info, indent=1))
     return info
 
@@ -188,13 +203,16 @@ def prepare_metadata_for_build_wheel(metadata_directory: str, config_settings: O
     return _prepared(lambda: build_meta.prepare_metadata_for_build_wheel(metadata_directory, config_settings))
 
 
-def build_wheel(wheel_directory: str, config_settings: Optional[dict] = None,
-                metadata_directory: Optional[str] = None) -> str:
+def build_wheel(
+    wheel_directory: str, config_settings: Optional[dict] = None, metadata_directory: Optional[str] = None
+) -> str:
     from setuptools import build_meta
 
     return _prepared(lambda: build_meta.build_wheel(wheel_directory, config_settings, metadata_directory))
 
 
 def build_sdist(sdist_directory: str, config_settings: Optional[dict] = None) -> str:
-    raise SystemExit("error: the sglang-overlay fork has no sdist: it is built from an upstream release. "
-                     "Build a wheel (`pip wheel --no-deps .`) or install from this checkout (`pip install .`)")
+    raise SystemExit(
+        "error: the sglang-overlay fork has no sdist: it is built from an upstream release. "
+        "Build a wheel (`pip wheel --no-deps .`) or install from this checkout (`pip install .`)"
+    )

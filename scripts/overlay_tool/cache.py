@@ -51,9 +51,21 @@ class Cache:
         wheels.mkdir(parents=True, exist_ok=True)
         log(f"downloading sglang=={version} from PyPI into {wheels}")
         proc = run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--progress-bar", "on",
-             "-d", str(wheels), f"sglang=={version}"],
-            check=False, capture=False,
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--progress-bar",
+                "on",
+                "-d",
+                str(wheels),
+                f"sglang=={version}",
+            ],
+            check=False,
+            capture=False,
         )
         found = self._find_wheel(wheels, version)
         if proc.returncode != 0 or not found:
@@ -87,8 +99,15 @@ class Cache:
                     target.write_bytes(zf.read(member))
             git("init", "-q", "-b", "main", cwd=staging)
             git("add", "-A", cwd=staging)
-            git("commit", "-q", "--no-verify", "-m", f"sglang {version}\n\nUpstream source from {wheel.name} (PyPI).",
-                cwd=staging, env=GIT_IDENTITY)
+            git(
+                "commit",
+                "-q",
+                "--no-verify",
+                "-m",
+                f"sglang {version}\n\nUpstream source from {wheel.name} (PyPI).",
+                cwd=staging,
+                env=GIT_IDENTITY,
+            )
             git("tag", f"v{version}", cwd=staging)
             if repo.exists():
                 shutil.rmtree(repo)

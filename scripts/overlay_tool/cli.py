@@ -13,7 +13,9 @@ Verbs (``python scripts/overlay.py VERB --help`` for each):
   demo [X]            run the demo (native OPT vs HuggingFace) in matrix's shared venvs
   matrix [X ...]      fetch, apply, byte-compile and test each release (--newest: PyPI's newest)
   export-pr UPSTREAM  one upstream PR branch per change from tag vX; --check runs upstream's own checks
+  lint [--fix]        ruff over the project's own code (pyproject.toml's [tool.ruff])
 
+Each verb is a small class registered with ``@verb`` below: its arguments and its ``run``.
 Everything the tool knows about releases comes from patches/releases.toml.
 Exit status: 0 success, 1 failure (the message says what to do), 2 unsupported release
 (also: venv / demo of a release that does not run on CPU).
@@ -24,8 +26,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import ClassVar, Optional, Sequence
 
 from . import export_pr
 from .apply import apply, revert, status
@@ -33,52 +36,257 @@ from .cache import Cache
 from .envs import make_venv, run_demo
 from .errors import OverlayError
 from .gitutil import log
+from .lint import lint
 from .matrix import FULL, RELEASE, matrix, newest_release, require_newest_supported, test_level
 from .patches import check, checkout, export_patches
 from .releases import REPO, Overlay
+
+
+@dataclass
+class Context:
+    """What every verb runs against: the overlay, the release cache, where the shared venvs live."""
+
+    overlay: Overlay
+    cache: Cache
+    venvs: Path
+
+
+class Verb:
+    """One verb of the command line: ``name``, its one-line ``help``, its arguments, and ``run``
+    (returns the exit status)."""
+
+    name: ClassVar[str]
+    help: ClassVar[str]
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        pass
+
+    def run(self, args: argparse.Namespace, ctx: Context) -> int:
+        raise NotImplementedError
+
+
+VERBS: dict[str, Verb] = {}
+
+
+def verb(cls: type[Verb]) -> type[Verb]:
+    """Register a verb (in the order of the command line's help)."""
+    VERBS[cls.name] = cls()
+    return cls
+
+
+def _venvs_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--venvs", type=Path, help=f"where the shared {what} live (default: CACHE/venvs)")
+
+
+@verb
+class Releases(Verb):
+    name, help = "releases", "list the supported releases and their patch variant"
+
+    def run(self, args: argparse.Namespace, ctx: Context) -> int:
+        overlay = ctx.overlay
+        for version in overlay.versions():
+            r = overlay.releases[version]
+            cpu = f"CPU tests: {test_level(r, overlay)}" if r.cpu else f"apply+compile only ({r.cpu_note})"
+            default = " (default)" if version == overlay.default else ""
+            print(f"{version:12} variant {r.variant:16} transformers {r.transformers:8} {cpu}{default}")
+        return 0
+
+
+@verb
+class Fetch(Verb):
+    name, help = "fetch", "fetch release X into the cache; print its upstream tree"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("version")
+
+    def run(self, args: argparse.Namespace, ctx: Context) -> int:
+        ctx.overlay.release(args.version)
+        print(ctx.cache.release_tree(args.version) / "python" / "sglang")
+        return 0
+
+
+class _TargetVerb(Verb):
+    """A verb on TARGET, an upstream checkout or an installed sglang package directory."""
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("target", type=Path)
+
+
+@verb
+class Apply(_TargetVerb):
+    name, help = "apply", "apply the overlay (TARGET: upstream checkout or installed sglang package dir)"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        super().add_arguments(parser)
+        parser.add_argument("--check", action="store_true", help="verify only; write nothing")
+
+    def run(self, args: argparse.Namespace, ctx: Context) -> int:
+        print(apply(args.target, ctx.overlay, ctx.cache, check_only=args.check))
+        return 0
+
+
+@verb
+class Revert(_TargetVerb):
+    name, help = "revert", "restore upstream's bytes (TARGET: upstream checkout or installed sglang package dir)"
+
+    def run(self, args: argparse.Namespace, ctx: Context) -> int:
+        print(revert(args.target, ctx.overlay, ctx.cache))
+        return 0
+
+
+@verb
+class Status(_TargetVerb):
+    name, help = "status", "applied, not applied or partly applied (TARGET: upstream checkout or sglang dir)"
+
+    def run(self, args: argparse.Namespace, ctx: Context) -> int:
+        print(status(args.target, ctx.overlay, ctx.cache)[1])
+        return 0
+
+
+@verb
+class Checkout(Verb):
+    name, help = "checkout", "a patched upstream git checkout of X in DIR (one commit per patch)"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("version")
+        parser.add_argument("dest", type=Path)
+
+    def run(self, args: argparse.Namespace, ctx: Context) -> int:
+        print(checkout(args.version, args.dest.resolve(), ctx.overlay, ctx.cache))
+        return 0
+
+
+@verb
+class Refresh(Verb):
+    name, help = "refresh", "regenerate patches/<variant>/ from a patched upstream git checkout"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("checkout", type=Path)
+
+    def run(self, args: argparse.Namespace, ctx: Context) -> int:
+        for path in export_patches(args.checkout.resolve(), ctx.overlay):
+            print(path.relative_to(ctx.overlay.root))
+        return 0
+
+
+@verb
+class Check(Verb):
+    name, help = "check", "fail when patches/ is stale or does not apply"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("versions", nargs="*")
+
+    def run(self, args: argparse.Namespace, ctx: Context) -> int:
+        problems = check(args.versions or ctx.overlay.versions(), ctx.overlay, ctx.cache)
+        for problem in problems:
+            print(problem)
+        if problems:
+            return 1
+        print("patches are up to date and apply cleanly")
+        return 0
+
+
+@verb
+class Venv(Verb):
+    name, help = "venv", "a CPU venv in DIR with release X patched; prints its python"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("version")
+        parser.add_argument("dest", type=Path)
+
+    def run(self, args: argparse.Namespace, ctx: Context) -> int:
+        print(make_venv(args.version, args.dest.resolve(), ctx.overlay, ctx.cache))
+        return 0
+
+
+@verb
+class Demo(Verb):
+    name, help = "demo", "run the demo (native OPT vs HuggingFace) on X, in matrix's shared venvs"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("version", nargs="?")
+        _venvs_argument(parser, "venvs, as for matrix,")
+        parser.add_argument(
+            "--verbose",
+            action="store_true",
+            help="show every upstream message (default: drop those sglang.overlay.quiet.NOISE lists)",
+        )
+
+    def run(self, args: argparse.Namespace, ctx: Context) -> int:
+        return run_demo(args.version or ctx.overlay.default, ctx.overlay, ctx.cache, ctx.venvs, verbose=args.verbose)
+
+
+@verb
+class ExportPr(Verb):
+    name, help = "export-pr", "upstream PR branches in UPSTREAM from tag vX, one per change (nothing is pushed)"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        export_pr.add_arguments(parser)
+
+    def run(self, args: argparse.Namespace, ctx: Context) -> int:
+        print(export_pr.export_pr_from_args(args, ctx.overlay, ctx.cache))
+        return 0
+
+
+@verb
+class Matrix(Verb):
+    name, help = "matrix", "for each release: fetch, apply, byte-compile, run the CPU tests"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("versions", nargs="*", help="releases (default: every supported release)")
+        parser.add_argument("--all", action="store_true", help="every supported release (the default without versions)")
+        parser.add_argument(
+            "--newest",
+            action="store_true",
+            help="ask PyPI for the newest sglang release; fail unless it is supported; test it "
+            "(with versions or --all: check, then test those)",
+        )
+        parser.add_argument(
+            "--level",
+            choices=[FULL, RELEASE],
+            help="run this test level on every CPU-capable release (default: full on the default "
+            "release, release elsewhere)",
+        )
+        _venvs_argument(parser, "test venvs")
+        parser.add_argument("--pytest-args", default="-q", help="arguments for pytest (one string)")
+
+    def run(self, args: argparse.Namespace, ctx: Context) -> int:
+        versions = list(args.versions)
+        if args.newest:
+            newest = require_newest_supported(ctx.overlay, newest_release())
+            log(f"sglang {newest}, the newest release on PyPI, is supported")
+            if not versions and not args.all:
+                versions = [newest]
+        versions = versions or ctx.overlay.versions()
+        for version in versions:
+            ctx.overlay.release(version)
+        return matrix(versions, ctx.overlay, ctx.cache, ctx.venvs, args.pytest_args.split(), level=args.level)
+
+
+@verb
+class Lint(Verb):
+    name, help = "lint", "ruff over the project's own code (pyproject.toml's [tool.ruff]; CI's full row runs it)"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--fix", action="store_true", help="apply ruff's safe fixes and format first")
+        _venvs_argument(parser, "venvs (the linter's among them)")
+
+    def run(self, args: argparse.Namespace, ctx: Context) -> int:
+        problems = lint(ctx.overlay, ctx.venvs, fix=args.fix)
+        for problem in problems:
+            print(problem)
+        if problems:
+            return 1
+        print("the project's own code is lint-clean and formatted")
+        return 0
 
 
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="overlay.py", description=__doc__.split("\n\n")[0])
     top.add_argument("--overlay-root", type=Path, default=REPO, help=argparse.SUPPRESS)
     sub = top.add_subparsers(dest="verb", required=True, metavar="VERB")
-    sub.add_parser("releases", help="list the supported releases and their patch variant")
-    p = sub.add_parser("fetch", help="fetch release X into the cache; print its upstream tree")
-    p.add_argument("version")
-    for verb, text in (("apply", "apply the overlay"), ("revert", "restore upstream's bytes"),
-                       ("status", "applied, not applied or partly applied")):
-        p = sub.add_parser(verb, help=f"{text} (TARGET: upstream checkout or installed sglang package dir)")
-        p.add_argument("target", type=Path)
-        if verb == "apply":
-            p.add_argument("--check", action="store_true", help="verify only; write nothing")
-    p = sub.add_parser("checkout", help="a patched upstream git checkout of X in DIR (one commit per patch)")
-    p.add_argument("version")
-    p.add_argument("dest", type=Path)
-    p = sub.add_parser("refresh", help="regenerate patches/<variant>/ from a patched upstream git checkout")
-    p.add_argument("checkout", type=Path)
-    p = sub.add_parser("check", help="fail when patches/ is stale or does not apply")
-    p.add_argument("versions", nargs="*")
-    p = sub.add_parser("venv", help="a CPU venv in DIR with release X patched; prints its python")
-    p.add_argument("version")
-    p.add_argument("dest", type=Path)
-    p = sub.add_parser("demo", help="run the demo (native OPT vs HuggingFace) on X, in matrix's shared venvs")
-    p.add_argument("version", nargs="?")
-    p.add_argument("--venvs", type=Path, help="where the shared venvs live, as for matrix (default: CACHE/venvs)")
-    p.add_argument("--verbose", action="store_true",
-                   help="show every upstream message (default: drop those sglang.overlay.quiet.NOISE lists)")
-    p = sub.add_parser("export-pr", help="upstream PR branches in UPSTREAM from tag vX, one per change (nothing is pushed)")
-    export_pr.add_arguments(p)
-    p = sub.add_parser("matrix", help="for each release: fetch, apply, byte-compile, run the CPU tests")
-    p.add_argument("versions", nargs="*", help="releases (default: every supported release)")
-    p.add_argument("--all", action="store_true", help="every supported release (the default without versions)")
-    p.add_argument("--newest", action="store_true",
-                   help="ask PyPI for the newest sglang release; fail unless it is supported; test it "
-                        "(with versions or --all: check, then test those)")
-    p.add_argument("--level", choices=[FULL, RELEASE],
-                   help="run this test level on every CPU-capable release (default: full on the default "
-                        "release, release elsewhere)")
-    p.add_argument("--venvs", type=Path, help="where the shared test venvs live (default: CACHE/venvs)")
-    p.add_argument("--pytest-args", default="-q", help="arguments for pytest (one string)")
+    for name, command in VERBS.items():
+        command.add_arguments(sub.add_parser(name, help=command.help))
     return top
 
 
@@ -101,7 +309,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _main(argv: Optional[Sequence[str]]) -> int:
     args = parser().parse_args(argv)
     try:
-        return _run(args)
+        cache = Cache()
+        venvs = (getattr(args, "venvs", None) or cache.root / "venvs").resolve()
+        return VERBS[args.verb].run(args, Context(Overlay.load(args.overlay_root), cache, venvs))
     except Exception as exc:  # noqa: BLE001 - only the tool's own errors are turned into messages
         if not _is_overlay_error(exc):
             raise
@@ -112,54 +322,3 @@ def _main(argv: Optional[Sequence[str]]) -> int:
 def _is_overlay_error(exc: BaseException) -> bool:
     """An OverlayError, also one from a second copy of this package (imported under another name)."""
     return isinstance(exc, OverlayError) or any(c.__name__ == "OverlayError" for c in type(exc).__mro__)
-
-
-def _run(args: argparse.Namespace) -> int:
-    overlay = Overlay.load(args.overlay_root)
-    cache = Cache()
-    venvs = (getattr(args, "venvs", None) or cache.root / "venvs").resolve()
-    if args.verb == "releases":
-        for version in overlay.versions():
-            r = overlay.releases[version]
-            cpu = f"CPU tests: {test_level(r, overlay)}" if r.cpu else f"apply+compile only ({r.cpu_note})"
-            default = " (default)" if version == overlay.default else ""
-            print(f"{version:12} variant {r.variant:16} transformers {r.transformers:8} {cpu}{default}")
-    elif args.verb == "fetch":
-        overlay.release(args.version)
-        print(cache.release_tree(args.version) / "python" / "sglang")
-    elif args.verb == "apply":
-        print(apply(args.target, overlay, cache, check_only=args.check))
-    elif args.verb == "revert":
-        print(revert(args.target, overlay, cache))
-    elif args.verb == "status":
-        print(status(args.target, overlay, cache)[1])
-    elif args.verb == "checkout":
-        print(checkout(args.version, args.dest.resolve(), overlay, cache))
-    elif args.verb == "refresh":
-        for path in export_patches(args.checkout.resolve(), overlay):
-            print(path.relative_to(overlay.root))
-    elif args.verb == "check":
-        problems = check(args.versions or overlay.versions(), overlay, cache)
-        for problem in problems:
-            print(problem)
-        if problems:
-            return 1
-        print("patches are up to date and apply cleanly")
-    elif args.verb == "venv":
-        print(make_venv(args.version, args.dest.resolve(), overlay, cache))
-    elif args.verb == "demo":
-        return run_demo(args.version or overlay.default, overlay, cache, venvs, verbose=args.verbose)
-    elif args.verb == "export-pr":
-        print(export_pr.export_pr_from_args(args, overlay, cache))
-    elif args.verb == "matrix":
-        versions = list(args.versions)
-        if args.newest:
-            newest = require_newest_supported(overlay, newest_release())
-            log(f"sglang {newest}, the newest release on PyPI, is supported")
-            if not versions and not args.all:
-                versions = [newest]
-        versions = versions or overlay.versions()
-        for version in versions:
-            overlay.release(version)
-        return matrix(versions, overlay, cache, venvs, args.pytest_args.split(), level=args.level)
-    return 0

@@ -160,11 +160,24 @@ def make_deps_env(transformers: str, overlay: Overlay, envs: Path) -> Path:
     if python is None:
         return venv_python(directory)
     (site_packages(python) / "sglang_overlay_base.pth").write_text(
-        f"import site; site.addsitedir({str(site_packages(base_python))!r})\n")
+        f"import site; site.addsitedir({str(site_packages(base_python))!r})\n"
+    )
     constraints = directory / "constraints.txt"
     constraints.write_text(f"torch=={deps['torch']}\ntransformers=={transformers}\n")
-    run([str(python), "-m", "pip", "install", "--progress-bar", "off", "-c", str(constraints),
-         f"transformers=={transformers}"], capture=False)
+    run(
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "--progress-bar",
+            "off",
+            "-c",
+            str(constraints),
+            f"transformers=={transformers}",
+        ],
+        capture=False,
+    )
     (directory / VENV_MARKER).write_text(json.dumps({"deps": deps}, indent=1))
     log(f"transformers {transformers} venv built in {time.monotonic() - started:.0f} s")
     return python
@@ -202,8 +215,12 @@ def run_demo(version: str, overlay: Overlay, cache: Cache, envs: Path, verbose: 
     python = make_deps_env(release.transformers, overlay, envs)
     with tempfile.TemporaryDirectory(prefix="sglang-overlay-demo-") as tmp:
         path = patched_tree(version, Path(tmp) / version, overlay, cache)
-        env = {**os.environ, "SGLANG_OVERLAY_RELEASE": version,
-               "PYTHONPATH": os.pathsep.join([str(path), *filter(None, [os.environ.get("PYTHONPATH")])])}
+        env = {
+            **os.environ,
+            "SGLANG_OVERLAY_RELEASE": version,
+            "PYTHONPATH": os.pathsep.join([str(path), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        }
         log(f"demo: sglang {version} (patched tree {path}) on {python}")
-        return subprocess.call([str(python), str(overlay.root / "scripts" / "demo.py"), *(["--verbose"] if verbose else [])],
-                               env=env)
+        return subprocess.call(
+            [str(python), str(overlay.root / "scripts" / "demo.py"), *(["--verbose"] if verbose else [])], env=env
+        )

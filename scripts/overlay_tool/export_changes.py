@@ -97,21 +97,28 @@ CHANGES: tuple[Change, ...] = (
 # tests publish them with sglang.test.test_utils.publish_build_topology (test/layer_ut_utils.py).
 TEST_API_EDITS: dict[str, tuple[tuple[str, str], ...]] = {
     "self-pp": (
-        ("from sglang.test.test_utils import CustomTestCase\n",
-         "from sglang.srt.runtime_context import get_context\n"
-         "from sglang.test.test_utils import CustomTestCase\n"),
-        ("    parallel_state.initialize_model_parallel(\n",
-         "    get_context().override_server_args(tp_size=tp_size, pp_size=pp_size).install()\n"
-         "    parallel_state.initialize_model_parallel(\n"),
+        (
+            "from sglang.test.test_utils import CustomTestCase\n",
+            "from sglang.srt.runtime_context import get_context\nfrom sglang.test.test_utils import CustomTestCase\n",
+        ),
+        (
+            "    parallel_state.initialize_model_parallel(\n",
+            "    get_context().override_server_args(tp_size=tp_size, pp_size=pp_size).install()\n"
+            "    parallel_state.initialize_model_parallel(\n",
+        ),
     ),
     "runtime-context": (
-        ("from sglang.test.test_utils import CustomTestCase\n",
-         "from sglang.test.test_utils import CustomTestCase, publish_build_topology\n"),
-        ("    parallel_state.initialize_model_parallel(\n"
-         "        tensor_model_parallel_size=tp_size, pipeline_model_parallel_size=pp_size\n"
-         "    )\n",
-         "    publish_build_topology(tp_size=tp_size, pp_size=pp_size)\n"
-         "    parallel_state.initialize_model_parallel()\n"),
+        (
+            "from sglang.test.test_utils import CustomTestCase\n",
+            "from sglang.test.test_utils import CustomTestCase, publish_build_topology\n",
+        ),
+        (
+            "    parallel_state.initialize_model_parallel(\n"
+            "        tensor_model_parallel_size=tp_size, pipeline_model_parallel_size=pp_size\n"
+            "    )\n",
+            "    publish_build_topology(tp_size=tp_size, pp_size=pp_size)\n"
+            "    parallel_state.initialize_model_parallel()\n",
+        ),
     ),
 }
 
@@ -120,9 +127,11 @@ def exported_test_text(text: str, variant: str, name: str = "test") -> str:
     """An exported test's text as it ships onto a release of ``variant`` (see TEST_API_EDITS)."""
     for old, new in TEST_API_EDITS.get(variant, ()):
         if text.count(old) != 1:
-            raise OverlayError(f"{name}: expected exactly one {old.strip().splitlines()[0]!r} to rewrite for the "
-                             f"{variant} API; keep the group setup in _initialize_model_parallel "
-                             "(export_changes.TEST_API_EDITS)")
+            raise OverlayError(
+                f"{name}: expected exactly one {old.strip().splitlines()[0]!r} to rewrite for the "
+                f"{variant} API; keep the group setup in _initialize_model_parallel "
+                "(export_changes.TEST_API_EDITS)"
+            )
         text = text.replace(old, new)
     return text
 
@@ -130,11 +139,16 @@ def exported_test_text(text: str, variant: str, name: str = "test") -> str:
 # Never exported: the fork package, and upstream-layer files that only serve this repository
 # (release compat for one opt.py across releases; the fused op of the speed work).
 FORK_LAYER = ("python/sglang/overlay/",)
-NOT_EXPORTED = ("python/sglang/srt/models/opt_compat.py", "python/sglang/srt/layers/add_layernorm.py",
-                "python/sglang/srt/models/opt.py")
+NOT_EXPORTED = (
+    "python/sglang/srt/models/opt_compat.py",
+    "python/sglang/srt/layers/add_layernorm.py",
+    "python/sglang/srt/models/opt.py",
+)
 # What an exported file may not contain: a reference to the fork package or this repository.
-FORK_REFERENCE = re.compile(r"\bsglang\.overlay\b|\bfrom\s+sglang\s+import\s+[^\n]*\boverlay\b|sglang-overlay|"
-                            r"SGLANG_OVERLAY|\bMeZO\b")
+FORK_REFERENCE = re.compile(
+    r"\bsglang\.overlay\b|\bfrom\s+sglang\s+import\s+[^\n]*\boverlay\b|sglang-overlay|"
+    r"SGLANG_OVERLAY|\bMeZO\b"
+)
 
 
 def is_fork_layer(rel: str) -> bool:

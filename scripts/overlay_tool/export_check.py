@@ -42,11 +42,17 @@ PYPI_HOOK_REPOS = {
 }
 # hook id -> command (pre-commit passes the file names after the hook's args)
 HOOK_COMMANDS = {
-    "isort": ["isort"], "ruff": ["ruff", "check", "--force-exclude"], "black": ["black"],
-    "black-jupyter": ["black"], "codespell": ["codespell"],
-    "check-ast": ["check-ast"], "trailing-whitespace": ["trailing-whitespace-fixer"],
-    "end-of-file-fixer": ["end-of-file-fixer"], "debug-statements": ["debug-statement-hook"],
-    "check-merge-conflict": ["check-merge-conflict"], "check-toml": ["check-toml"],
+    "isort": ["isort"],
+    "ruff": ["ruff", "check", "--force-exclude"],
+    "black": ["black"],
+    "black-jupyter": ["black"],
+    "codespell": ["codespell"],
+    "check-ast": ["check-ast"],
+    "trailing-whitespace": ["trailing-whitespace-fixer"],
+    "end-of-file-fixer": ["end-of-file-fixer"],
+    "debug-statements": ["debug-statement-hook"],
+    "check-merge-conflict": ["check-merge-conflict"],
+    "check-toml": ["check-toml"],
     "detect-private-key": ["detect-private-key"],
 }
 # The file types a hook's own manifest (`types:` in its repository's .pre-commit-hooks.yaml) limits it
@@ -133,7 +139,8 @@ def make_test_env(transformers: str, overlay, envs: Path) -> Path:  # overlay: r
     if not (directory / "ready").exists():
         run([sys.executable, "-m", "venv", str(directory)])
         (site_packages(python) / "zz_upstream_tests_layer.pth").write_text(
-            f"import site; site.addsitedir({str(site_packages(deps_python))!r})\n")
+            f"import site; site.addsitedir({str(site_packages(deps_python))!r})\n"
+        )
         constraints = directory / "constraints.txt"
         torch = run([str(python), "-c", "import torch; print(torch.__version__.split('+')[0])"]).stdout.strip()
         constraints.write_text(f"torch=={torch}\ntransformers=={transformers}\n")
@@ -193,10 +200,14 @@ def run_hooks(work: Path, files: list[str], lint_python: Path, base: "BaseTree")
                 command = [*HOOK_COMMANDS[hid]]
             else:
                 continue
-            chosen = [f for f in files
-                      if (not hook.get("files") or _matches(hook["files"], f))
-                      and not _matches(hook.get("exclude"), f) and not _matches(config.get("exclude"), f)
-                      and (hid not in HOOK_SUFFIXES or f.endswith(HOOK_SUFFIXES[hid]))]
+            chosen = [
+                f
+                for f in files
+                if (not hook.get("files") or _matches(hook["files"], f))
+                and not _matches(hook.get("exclude"), f)
+                and not _matches(config.get("exclude"), f)
+                and (hid not in HOOK_SUFFIXES or f.endswith(HOOK_SUFFIXES[hid]))
+            ]
             if not chosen:
                 continue
             args = [a for a in hook.get("args", []) if a != "--fix" or hid != "ruff"]
@@ -224,19 +235,28 @@ def run_hooks(work: Path, files: list[str], lint_python: Path, base: "BaseTree")
 def run_collection(work: Path, test_python: Path) -> CheckResult:
     if not (work / "test" / "run_suite.py").is_file():
         return CheckResult("test/run_suite.py collection", False, "test/run_suite.py is missing")
-    proc = subprocess.run([str(test_python), "-c", COLLECT], cwd=work, capture_output=True, text=True,
-                          timeout=TEST_TIMEOUT)
-    return CheckResult("test/run_suite.py collection", proc.returncode == 0, _tail(proc.stdout + proc.stderr),
-                       _tail(proc.stdout, 1) if proc.returncode == 0 else "")
+    proc = subprocess.run(
+        [str(test_python), "-c", COLLECT], cwd=work, capture_output=True, text=True, timeout=TEST_TIMEOUT
+    )
+    return CheckResult(
+        "test/run_suite.py collection",
+        proc.returncode == 0,
+        _tail(proc.stdout + proc.stderr),
+        _tail(proc.stdout, 1) if proc.returncode == 0 else "",
+    )
 
 
 def run_test_file(root: Path, rel: str, test_python: Path) -> tuple[bool, str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "python"), str(root / "test")]),
-           "PYTHONDONTWRITEBYTECODE": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(root / "python"), str(root / "test")]),
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
     env.pop("SGLANG_ALLOW_REUSE_DISTRIBUTED", None)
     try:
-        proc = subprocess.run([str(test_python), rel], cwd=root, env=env, capture_output=True, text=True,
-                              timeout=TEST_TIMEOUT)
+        proc = subprocess.run(
+            [str(test_python), rel], cwd=root, env=env, capture_output=True, text=True, timeout=TEST_TIMEOUT
+        )
     except subprocess.TimeoutExpired:
         return False, f"timed out after {TEST_TIMEOUT} s"
     return proc.returncode == 0, _tail(proc.stdout + proc.stderr, 25)
@@ -252,10 +272,14 @@ def related_unit_tests(root: Path, files: list[str], own: set[str]) -> list[str]
     modules = []
     for rel in files:
         if rel.startswith("python/") and rel.endswith(".py"):
-            dotted = rel[len("python/"):-3].replace("/", ".")
+            dotted = rel[len("python/") : -3].replace("/", ".")
             package, _, stem = dotted.rpartition(".")
-            modules.append(re.compile(rf"\b{re.escape(dotted)}\b|from\s+{re.escape(package)}\s+import\s+"
-                                      rf"(\([^)]*\b{stem}\b|[^\n]*\b{stem}\b)"))
+            modules.append(
+                re.compile(
+                    rf"\b{re.escape(dotted)}\b|from\s+{re.escape(package)}\s+import\s+"
+                    rf"(\([^)]*\b{stem}\b|[^\n]*\b{stem}\b)"
+                )
+            )
     chosen = []
     for path in sorted((root / "test" / "registered" / "unit").rglob("test_*.py")):
         rel = path.relative_to(root).as_posix()

@@ -28,7 +28,7 @@ from typing import Optional
 
 from .cache import Cache
 from .errors import OverlayError, UnsupportedRelease
-from .export_changes import CHANGES, TESTS_DIR, UPSTREAM_REPO, Change, fork_layer_leaks, exported_test_text
+from .export_changes import CHANGES, TESTS_DIR, UPSTREAM_REPO, Change, exported_test_text, fork_layer_leaks
 from .export_check import CheckResult, make_lint_env, make_test_env, run_checks
 from .export_opt_fixes import FIXES, OPT_PATH, fixed_opt
 from .gitutil import git, git_ok, run
@@ -41,21 +41,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("upstream", type=Path, help="an SGLang git checkout (clean, with tag vX)")
     parser.add_argument("--base", required=True, help="release tag to start from, e.g. v0.5.18")
     parser.add_argument("--prefix", default="pr", help="branches are PREFIX/<change> (default: pr)")
-    parser.add_argument("--only", action="append", default=[], choices=[c.key for c in CHANGES],
-                        help="export only this change (repeatable)")
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        choices=[c.key for c in CHANGES],
+        help="export only this change (repeatable)",
+    )
     parser.add_argument("--author", default=None, help="'Name <email>' (default: UPSTREAM's git identity)")
     parser.add_argument("--force", action="store_true", help="replace existing branches of those names")
-    parser.add_argument("--check", action="store_true",
-                        help="run upstream's linters, test collection, the exported tests and upstream's related "
-                             "CPU unit tests on every branch tip; write no branch when any fails")
-    parser.add_argument("--test-python", type=Path, default=None,
-                        help="python for the tests of --check (default: a cached CPU venv of release X's pins)")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="run upstream's linters, test collection, the exported tests and upstream's related "
+        "CPU unit tests on every branch tip; write no branch when any fails",
+    )
+    parser.add_argument(
+        "--test-python",
+        type=Path,
+        default=None,
+        help="python for the tests of --check (default: a cached CPU venv of release X's pins)",
+    )
     parser.add_argument("--onto", default=None, help="also rebase each branch onto this ref (e.g. main) and report")
-    parser.add_argument("--make-standin", action="store_true",
-                        help="when UPSTREAM has no tag vX, create it from the newest tag with python/sglang from "
-                             "the X wheel (a stand-in, said in the output)")
-    parser.add_argument("--source-repo", type=Path, default=None,
-                        help="the repository to take the upstream layer from (default: this one)")
+    parser.add_argument(
+        "--make-standin",
+        action="store_true",
+        help="when UPSTREAM has no tag vX, create it from the newest tag with python/sglang from "
+        "the X wheel (a stand-in, said in the output)",
+    )
+    parser.add_argument(
+        "--source-repo",
+        type=Path,
+        default=None,
+        help="the repository to take the upstream layer from (default: this one)",
+    )
 
 
 @dataclass
@@ -70,16 +89,39 @@ class Built:
 
 
 def export_pr_from_args(args: argparse.Namespace, overlay: Overlay, cache: Cache) -> str:
-    return export_pr(args.upstream, args.base, prefix=args.prefix, only=args.only, author=args.author,
-                     force=args.force, check=args.check, test_python=args.test_python, onto=args.onto,
-                     make_standin=args.make_standin, overlay=overlay, cache=cache,
-                     source_repo=args.source_repo or overlay.root)
+    return export_pr(
+        args.upstream,
+        args.base,
+        prefix=args.prefix,
+        only=args.only,
+        author=args.author,
+        force=args.force,
+        check=args.check,
+        test_python=args.test_python,
+        onto=args.onto,
+        make_standin=args.make_standin,
+        overlay=overlay,
+        cache=cache,
+        source_repo=args.source_repo or overlay.root,
+    )
 
 
-def export_pr(upstream: Path, base: str, *, overlay: Overlay, cache: Cache, source_repo: Path,
-              prefix: str = "pr", only: Optional[list[str]] = None, author: Optional[str] = None,
-              force: bool = False, check: bool = False, test_python: Optional[Path] = None,
-              onto: Optional[str] = None, make_standin: bool = False) -> str:
+def export_pr(
+    upstream: Path,
+    base: str,
+    *,
+    overlay: Overlay,
+    cache: Cache,
+    source_repo: Path,
+    prefix: str = "pr",
+    only: Optional[list[str]] = None,
+    author: Optional[str] = None,
+    force: bool = False,
+    check: bool = False,
+    test_python: Optional[Path] = None,
+    onto: Optional[str] = None,
+    make_standin: bool = False,
+) -> str:
     upstream, source_repo = upstream.resolve(), source_repo.resolve()
     release = _release_of(base, overlay)
     tag = f"v{release.version}"
@@ -123,9 +165,12 @@ def export_pr(upstream: Path, base: str, *, overlay: Overlay, cache: Cache, sour
     failed = [b for b in built if any(not c.ok for c in b.checks)]
     report = _report(upstream, tag, prefix, built, notes, check, onto)
     if failed:
-        raise OverlayError(report + "\n\nNo branch was written: upstream's checks fail on "
-                           + ", ".join(f"{prefix}/{b.change.key}" for b in failed)
-                           + ". Fix what the failing checks above say, then run again.")
+        raise OverlayError(
+            report
+            + "\n\nNo branch was written: upstream's checks fail on "
+            + ", ".join(f"{prefix}/{b.change.key}" for b in failed)
+            + ". Fix what the failing checks above say, then run again."
+        )
     for b in built:
         git("branch", "-f", f"{prefix}/{b.change.key}", b.sha, cwd=upstream)
         body = upstream / git("rev-parse", "--git-common-dir", cwd=upstream).strip() / f"pr-{b.change.key}.md"
@@ -136,16 +181,19 @@ def export_pr(upstream: Path, base: str, *, overlay: Overlay, cache: Cache, sour
 def _release_of(base: str, overlay: Overlay) -> Release:
     m = re.fullmatch(r"v(\d[\w.+-]*)", base)
     if not m:
-        raise UnsupportedRelease(f"--base {base!r} is not a release tag vX; supported: "
-                                 + ", ".join(f"v{v}" for v in overlay.versions()))
+        raise UnsupportedRelease(
+            f"--base {base!r} is not a release tag vX; supported: " + ", ".join(f"v{v}" for v in overlay.versions())
+        )
     return overlay.release(m.group(1))
 
 
 def _check_upstream(upstream: Path) -> None:
     top = run(["git", "rev-parse", "--show-toplevel"], cwd=upstream if upstream.is_dir() else None, check=False)
     if not upstream.is_dir() or top.returncode != 0 or Path(top.stdout.strip()).resolve() != upstream:
-        raise OverlayError(f"{upstream} is not the top of a git checkout of SGLang; clone "
-                           f"https://github.com/{UPSTREAM_REPO} (or a fork with its tags) and point at it")
+        raise OverlayError(
+            f"{upstream} is not the top of a git checkout of SGLang; clone "
+            f"https://github.com/{UPSTREAM_REPO} (or a fork with its tags) and point at it"
+        )
 
 
 def _author(upstream: Path, author: Optional[str]) -> tuple[str, str]:
@@ -158,8 +206,10 @@ def _author(upstream: Path, author: Optional[str]) -> tuple[str, str]:
         name = git("config", "user.name", cwd=upstream, check=False).strip()
         email = git("config", "user.email", cwd=upstream, check=False).strip()
         if not name or not email:
-            raise OverlayError(f"no author: pass --author 'Name <email>' or set user.name and user.email "
-                               f"in {upstream} (git config user.name ...)")
+            raise OverlayError(
+                f"no author: pass --author 'Name <email>' or set user.name and user.email "
+                f"in {upstream} (git config user.name ...)"
+            )
         who = (name, email)
     if who[1].endswith(".invalid") or "sglang-overlay" in who[1]:
         raise OverlayError(f"author {who[0]} <{who[1]}> is a placeholder; pass your own --author")
@@ -172,8 +222,10 @@ def _ensure_tag(upstream: Path, release: Release, cache: Cache, make_standin: bo
     tree = cache.release_tree(release.version) / "python" / "sglang"
     if not git_ok("rev-parse", "-q", "--verify", f"refs/tags/{tag}^{{commit}}", cwd=upstream):
         if not make_standin:
-            raise OverlayError(f"{upstream} has no tag {tag}: fetch it (`git -C {upstream} fetch "
-                               f"https://github.com/{UPSTREAM_REPO} tag {tag}`), or pass --make-standin")
+            raise OverlayError(
+                f"{upstream} has no tag {tag}: fetch it (`git -C {upstream} fetch "
+                f"https://github.com/{UPSTREAM_REPO} tag {tag}`), or pass --make-standin"
+            )
         newest = git("describe", "--tags", "--abbrev=0", "--match", "v[0-9]*", cwd=upstream).strip()
         with tempfile.TemporaryDirectory(prefix="sglang-standin-") as tmp:
             work = Path(tmp) / "w"
@@ -182,19 +234,29 @@ def _ensure_tag(upstream: Path, release: Release, cache: Cache, make_standin: bo
                 shutil.rmtree(work / "python" / "sglang")
                 shutil.copytree(tree, work / "python" / "sglang", ignore=shutil.ignore_patterns("*.so", "_version.py"))
                 git("add", "-A", "python/sglang", cwd=work)
-                git("commit", "-q", "--no-verify", "-m", f"Stand-in for {tag}: {newest} with python/sglang from "
-                    f"the sglang {release.version} wheel", cwd=work)
+                git(
+                    "commit",
+                    "-q",
+                    "--no-verify",
+                    "-m",
+                    f"Stand-in for {tag}: {newest} with python/sglang from the sglang {release.version} wheel",
+                    cwd=work,
+                )
                 git("tag", tag, "HEAD", cwd=work)
             finally:
                 git("worktree", "remove", "--force", str(work), cwd=upstream, check=False)
-        return (f"{tag} is a STAND-IN made here: {newest}'s repository (tests, CI files, linter pins) with "
-                f"python/sglang replaced by the sglang {release.version} wheel's sources")
+        return (
+            f"{tag} is a STAND-IN made here: {newest}'s repository (tests, CI files, linter pins) with "
+            f"python/sglang replaced by the sglang {release.version} wheel's sources"
+        )
     same, differ = _compare_tree(upstream, tag, tree)
     if git("log", "-1", "--format=%s", tag, cwd=upstream).startswith("Stand-in for"):
         return f"{tag} is a stand-in made earlier (its commit says from which tag); python/sglang = the wheel's"
     if differ:
-        return (f"WARNING: python/sglang at {tag} differs from the sglang {release.version} wheel in "
-                f"{len(differ)} file(s), e.g. {', '.join(differ[:3])}")
+        return (
+            f"WARNING: python/sglang at {tag} differs from the sglang {release.version} wheel in "
+            f"{len(differ)} file(s), e.g. {', '.join(differ[:3])}"
+        )
     return f"python/sglang at {tag} is byte-identical to the sglang {release.version} wheel ({same} files)"
 
 
@@ -202,11 +264,20 @@ def _compare_tree(upstream: Path, tag: str, tree: Path) -> tuple[int, list[str]]
     listed = {}
     for line in git("ls-tree", "-r", tag, "--", "python/sglang", cwd=upstream).splitlines():
         meta, path = line.split("\t", 1)
-        listed[path[len("python/sglang/"):]] = meta.split()[2]
-    files = sorted(p.relative_to(tree).as_posix() for p in tree.rglob("*") if p.is_file() and p.suffix != ".so"
-                   and p.name != "_version.py" and "__pycache__" not in p.parts)
-    proc = subprocess.run(["git", "hash-object", "--stdin-paths"], cwd=tree, input="".join(f"{tree / f}\n" for f in files),
-                          capture_output=True, text=True, check=True)
+        listed[path[len("python/sglang/") :]] = meta.split()[2]
+    files = sorted(
+        p.relative_to(tree).as_posix()
+        for p in tree.rglob("*")
+        if p.is_file() and p.suffix != ".so" and p.name != "_version.py" and "__pycache__" not in p.parts
+    )
+    proc = subprocess.run(
+        ["git", "hash-object", "--stdin-paths"],
+        cwd=tree,
+        input="".join(f"{tree / f}\n" for f in files),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     hashes = proc.stdout.split()
     differ = [f for f, h in zip(files, hashes) if listed.get(f) != h]
     return len(files) - len(differ), differ
@@ -225,8 +296,16 @@ def change_patches(change: Change, patches: list[Path]) -> list[Path]:
     return chosen
 
 
-def _build(work: Path, change: Change, patches: list[Path], source: Path, tag: str, variant: str,
-           who: tuple[str, str], tmp: Path) -> Optional[Built]:
+def _build(
+    work: Path,
+    change: Change,
+    patches: list[Path],
+    source: Path,
+    tag: str,
+    variant: str,
+    who: tuple[str, str],
+    tmp: Path,
+) -> Optional[Built]:
     for patch in change_patches(change, patches):
         proc = run(["git", "apply", "--index", "--whitespace=nowarn", str(patch)], cwd=work, check=False)
         if proc.returncode != 0:
@@ -275,15 +354,22 @@ def _check_leaks(work: Path) -> None:
         changes.append((path, added))
     problems = fork_layer_leaks(changes)
     if problems:
-        raise OverlayError("the branch would ship code of this repository rather than upstream's:\n  "
-                           + "\n  ".join(problems) + "\nRemove the reference from the exported file.")
+        raise OverlayError(
+            "the branch would ship code of this repository rather than upstream's:\n  "
+            + "\n  ".join(problems)
+            + "\nRemove the reference from the exported file."
+        )
 
 
 def _commit(work: Path, message: str, who: tuple[str, str], tmp: Path, amend: bool = False) -> None:
     msg = tmp / "message.txt"
     msg.write_text(message)
-    env = {"GIT_AUTHOR_NAME": who[0], "GIT_AUTHOR_EMAIL": who[1],
-           "GIT_COMMITTER_NAME": who[0], "GIT_COMMITTER_EMAIL": who[1]}
+    env = {
+        "GIT_AUTHOR_NAME": who[0],
+        "GIT_AUTHOR_EMAIL": who[1],
+        "GIT_COMMITTER_NAME": who[0],
+        "GIT_COMMITTER_EMAIL": who[1],
+    }
     git("commit", "-q", "--no-verify", *(["--amend"] if amend else []), "-F", str(msg), cwd=work, env=env)
 
 
@@ -297,59 +383,99 @@ def _message(change: Change, tag: str, item: Built) -> str:
     tests = "\n".join(f"- `{t}` (CPU, `register_cpu_ci`; `python3 {t}`)" for t in change.tests)
     measured = [c for c in item.checks if c.name.startswith(("exported test", "upstream unit test"))]
     if measured:
-        accuracy = "Measured on CPU at the branch tip (based on `" + tag + "`):\n" + "\n".join(
-            f"- {c.name.split(' ', 2)[-1]}: {c.note or ('passed' if c.ok else 'FAILED')}" for c in measured)
+        accuracy = (
+            "Measured on CPU at the branch tip (based on `"
+            + tag
+            + "`):\n"
+            + "\n".join(f"- {c.name.split(' ', 2)[-1]}: {c.note or ('passed' if c.ok else 'FAILED')}" for c in measured)
+        )
     else:
         accuracy = "Not measured yet."
     if change.opt_fixes:
-        accuracy += ("\n\nThe new unit test loads HF `OPTForCausalLM` state dicts (both `model.decoder.*` and "
-                     "`decoder.*` names, tied and untied heads, project_in/out) and compares every parameter "
-                     f"exactly; 7 of its 11 tests fail on `{OPT_PATH}` as it is at `{tag}`.")
+        accuracy += (
+            "\n\nThe new unit test loads HF `OPTForCausalLM` state dicts (both `model.decoder.*` and "
+            "`decoder.*` names, tied and untied heads, project_in/out) and compares every parameter "
+            f"exactly; 7 of its 11 tests fail on `{OPT_PATH}` as it is at `{tag}`."
+        )
     lint = [c for c in item.checks if c.name.startswith(("pre-commit", "test/run_suite"))]
-    checklist = ["- [x] Format your code according to the pre-commit config"
-                 + (": " + ", ".join(c.name.removeprefix("pre-commit ") for c in lint if c.ok) if lint else "."),
-                 "- [x] Add unit tests (" + ", ".join(f"`{t}`" for t in change.tests) + ").",
-                 "- [ ] Update documentation.",
-                 "- [x] Provide accuracy and speed benchmark results (see above).",
-                 "- [x] Follow the SGLang code style guidance."]
-    speed = ("No change on any default code path: every new line runs only with the opt-in set."
-             if change.key == "distributed-reuse" else
-             "No change to the forward pass; the changes are in weight loading, accessors and teardown.")
-    return "\n".join([
-        change.title, "",
-        "## Motivation", "", change.motivation, "",
-        "## Modifications", "", modifications, "", tests, "",
-        "## Accuracy Tests", "", accuracy, "",
-        "## Speed Tests and Profiling", "", speed, "",
-        "## Checklist", "", *checklist, ""])
+    checklist = [
+        "- [x] Format your code according to the pre-commit config"
+        + (": " + ", ".join(c.name.removeprefix("pre-commit ") for c in lint if c.ok) if lint else "."),
+        "- [x] Add unit tests (" + ", ".join(f"`{t}`" for t in change.tests) + ").",
+        "- [ ] Update documentation.",
+        "- [x] Provide accuracy and speed benchmark results (see above).",
+        "- [x] Follow the SGLang code style guidance.",
+    ]
+    speed = (
+        "No change on any default code path: every new line runs only with the opt-in set."
+        if change.key == "distributed-reuse"
+        else "No change to the forward pass; the changes are in weight loading, accessors and teardown."
+    )
+    return "\n".join(
+        [
+            change.title,
+            "",
+            "## Motivation",
+            "",
+            change.motivation,
+            "",
+            "## Modifications",
+            "",
+            modifications,
+            "",
+            tests,
+            "",
+            "## Accuracy Tests",
+            "",
+            accuracy,
+            "",
+            "## Speed Tests and Profiling",
+            "",
+            speed,
+            "",
+            "## Checklist",
+            "",
+            *checklist,
+            "",
+        ]
+    )
 
 
 def _try_rebase(upstream: Path, sha: str, base_rev: str, onto: str, scratch: Path) -> str:
     target = git("rev-parse", "--verify", f"{onto}^{{commit}}", cwd=upstream).strip()
-    older = (f"; NOTE {target[:12]} is an ancestor of the base, i.e. older than it: this moves the branch back, "
-             "not forward (pass a main newer than the tag)" if git_ok("merge-base", "--is-ancestor", target, base_rev,
-                                                                     cwd=upstream) else "")
+    older = (
+        f"; NOTE {target[:12]} is an ancestor of the base, i.e. older than it: this moves the branch back, "
+        "not forward (pass a main newer than the tag)"
+        if git_ok("merge-base", "--is-ancestor", target, base_rev, cwd=upstream)
+        else ""
+    )
     git("worktree", "add", "-q", "--detach", str(scratch), sha, cwd=upstream)
     try:
-        proc = run(["git", "rebase", "-q", "--onto", target, base_rev], cwd=scratch, check=False,
-                   env={"GIT_COMMITTER_NAME": "x", "GIT_COMMITTER_EMAIL": "x@x"})
+        proc = run(
+            ["git", "rebase", "-q", "--onto", target, base_rev],
+            cwd=scratch,
+            check=False,
+            env={"GIT_COMMITTER_NAME": "x", "GIT_COMMITTER_EMAIL": "x@x"},
+        )
         if proc.returncode != 0:
             conflicts = git("diff", "--name-only", "--diff-filter=U", cwd=scratch).split()
             run(["git", "rebase", "--abort"], cwd=scratch, check=False)
-            return (f"CONFLICTS onto {onto} ({target[:12]}): {', '.join(conflicts) or proc.stderr.strip()[:200]}"
-                    + older)
+            return f"CONFLICTS onto {onto} ({target[:12]}): {', '.join(conflicts) or proc.stderr.strip()[:200]}" + older
         return f"rebases cleanly onto {onto} ({target[:12]})" + older
     finally:
         git("worktree", "remove", "--force", str(scratch), cwd=upstream, check=False)
 
 
-def _report(upstream: Path, tag: str, prefix: str, built: list[Built], notes: list[str], check: bool,
-            onto: Optional[str]) -> str:
+def _report(
+    upstream: Path, tag: str, prefix: str, built: list[Built], notes: list[str], check: bool, onto: Optional[str]
+) -> str:
     lines = [f"export-pr onto {tag} in {upstream}:", *[f"  {n}" for n in notes]]
     for b in built:
         lines.append(f"{prefix}/{b.change.key}: {b.sha[:12]} {b.change.title}")
-        lines.append(f"  {b.files} file(s), +{b.added} -{b.deleted} lines; author "
-                     + git("log", "-1", "--format=%an <%ae>", b.sha, cwd=upstream).strip())
+        lines.append(
+            f"  {b.files} file(s), +{b.added} -{b.deleted} lines; author "
+            + git("log", "-1", "--format=%an <%ae>", b.sha, cwd=upstream).strip()
+        )
         if b.rebase:
             lines.append(f"  {b.rebase}")
         if check:
@@ -359,7 +485,10 @@ def _report(upstream: Path, tag: str, prefix: str, built: list[Built], notes: li
                     lines += ["      " + ln for ln in c.output.splitlines()]
     if not check:
         lines.append("Checks: not run (pass --check).")
-    lines += ["", "Nothing was pushed. Per branch: `git push <your-fork> BRANCH`, then `gh pr create --repo "
-              f"{UPSTREAM_REPO} --base main --head <you>:BRANCH --title ... --body-file "
-              f"<git-dir>/pr-<change>.md` (the body is the commit message, in {TEMPLATE_NOTE})."]
+    lines += [
+        "",
+        "Nothing was pushed. Per branch: `git push <your-fork> BRANCH`, then `gh pr create --repo "
+        f"{UPSTREAM_REPO} --base main --head <you>:BRANCH --title ... --body-file "
+        f"<git-dir>/pr-<change>.md` (the body is the commit message, in {TEMPLATE_NOTE}).",
+    ]
     return "\n".join(lines)

@@ -12,12 +12,17 @@ from typing import Optional, Sequence
 from .errors import OverlayError
 
 
-def run(cmd: Sequence[str], cwd: Optional[Path] = None, env: Optional[dict] = None, check: bool = True,
-        capture: bool = True) -> subprocess.CompletedProcess:
+def run(
+    cmd: Sequence[str], cwd: Optional[Path] = None, env: Optional[dict] = None, check: bool = True, capture: bool = True
+) -> subprocess.CompletedProcess:
     """Run ``cmd`` (text mode); with ``check``, a non-zero exit raises OverlayError with its stderr."""
     proc = subprocess.run(
-        list(cmd), cwd=cwd, env={**os.environ, **(env or {})}, text=True,
-        stdout=subprocess.PIPE if capture else None, stderr=subprocess.PIPE if capture else None,
+        list(cmd),
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        text=True,
+        stdout=subprocess.PIPE if capture else None,
+        stderr=subprocess.PIPE if capture else None,
     )
     if check and proc.returncode != 0:
         detail = (proc.stderr or proc.stdout or "").strip() if capture else ""

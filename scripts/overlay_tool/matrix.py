@@ -28,8 +28,14 @@ from .gitutil import log, run
 from .releases import Overlay, Release, version_key
 
 FULL, RELEASE, COMPILE = "full", "release", "compile"
-RELEASE_TESTS = ["tests/test_opt.py", "tests/test_reuse_distributed.py", "tests/test_standalone.py",
-                 "tests/test_runner_inputs.py", "tests/test_mezo.py", "tests/test_upstream_exported.py"]
+RELEASE_TESTS = [
+    "tests/test_opt.py",
+    "tests/test_reuse_distributed.py",
+    "tests/test_standalone.py",
+    "tests/test_runner_inputs.py",
+    "tests/test_mezo.py",
+    "tests/test_upstream_exported.py",
+]
 PYPI_JSON = "https://pypi.org/pypi/sglang/json"
 
 
@@ -62,11 +68,27 @@ def fork_site(version: str, dest: Path, python: Path, overlay: Overlay, cache: C
     (the build backend, offline from the cached upstream wheel), installed with ``--no-deps --target``."""
     env = {**os.environ, "SGLANG_OVERLAY_BUILD_RELEASE": version, "SGLANG_OVERLAY_UPSTREAM": str(cache.wheel(version))}
     log(f"building the fork wheel of sglang {version} (pip wheel --no-deps .)")
-    run([str(python), "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dest / "dist"),
-         str(overlay.root)], env=env, capture=False)
+    run(
+        [
+            str(python),
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(dest / "dist"),
+            str(overlay.root),
+        ],
+        env=env,
+        capture=False,
+    )
     (wheel,) = (dest / "dist").glob("sglang-*.whl")
-    run([str(python), "-m", "pip", "install", "--no-deps", "-q", "--target", str(dest / "site"), str(wheel)],
-        capture=False)
+    run(
+        [str(python), "-m", "pip", "install", "--no-deps", "-q", "--target", str(dest / "site"), str(wheel)],
+        capture=False,
+    )
     state, report = status(dest / "site" / "sglang", overlay, cache)
     if state != "applied":
         raise OverlayError(f"the fork wheel {wheel.name} does not hold the applied overlay:\n{report}")
@@ -107,8 +129,14 @@ def require_newest_supported(overlay: Overlay, newest: str) -> str:
     return newest
 
 
-def matrix(versions: Sequence[str], overlay: Overlay, cache: Cache, venvs: Path, pytest_args: Sequence[str],
-           level: Optional[str] = None) -> int:
+def matrix(
+    versions: Sequence[str],
+    overlay: Overlay,
+    cache: Cache,
+    venvs: Path,
+    pytest_args: Sequence[str],
+    level: Optional[str] = None,
+) -> int:
     """Per release: fetch, apply, byte-compile, then its tests (see ``test_level``); prints a table."""
     rows = []
     releases = [overlay.release(v) for v in versions]
@@ -119,8 +147,15 @@ def matrix(versions: Sequence[str], overlay: Overlay, cache: Cache, venvs: Path,
         lvl = test_level(release, overlay)
         if level is not None and lvl != COMPILE:
             lvl = level
-        row = {"release": version, "variant": release.variant, "level": lvl,
-               "apply": "-", "compile": "-", "tests": "-", "seconds": 0.0}
+        row = {
+            "release": version,
+            "variant": release.variant,
+            "level": lvl,
+            "apply": "-",
+            "compile": "-",
+            "tests": "-",
+            "seconds": 0.0,
+        }
         started = time.monotonic()
         try:
             with tempfile.TemporaryDirectory(prefix="sglang-overlay-matrix-") as tmp:
@@ -140,10 +175,15 @@ def matrix(versions: Sequence[str], overlay: Overlay, cache: Cache, venvs: Path,
                     log(f"== {lvl} tests against sglang {version} from {path}")
                     # The base venv's console scripts (git-filter-repo for export-pr) come after the layer's.
                     bins = [str(python.parent), str(make_base_env(overlay, venvs).parent), os.environ.get("PATH", "")]
-                    env = {**os.environ, "SGLANG_OVERLAY_RELEASE": version, "PATH": os.pathsep.join(bins),
-                           "PYTHONPATH": os.pathsep.join([str(path), *filter(None, [os.environ.get("PYTHONPATH")])])}
-                    proc = subprocess.run([str(python), "-m", "pytest", *pytest_args, *selection],
-                                          cwd=overlay.root, env=env)
+                    env = {
+                        **os.environ,
+                        "SGLANG_OVERLAY_RELEASE": version,
+                        "PATH": os.pathsep.join(bins),
+                        "PYTHONPATH": os.pathsep.join([str(path), *filter(None, [os.environ.get("PYTHONPATH")])]),
+                    }
+                    proc = subprocess.run(
+                        [str(python), "-m", "pytest", *pytest_args, *selection], cwd=overlay.root, env=env
+                    )
                     row["tests"] = "ok" if proc.returncode == 0 else f"FAILED (pytest exit {proc.returncode})"
         except OverlayError as exc:
             log(f"sglang {version}: {exc}")
@@ -158,17 +198,25 @@ def matrix(versions: Sequence[str], overlay: Overlay, cache: Cache, venvs: Path,
     rows.sort(key=lambda r: order[r["release"]])
     print(format_table(rows))
     total = sum(r["seconds"] for r in rows)
-    print(f"{len(rows)} release(s) in {total / 60:.1f} min "
-          f"({sum(r['level'] == FULL for r in rows)} full, {sum(r['level'] == RELEASE for r in rows)} release, "
-          f"{sum(r['level'] == COMPILE for r in rows)} apply+compile only)")
+    print(
+        f"{len(rows)} release(s) in {total / 60:.1f} min "
+        f"({sum(r['level'] == FULL for r in rows)} full, {sum(r['level'] == RELEASE for r in rows)} release, "
+        f"{sum(r['level'] == COMPILE for r in rows)} apply+compile only)"
+    )
     return 0 if all(r[k] == "ok" or r[k].startswith("n/a") for r in rows for k in ("apply", "compile", "tests")) else 1
 
 
 def format_progress(k: int, n: int, row: dict) -> str:
     """The line printed when a row finishes: ``[3/52] 0.5.17 ok 81 s``, or the step that failed
     (``[4/52] 0.5.18 tests FAILED (pytest exit 1) 95 s``)."""
-    failed = next((f"{key} {row[key]}" for key in ("apply", "compile", "tests")
-                   if not (row[key] == "ok" or row[key].startswith("n/a"))), None)
+    failed = next(
+        (
+            f"{key} {row[key]}"
+            for key in ("apply", "compile", "tests")
+            if not (row[key] == "ok" or row[key].startswith("n/a"))
+        ),
+        None,
+    )
     result = failed or ("ok (apply+compile only)" if row["level"] == COMPILE else "ok")
     return f"[{k}/{n}] {row['release']} {result} {row['seconds']:.0f} s"
 
@@ -179,4 +227,3 @@ def format_table(rows: list[dict]) -> str:
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
     fmt = lambda values: "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths)) + " |"  # noqa: E731
     return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *(fmt(c) for c in cells)])
-

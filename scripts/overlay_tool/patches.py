@@ -33,9 +33,16 @@ def checkout(version: str, dest: Path, overlay: Overlay, cache: Cache) -> Path:
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(overlay.root / rel, dest / rel)
     git("add", "-A", cwd=dest)
-    git("commit", "-q", "--allow-empty", "-m", "overlay: add the overlay's new files\n\n"
+    git(
+        "commit",
+        "-q",
+        "--allow-empty",
+        "-m",
+        "overlay: add the overlay's new files\n\n"
         "Not exported as a patch: these files live in the overlay repository at the same paths.",
-        cwd=dest, env=GIT_IDENTITY)
+        cwd=dest,
+        env=GIT_IDENTITY,
+    )
     return dest
 
 
@@ -49,7 +56,9 @@ def export_patches(checkout_dir: Path, overlay: Overlay, out_dir: Optional[Path]
     """
     target = Target.resolve(checkout_dir)
     if target.kind != "checkout" or not (checkout_dir / ".git").exists():
-        raise OverlayError(f"{checkout_dir} is not a git checkout of upstream (make one with `overlay.py checkout X DIR`)")
+        raise OverlayError(
+            f"{checkout_dir} is not a git checkout of upstream (make one with `overlay.py checkout X DIR`)"
+        )
     release = overlay.release(target.version())
     base_release = overlay.variants[release.variant].base
     if release.version != base_release and out_dir is None:
@@ -59,7 +68,9 @@ def export_patches(checkout_dir: Path, overlay: Overlay, out_dir: Optional[Path]
             f"{release.version} a variant of its own in patches/releases.toml"
         )
     if git("status", "--porcelain", "--untracked-files=no", cwd=checkout_dir).strip():
-        raise OverlayError(f"{checkout_dir} has uncommitted changes: commit them (one commit per patch) and refresh again")
+        raise OverlayError(
+            f"{checkout_dir} has uncommitted changes: commit them (one commit per patch) and refresh again"
+        )
     base = f"v{release.version}"
     overlay_files = set(overlay.overlay_files())
     changed = set(git("diff", "--name-only", base, "HEAD", cwd=checkout_dir).split())
@@ -76,8 +87,21 @@ def export_patches(checkout_dir: Path, overlay: Overlay, out_dir: Optional[Path]
     for sha in commits:
         if not git("diff", "--name-only", f"{sha}^", sha, "--", ".", *excludes, cwd=checkout_dir).strip():
             continue
-        text = git("format-patch", "-1", sha, "--stdout", "--zero-commit", "--no-signature", "--no-stat",
-                   "--keep-subject", "--full-index", "--", ".", *excludes, cwd=checkout_dir)
+        text = git(
+            "format-patch",
+            "-1",
+            sha,
+            "--stdout",
+            "--zero-commit",
+            "--no-signature",
+            "--no-stat",
+            "--keep-subject",
+            "--full-index",
+            "--",
+            ".",
+            *excludes,
+            cwd=checkout_dir,
+        )
         subject = git("log", "-1", "--format=%s", sha, cwd=checkout_dir).strip()
         patches.append((subject, _stable_patch_text(text)))
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -21,8 +21,9 @@ def _tomllib() -> ModuleType:
         try:
             import tomli as tomllib  # type: ignore[no-redef]
         except ModuleNotFoundError:
-            raise OverlayError("the overlay tool needs Python 3.11+ (tomllib), or `pip install tomli` on 3.10") \
-                from None
+            raise OverlayError(
+                "the overlay tool needs Python 3.11+ (tomllib), or `pip install tomli` on 3.10"
+            ) from None
     return tomllib
 
 

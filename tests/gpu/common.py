@@ -13,20 +13,62 @@ from typing import Any, Dict
 
 # Published OPT shapes (facebook/opt-*) with the real vocab; random weights, HF init (std 0.02).
 SHAPES: Dict[str, Dict[str, Any]] = {
-    "opt-125m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, ffn_dim=3072,
-                     word_embed_proj_dim=768, do_layer_norm_before=True),
-    "opt-350m": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, ffn_dim=4096,
-                     word_embed_proj_dim=512, do_layer_norm_before=False),
-    "opt-1.3b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192,
-                     word_embed_proj_dim=2048, do_layer_norm_before=True),
-    "opt-6.7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, ffn_dim=16384,
-                     word_embed_proj_dim=4096, do_layer_norm_before=True),
-    "opt-13b": dict(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, ffn_dim=20480,
-                    word_embed_proj_dim=5120, do_layer_norm_before=True),
-    "opt-30b": dict(hidden_size=7168, num_hidden_layers=48, num_attention_heads=56, ffn_dim=28672,
-                    word_embed_proj_dim=7168, do_layer_norm_before=True),
-    "opt-66b": dict(hidden_size=9216, num_hidden_layers=64, num_attention_heads=72, ffn_dim=36864,
-                    word_embed_proj_dim=9216, do_layer_norm_before=True),
+    "opt-125m": dict(
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        ffn_dim=3072,
+        word_embed_proj_dim=768,
+        do_layer_norm_before=True,
+    ),
+    "opt-350m": dict(
+        hidden_size=1024,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        ffn_dim=4096,
+        word_embed_proj_dim=512,
+        do_layer_norm_before=False,
+    ),
+    "opt-1.3b": dict(
+        hidden_size=2048,
+        num_hidden_layers=24,
+        num_attention_heads=32,
+        ffn_dim=8192,
+        word_embed_proj_dim=2048,
+        do_layer_norm_before=True,
+    ),
+    "opt-6.7b": dict(
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        ffn_dim=16384,
+        word_embed_proj_dim=4096,
+        do_layer_norm_before=True,
+    ),
+    "opt-13b": dict(
+        hidden_size=5120,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        ffn_dim=20480,
+        word_embed_proj_dim=5120,
+        do_layer_norm_before=True,
+    ),
+    "opt-30b": dict(
+        hidden_size=7168,
+        num_hidden_layers=48,
+        num_attention_heads=56,
+        ffn_dim=28672,
+        word_embed_proj_dim=7168,
+        do_layer_norm_before=True,
+    ),
+    "opt-66b": dict(
+        hidden_size=9216,
+        num_hidden_layers=64,
+        num_attention_heads=72,
+        ffn_dim=36864,
+        word_embed_proj_dim=9216,
+        do_layer_norm_before=True,
+    ),
 }
 # The parity test's token set: 7 sequences of mixed lengths, 2048 tokens, in one EXTEND batch.
 PARITY_LENGTHS = [512, 300, 128, 37, 5, 1000, 66]
@@ -90,19 +132,37 @@ def free_cuda() -> None:
     torch.cuda.empty_cache()
 
 
-def runner(path, dtype: str, *, distributed: str = "fresh", max_total_tokens: int = 8192,
-           mem_fraction_static: float = 0.5, prefill_graphs: int = 0, cuda_graphs: bool = False,
-           cuda_graph_batch_sizes=None, **server_args: Any):
+def runner(
+    path,
+    dtype: str,
+    *,
+    distributed: str = "fresh",
+    max_total_tokens: int = 8192,
+    mem_fraction_static: float = 0.5,
+    prefill_graphs: int = 0,
+    cuda_graphs: bool = False,
+    cuda_graph_batch_sizes=None,
+    **server_args: Any,
+):
     """A StandaloneRunner on the GPU (triton attention; decode CUDA graphs off unless ``cuda_graphs``,
     the engine's prefill graphs off unless ``prefill_graphs``)."""
     from sglang.overlay import RunnerConfig, StandaloneRunner
 
-    return StandaloneRunner(RunnerConfig(
-        model_path=str(path), device="cuda", dtype=dtype, attention_backend="triton",
-        max_total_tokens=max_total_tokens, mem_fraction_static=mem_fraction_static,
-        distributed=distributed, prefill_graphs=prefill_graphs, cuda_graphs=cuda_graphs,
-        cuda_graph_batch_sizes=cuda_graph_batch_sizes, server_args=server_args,
-    ))
+    return StandaloneRunner(
+        RunnerConfig(
+            model_path=str(path),
+            device="cuda",
+            dtype=dtype,
+            attention_backend="triton",
+            max_total_tokens=max_total_tokens,
+            mem_fraction_static=mem_fraction_static,
+            distributed=distributed,
+            prefill_graphs=prefill_graphs,
+            cuda_graphs=cuda_graphs,
+            cuda_graph_batch_sizes=cuda_graph_batch_sizes,
+            server_args=server_args,
+        )
+    )
 
 
 def hf_model(path, dtype: str, attn: str = "sdpa"):

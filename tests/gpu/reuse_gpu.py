@@ -25,8 +25,11 @@ def main() -> None:
     runners, times = [], []
     for i in range(n):
         tic = time.perf_counter()
-        runners.append(common.runner(path, "float16", distributed="reuse" if i else "fresh",
-                                     mem_fraction_static=0.3, max_total_tokens=4096))
+        runners.append(
+            common.runner(
+                path, "float16", distributed="reuse" if i else "fresh", mem_fraction_static=0.3, max_total_tokens=4096
+            )
+        )
         times.append(time.perf_counter() - tic)
     outs = [common.sgl_logits(r, SEQS) for r in runners]  # run each after all were built
     res = dict(

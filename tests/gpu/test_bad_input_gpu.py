@@ -29,7 +29,10 @@ def test_bad_input_leaves_the_cuda_context_usable():
             ([[2, 5, vocab]], f"= {vocab} is not a token id of this model"),
             ([[2, -7]], "= -7 is not a token id"),
             ([[2] * 2049], "more than the model's context length 2048"),
-            (probe + [[2] * (pool + 1)], rf"seqs\[1\] needs {pool + 1} KV slots, but the runner's KV pool holds {pool}"),
+            (
+                probe + [[2] * (pool + 1)],
+                rf"seqs\[1\] needs {pool + 1} KV slots, but the runner's KV pool holds {pool}",
+            ),
         ]:
             with pytest.raises(ValueError, match=message):
                 r.logits(bad)
@@ -55,8 +58,9 @@ def test_decode_cuda_graphs_from_the_config():
         want = eager.generate(prompts, 8)
     with common.runner(path, "float16", cuda_graphs=True, cuda_graph_batch_sizes=(1, 2, 4, 8)) as graphed:
         runner = graphed.runner
-        assert (getattr(runner, "decode_cuda_graph_runner", None) or getattr(runner, "cuda_graph_runner", None)) \
-            is not None, "no decode CUDA graph runner"
+        assert (
+            getattr(runner, "decode_cuda_graph_runner", None) or getattr(runner, "cuda_graph_runner", None)
+        ) is not None, "no decode CUDA graph runner"
         got = graphed.generate(prompts, 8)
     agree = sum(a == b for x, y in zip(got, want) for a, b in zip(x, y)) / sum(map(len, want))
     print(f"DECODE_GRAPHS agreement with eager {agree:.3f}", flush=True)

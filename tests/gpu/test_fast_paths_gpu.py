@@ -40,10 +40,13 @@ def test_add_layer_norm_matches_torch(hidden, affine, dtype):
     ref_sum = residual + x
     ref = F.layer_norm(ref_sum, (hidden,), weight, bias, 1e-5)
     assert torch.equal(summed, ref_sum)
-    ulp = 2.0 ** -7 if dtype == "bfloat16" else 2.0 ** -10  # one unit in the last place at magnitude 1
+    ulp = 2.0**-7 if dtype == "bfloat16" else 2.0**-10  # one unit in the last place at magnitude 1
     err = (out.float() - ref.float()).abs() / ref.float().abs().clamp_min(1)
-    print(f"ADD_LN {hidden} {dtype} affine={affine}: max err {err.max().item():.2e} ulp, "
-          f"{(out != ref).float().mean().item():.2%} differ", flush=True)
+    print(
+        f"ADD_LN {hidden} {dtype} affine={affine}: max err {err.max().item():.2e} ulp, "
+        f"{(out != ref).float().mean().item():.2%} differ",
+        flush=True,
+    )
     assert err.max().item() <= ulp
     out_only, none = add_layer_norm(x, residual, weight, bias, 1e-5, want_sum=False)
     assert none is None and torch.equal(out_only, out)
@@ -149,8 +152,9 @@ def _plan(engine, forward_batch, runner, write_kv: bool):
     from sglang.overlay.dense import DensePrefill
 
     weight = engine.decoder.embed_positions.weight
-    plan = DensePrefill.plan(forward_batch, engine.attention, weight.dtype, weight.device,
-                             runner.token_to_kv_pool, write_kv)
+    plan = DensePrefill.plan(
+        forward_batch, engine.attention, weight.dtype, weight.device, runner.token_to_kv_pool, write_kv
+    )
     assert plan is not None, "the engine declined the batch"
     return plan
 
@@ -206,7 +210,7 @@ def test_zo_noise_kernel_matches_definition(dtype):
         if dtype == "float32":
             assert diff <= 2e-6
         else:
-            assert differ <= 1e-3 and diff <= 2 * (2 ** -7 if dtype == "bfloat16" else 2 ** -10) * 8
+            assert differ <= 1e-3 and diff <= 2 * (2**-7 if dtype == "bfloat16" else 2**-10) * 8
 
 
 @pytest.mark.parametrize("fast, bound", [(0, 2e-6), (1, 4e-6)])

@@ -94,12 +94,22 @@ def test_parity_all_positions(shape, dtype):
     last_rel = _rel(last_sgl, sgl[ends])
     top2 = ref32.topk(2, dim=-1).values
     clear = (top2[:, 0] - top2[:, 1]) > 6 * (hf - ref32).pow(2).mean(-1).sqrt()
-    row = dict(shape=shape, dtype=dtype, tokens=SETS * sum(LENGTHS), rel_vs_hf=rel,
-               argmax_vs_hf=same.float().mean().item(), rel_sgl_vs_fp32=rel32_sgl,
-               argmax_sgl_vs_fp32=sgl_right.float().mean().item(), rel_hf_vs_fp32=rel32_hf,
-               argmax_hf_vs_fp32=hf_right.float().mean().item(), only_sgl_wrong=only_sgl_wrong,
-               only_hf_wrong=only_hf_wrong, last_token_path_rel=last_rel,
-               clear_positions=clear.float().mean().item(), argmax_vs_hf_clear=same[clear].float().mean().item())
+    row = dict(
+        shape=shape,
+        dtype=dtype,
+        tokens=SETS * sum(LENGTHS),
+        rel_vs_hf=rel,
+        argmax_vs_hf=same.float().mean().item(),
+        rel_sgl_vs_fp32=rel32_sgl,
+        argmax_sgl_vs_fp32=sgl_right.float().mean().item(),
+        rel_hf_vs_fp32=rel32_hf,
+        argmax_hf_vs_fp32=hf_right.float().mean().item(),
+        only_sgl_wrong=only_sgl_wrong,
+        only_hf_wrong=only_hf_wrong,
+        last_token_path_rel=last_rel,
+        clear_positions=clear.float().mean().item(),
+        argmax_vs_hf_clear=same[clear].float().mean().item(),
+    )
     print("PARITY " + json.dumps(row), flush=True)
     with REPORT.open("a") as f:
         f.write(json.dumps(row) + "\n")
@@ -148,11 +158,17 @@ def test_three_runners_reuse_nccl():
     interpreter (tests/gpu/reuse_gpu.py), since distributed state is process-global."""
     path = common.checkpoint("opt-125m")
     env = dict(os.environ, SGLANG_ALLOW_REUSE_DISTRIBUTED="1")
-    proc = subprocess.run([sys.executable, "-m", "tests.gpu.reuse_gpu", str(path), "3"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.gpu.reuse_gpu", str(path), "3"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
-    res = json.loads(lines[-1][len("RESULT "):])
+    res = json.loads(lines[-1][len("RESULT ") :])
     print("REUSE " + json.dumps(res), flush=True)
     assert res["alive"] == 3 and res["backend"] == "nccl" and res["world_size"] == 1, res
     assert res["equal_all_positions"] == [True, True], res
@@ -172,11 +188,17 @@ def test_tp2_matches_tp1():
     path = common.checkpoint("opt-125m")
     env = dict(os.environ, NCCL_NVLS_ENABLE="0")
     env.pop("SGLANG_ALLOW_REUSE_DISTRIBUTED", None)
-    proc = subprocess.run([sys.executable, "-m", "tests.gpu.tp_gpu", str(path), "float16", "--timeout", "240"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.gpu.tp_gpu", str(path), "float16", "--timeout", "240"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-6000:] + "\n--- stderr ---\n" + proc.stderr[-6000:]
-    res = json.loads(lines[-1][len("RESULT "):])
+    res = json.loads(lines[-1][len("RESULT ") :])
     print("TP " + json.dumps(res), flush=True)
     assert res["world_size"] == 2 and res["backend"] == "nccl", res
     assert res["devices"] == ["cuda:0", "cuda:1"], res

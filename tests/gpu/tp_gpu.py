@@ -59,9 +59,15 @@ def _rank(tag: str, model: str, dtype: str, tp_size: int, tp_rank: int, port: Op
 
         tic = time.perf_counter()
         config = RunnerConfig(
-            model_path=model, device="cuda", dtype=dtype, attention_backend="triton",
-            max_total_tokens=4096, mem_fraction_static=0.3,
-            tp_size=tp_size, tp_rank=tp_rank, dist_port=port,
+            model_path=model,
+            device="cuda",
+            dtype=dtype,
+            attention_backend="triton",
+            max_total_tokens=4096,
+            mem_fraction_static=0.3,
+            tp_size=tp_size,
+            tp_rank=tp_rank,
+            dist_port=port,
         )
         seqs = _seqs()
         with StandaloneRunner(config) as runner:
@@ -92,12 +98,15 @@ def _rank(tag: str, model: str, dtype: str, tp_size: int, tp_rank: int, port: Op
         sys.exit(1)
 
 
-def _run(tag: str, model: str, dtype: str, tp_size: int, port: Optional[int], out: str,
-         timeout: float) -> Optional[str]:
+def _run(
+    tag: str, model: str, dtype: str, tp_size: int, port: Optional[int], out: str, timeout: float
+) -> Optional[str]:
     """Run ``tp_size`` rank processes; None when all succeeded, else why not (the others are killed)."""
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_rank, args=(tag, model, dtype, tp_size, r, port, out), name=f"{tag}rank{r}")
-             for r in range(tp_size)]
+    procs = [
+        ctx.Process(target=_rank, args=(tag, model, dtype, tp_size, r, port, out), name=f"{tag}rank{r}")
+        for r in range(tp_size)
+    ]
     for p in procs:
         p.start()
     deadline = time.monotonic() + timeout
@@ -160,8 +169,10 @@ def compare(ref: Dict[str, Any], ranks: List[Dict[str, Any]]) -> Dict[str, Any]:
         argmax=(got["logits"].argmax(-1) == ref["logits"].argmax(-1)).float().mean().item(),
         logprobs_rel=_rel(got["logprobs"], ref["logprobs"]),
         logprobs_max_abs=(got["logprobs"] - ref["logprobs"]).abs().max().item(),
-        ranks_equal={key: all(torch.equal(got[key], r[key]) for r in ranks[1:])
-                     for key in ("hidden", "last", "logits", "logprobs")},
+        ranks_equal={
+            key: all(torch.equal(got[key], r[key]) for r in ranks[1:])
+            for key in ("hidden", "last", "logits", "logprobs")
+        },
     )
 
 
@@ -180,8 +191,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     with tempfile.TemporaryDirectory(prefix="tp_gpu-") as out:
         failure = _run("ref-", args.model, args.dtype, 1, None, out, args.timeout)
         if failure is None:
-            failure = _run(f"tp{args.tp}-", args.model, args.dtype, args.tp, _free_port() if args.tp > 1 else None,
-                           out, args.timeout)
+            failure = _run(
+                f"tp{args.tp}-",
+                args.model,
+                args.dtype,
+                args.tp,
+                _free_port() if args.tp > 1 else None,
+                out,
+                args.timeout,
+            )
         if failure is not None:
             print(failure, flush=True)
             return 1

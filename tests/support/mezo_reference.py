@@ -26,8 +26,16 @@ def seed_for(seed: int, *labels: object) -> int:
 
 
 class ReferenceMeZO:
-    def __init__(self, model_dir: Path, lr: float, eps: float, seed: int, weight_decay: float = 0.0,
-                 lora_rank: Optional[int] = None, lora_alpha: float = 16.0) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        lr: float,
+        eps: float,
+        seed: int,
+        weight_decay: float = 0.0,
+        lora_rank: Optional[int] = None,
+        lora_alpha: float = 16.0,
+    ) -> None:
         self.model = OPTForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         self.lr, self.eps, self.seed, self.weight_decay = lr, eps, seed, weight_decay
         self.step_index = 0

@@ -29,6 +29,7 @@ def tp_rank_main(model: str, rank: int, port: int, out: str) -> None:
     """One rank of the TP=2 test (its own interpreter): a fresh runner, then a second one that reuses
     the world; saves both ranks' results to ``out``."""
     import torch
+
     from sglang.overlay import RunnerConfig, StandaloneRunner
 
     config = RunnerConfig(model_path=model, device="cpu", tp_size=2, tp_rank=rank, dist_port=port)
@@ -39,8 +40,9 @@ def tp_rank_main(model: str, rank: int, port: int, out: str) -> None:
         logprobs=first.token_logprobs(PROMPTS, TARGETS),
         generated=first.generate(PROMPTS, 3),
     )
-    with StandaloneRunner(RunnerConfig(model_path=model, device="cpu", tp_size=2, tp_rank=rank,
-                                       distributed="reuse")) as second:
+    with StandaloneRunner(
+        RunnerConfig(model_path=model, device="cpu", tp_size=2, tp_rank=rank, distributed="reuse")
+    ) as second:
         res["reused_logits"] = second.logits(TP_SEQS)
     first.close()
     res["closed"] = not torch.distributed.is_initialized()
@@ -58,8 +60,10 @@ def tp_mezo_main(model: str, rank: int, port: int, out: str) -> None:
         trainer = MeZO(r, MeZOConfig(**TP_HYPER))
         results = trainer.train([(MEZO_PROMPTS, MEZO_TARGETS)], STEPS, progress=False)
         shards = {name: tuple(p.view.shape) for name, p in trainer.placements.items()}
-        torch.save(dict(losses=[(x.loss_plus, x.loss_minus) for x in results], state=trainer.hf_state_dict(),
-                        shards=shards), out)
+        torch.save(
+            dict(losses=[(x.loss_plus, x.loss_minus) for x in results], state=trainer.hf_state_dict(), shards=shards),
+            out,
+        )
 
 
 def dp_mezo_main(model: str, out: str) -> None:
@@ -77,5 +81,13 @@ def dp_mezo_main(model: str, out: str) -> None:
     with StandaloneRunner(RunnerConfig(model_path=model, device="cpu", dist_port=port)) as r:
         trainer = MeZO(r, MeZOConfig(**TP_HYPER), data_parallel=dp)
         results = trainer.train([(MEZO_PROMPTS, MEZO_TARGETS)], STEPS, progress=False)
-        torch.save(dict(losses=[(x.loss_plus, x.loss_minus) for x in results], state=trainer.hf_state_dict(),
-                        share=dp.share(MEZO_PROMPTS), rank=dp.rank, size=dp.size), out)
+        torch.save(
+            dict(
+                losses=[(x.loss_plus, x.loss_minus) for x in results],
+                state=trainer.hf_state_dict(),
+                share=dp.share(MEZO_PROMPTS),
+                rank=dp.rank,
+                size=dp.size,
+            ),
+            out,
+        )

@@ -186,10 +186,23 @@ def upstream_second_runner(model: Path) -> None:
 
 def _leftovers() -> Dict[str, Any]:
     import torch.distributed.distributed_c10d as c10d
+
     from sglang.srt.distributed import parallel_state as ps
 
-    names = ("_WORLD", "_TP", "_PP", "_ATTN_TP", "_ATTN_CP", "_DCP", "_MOE_DP", "_MOE_EP", "_MOE_TP",
-             "_SHARED_EXPERTS_TP", "_PDMUX_PREFILL_TP_GROUP", "_SELF_PP")
+    names = (
+        "_WORLD",
+        "_TP",
+        "_PP",
+        "_ATTN_TP",
+        "_ATTN_CP",
+        "_DCP",
+        "_MOE_DP",
+        "_MOE_EP",
+        "_MOE_TP",
+        "_SHARED_EXPERTS_TP",
+        "_PDMUX_PREFILL_TP_GROUP",
+        "_SELF_PP",
+    )
     out: Dict[str, Any] = dict(
         initialized=torch.distributed.is_initialized(),
         sglang_groups=[n for n in names if getattr(ps, n, None) is not None],
@@ -264,17 +277,28 @@ def tp2(model: Path, rank: int, port: int) -> None:
     reduced = torch.empty_like(x)
     reduced.copy_(x)
     torch.distributed.all_reduce(reduced, group=ps.get_tp_group().device_group)
-    mismatch = _error(lambda: ps.init_distributed_environment(
-        world_size=2, rank=1 - rank, backend="gloo", local_rank=rank, distributed_init_method=_init_method(port)))
+    mismatch = _error(
+        lambda: ps.init_distributed_environment(
+            world_size=2, rank=1 - rank, backend="gloo", local_rank=rank, distributed_init_method=_init_method(port)
+        )
+    )
     torch.distributed.barrier()
     destroy_distributed()
-    _result(rank=rank, tp_size=first_tp.world_size, same_group=same_group, all_reduce=reduced.tolist(),
-            rank_mismatch=mismatch, initialized_after_destroy=torch.distributed.is_initialized())
+    _result(
+        rank=rank,
+        tp_size=first_tp.world_size,
+        same_group=same_group,
+        all_reduce=reduced.tolist(),
+        rank_mismatch=mismatch,
+        initialized_after_destroy=torch.distributed.is_initialized(),
+    )
 
 
 def main(argv: "List[str] | None" = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("scenario", choices=["runners", "mismatch", "upstream_second_runner", "destroy_recreate", "tp2"])
+    parser.add_argument(
+        "scenario", choices=["runners", "mismatch", "upstream_second_runner", "destroy_recreate", "tp2"]
+    )
     parser.add_argument("model", type=Path)
     parser.add_argument("--count", type=int, default=2)
     parser.add_argument("--rank", type=int, default=0)

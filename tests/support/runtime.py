@@ -54,10 +54,15 @@ def server_args(model_path: Path, **overrides: Any):
     """CPU fp32 ServerArgs for ``model_path``; ``overrides`` are further ServerArgs fields."""
     from sglang.overlay.config import RunnerConfig, make_server_args
 
-    return make_server_args(RunnerConfig(
-        model_path=str(model_path), device="cpu", max_total_tokens=2048, max_running_requests=8,
-        server_args=overrides,
-    ))
+    return make_server_args(
+        RunnerConfig(
+            model_path=str(model_path),
+            device="cpu",
+            max_total_tokens=2048,
+            max_running_requests=8,
+            server_args=overrides,
+        )
+    )
 
 
 def build_runner(model_path: Path, **overrides: Any):

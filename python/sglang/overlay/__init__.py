@@ -61,6 +61,8 @@ def describe() -> str:
     text = f"sglang {__version__} patched by sglang-overlay {OVERLAY_VERSION}"
     missing = vars(sglang).get("_overlay_runtime_error")
     if missing is not None:
-        text += (f"\nsglang's runtime is not installed here ({missing}): the runner, MeZO and upstream's API "
-                 "need it (README, \"Installing the patched fork with pip\")")
+        text += (
+            f"\nsglang's runtime is not installed here ({missing}): the runner, MeZO and upstream's API "
+            'need it (README, "Installing the patched fork with pip")'
+        )
     return text

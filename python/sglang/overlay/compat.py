@@ -66,8 +66,11 @@ def _build_runtime_context_era(sa, port: int, tp_rank: int = 0, gpu_id: int = 0)
     from sglang.srt.runtime_context import SpawnRanks, get_device, publish, spawn_world_rank
 
     sa.resolve_once()
-    publish(sa, role="scheduler",
-            ranks=SpawnRanks(world_rank=spawn_world_rank(sa, tp_rank=tp_rank, pp_rank=0), gpu_id=gpu_id))
+    publish(
+        sa,
+        role="scheduler",
+        ranks=SpawnRanks(world_rank=spawn_world_rank(sa, tp_rank=tp_rank, pp_rank=0), gpu_id=gpu_id),
+    )
     _init_process_global_configs()
     model_config = ModelConfig.from_server_args(sa)
     bootstrap.init_parallel_runtime(server_args=sa, device=get_device().device, dist_port=port)
@@ -109,14 +112,25 @@ def _build_bootstrap_era(sa, port: int, tp_rank: int = 0, gpu_id: int = 0):
     # these releases (dcp_size, then attn_dcp_rank/size): pass those this release
     # has; trivial() would fill any other with its single-rank value.
     layout = dict(
-        tp_rank=tp_rank, tp_size=cfg.tp_size, pp_rank=0, pp_size=1,
-        dp_rank=None, dp_size=cfg.dp_size,
-        attn_tp_rank=attn_tp_rank, attn_tp_size=attn_tp_size,
-        attn_cp_rank=0, attn_cp_size=cfg.attn_cp_size,
-        attn_dcp_rank=tp_rank % dcp_size, attn_dcp_size=dcp_size, dcp_size=dcp_size,
-        attn_dp_rank=attn_dp_rank, attn_dp_size=attn_dp_size,
-        moe_ep_rank=tp_rank // max(1, cfg.tp_size // cfg.ep_size), moe_ep_size=cfg.ep_size,
-        moe_dp_rank=None, moe_dp_size=cfg.moe_dp_size,
+        tp_rank=tp_rank,
+        tp_size=cfg.tp_size,
+        pp_rank=0,
+        pp_size=1,
+        dp_rank=None,
+        dp_size=cfg.dp_size,
+        attn_tp_rank=attn_tp_rank,
+        attn_tp_size=attn_tp_size,
+        attn_cp_rank=0,
+        attn_cp_size=cfg.attn_cp_size,
+        attn_dcp_rank=tp_rank % dcp_size,
+        attn_dcp_size=dcp_size,
+        dcp_size=dcp_size,
+        attn_dp_rank=attn_dp_rank,
+        attn_dp_size=attn_dp_size,
+        moe_ep_rank=tp_rank // max(1, cfg.tp_size // cfg.ep_size),
+        moe_ep_size=cfg.ep_size,
+        moe_dp_rank=None,
+        moe_dp_size=cfg.moe_dp_size,
         gpu_id=gpu_id,
     )
     fields = {f.name for f in dataclasses.fields(ParallelState)}
@@ -140,8 +154,13 @@ def _build_model_runner_era(sa, port: int, tp_rank: int = 0, gpu_id: int = 0):
     kwargs = dict(
         model_config=ModelConfig.from_server_args(sa),
         mem_fraction_static=sa.mem_fraction_static,
-        gpu_id=gpu_id, tp_rank=tp_rank, tp_size=sa.tp_size,
-        moe_ep_rank=tp_rank // max(1, sa.tp_size // ep_size), moe_ep_size=ep_size, pp_rank=0, pp_size=1,
+        gpu_id=gpu_id,
+        tp_rank=tp_rank,
+        tp_size=sa.tp_size,
+        moe_ep_rank=tp_rank // max(1, sa.tp_size // ep_size),
+        moe_ep_size=ep_size,
+        pp_rank=0,
+        pp_size=1,
         nccl_port=port,
         server_args=sa,
     )
@@ -149,8 +168,7 @@ def _build_model_runner_era(sa, port: int, tp_rank: int = 0, gpu_id: int = 0):
     return ModelRunner(**{k: v for k, v in kwargs.items() if k in accepted})
 
 
-def build_model_runner(server_args, *, tp_rank: int = 0, dist_port: Optional[int] = None,
-                       gpu_id: Optional[int] = None):
+def build_model_runner(server_args, *, tp_rank: int = 0, dist_port: Optional[int] = None, gpu_id: Optional[int] = None):
     """A ready ModelRunner (memory pools, attention backend) for ``server_args``.
 
     Rank ``tp_rank`` of ``server_args.tp_size`` (on CUDA on GPU ``gpu_id``, by default ``tp_rank``), its
@@ -233,7 +251,9 @@ def new_schedule_batch(model_runner, reqs: list):
         reqs=reqs,
         req_to_token_pool=model_runner.req_to_token_pool,
         token_to_kv_pool_allocator=model_runner.token_to_kv_pool_allocator,
-        tree_cache=None if tree_cache_namespace is None else tree_cache_namespace(
+        tree_cache=None
+        if tree_cache_namespace is None
+        else tree_cache_namespace(
             page_size=page_size(model_runner),
             device=model_runner.device,
             token_to_kv_pool_allocator=model_runner.token_to_kv_pool_allocator,

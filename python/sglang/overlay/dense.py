@@ -116,17 +116,11 @@ class DensePrefill:
             )
         ):
             return None
-        if (
-            type(kv_pool).__name__ not in _PLAIN_MHA_POOLS
-            or forward_batch.out_cache_loc is None
-        ):
+        if type(kv_pool).__name__ not in _PLAIN_MHA_POOLS or forward_batch.out_cache_loc is None:
             return None
         if torch.cuda.is_current_stream_capturing():
             return None
-        if not all(
-            attn.k_scale is None and attn.head_dim % 8 == 0 and attn.head_dim <= 256
-            for attn in attention
-        ):
+        if not all(attn.k_scale is None and attn.head_dim % 8 == 0 and attn.head_dim <= 256 for attn in attention):
             return None
         plan = cls(tuple(lens), None, kv_pool, forward_batch.out_cache_loc, write_kv)
         if not plan.equal_lengths:
@@ -147,9 +141,7 @@ class DensePrefill:
             self.write_kv,
         )
 
-    def __call__(
-        self, attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> torch.Tensor:
+    def __call__(self, attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         heads, head_dim = attn.tp_q_head_num, attn.head_dim
         q = q.view(-1, heads, head_dim)
         k = k.view(-1, heads, head_dim)

@@ -86,8 +86,9 @@ def extend_batch(model_runner, seqs: Sequence[Sequence[int]]):
 
 def prefill(model_runner, seqs: Sequence[Sequence[int]], *, all_positions: bool = False) -> Forward:
     """Prefill ``seqs`` in one EXTEND forward through ModelRunner.forward, from empty KV pools."""
-    return run_batch(model_runner, extend_batch(model_runner, seqs), all_positions=all_positions,
-                     lengths=[len(s) for s in seqs])
+    return run_batch(
+        model_runner, extend_batch(model_runner, seqs), all_positions=all_positions, lengths=[len(s) for s in seqs]
+    )
 
 
 def _runner_forward(model_runner, forward_batch, all_positions: bool) -> tuple[Any, Optional[torch.Tensor], Any]:
@@ -112,7 +113,8 @@ def _runner_forward(model_runner, forward_batch, all_positions: bool) -> tuple[A
 def run_batch(model_runner, batch, *, all_positions: bool = False, lengths: Optional[list[int]] = None) -> Forward:
     """Run ``batch`` (prepared for extend or decode) through ModelRunner.forward."""
     logits_output, hidden_states, lm_head = _runner_forward(
-        model_runner, compat.forward_batch_of(model_runner, batch), all_positions)
+        model_runner, compat.forward_batch_of(model_runner, batch), all_positions
+    )
     return Forward(batch, logits_output, lengths or [1] * len(batch.reqs), hidden_states, lm_head)
 
 

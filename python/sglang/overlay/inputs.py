@@ -41,7 +41,7 @@ def _describe(value: Any) -> str:
 def token_ids(value: Any, name: str, limits: Limits) -> list[int]:
     """``value`` (a list / tuple of ints, or a 1-D integer tensor or array) as a list of token ids."""
     if hasattr(value, "tolist") and hasattr(value, "dtype") and getattr(value, "ndim", 1) == 1:
-        if not ("int" in str(value.dtype)):
+        if "int" not in str(value.dtype):
             raise ValueError(f"{name} is a tensor of {value.dtype}, not of integer token ids")
         value = value.tolist()
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):

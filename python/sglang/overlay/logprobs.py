@@ -27,14 +27,10 @@ if triton is not None:
         running_sum = tl.zeros([BLOCK], tl.float32)
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
-            x = tl.load(base + cols, mask=cols < n_cols, other=float("-inf")).to(
-                tl.float32
-            )
+            x = tl.load(base + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
             new_max = tl.maximum(running_max, x)
             # Lanes that have only seen -inf (padding) keep a zero sum.
-            scale = tl.exp(
-                tl.where(new_max == float("-inf"), 0.0, running_max - new_max)
-            )
+            scale = tl.exp(tl.where(new_max == float("-inf"), 0.0, running_max - new_max))
             term = tl.where(x == float("-inf"), 0.0, tl.exp(x - new_max))
             running_sum = running_sum * scale + term
             running_max = new_max
@@ -55,9 +51,7 @@ def row_logsumexp(logits: torch.Tensor) -> torch.Tensor:
     rows, n_cols = logits.shape
     out = torch.empty(rows, dtype=torch.float32, device=logits.device)
     if rows:
-        _row_logsumexp_kernel[(rows,)](
-            logits, out, logits.stride(0), n_cols, BLOCK=2048, num_warps=8
-        )
+        _row_logsumexp_kernel[(rows,)](logits, out, logits.stride(0), n_cols, BLOCK=2048, num_warps=8)
     return out
 
 

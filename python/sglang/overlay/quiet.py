@@ -56,35 +56,72 @@ class Noise:
 
 
 NOISE: tuple[Noise, ...] = (
-    Noise("warning", r"Only CUDA, HIP and XPU support AWQ currently", (r"sglang\.",),
-          "emitted when upstream's AWQ module is imported on a machine without a GPU, whatever the model"),
-    Noise("warning", r"Only CUDA, MUSA and NPU support GGUF quantization currently", (r"sglang\.",),
-          "emitted when upstream's GGUF module is imported without a GPU, whatever the model"),
-    Noise("warning", r"Triton is not supported on current platform, roll back to CPU", (r"sglang\.",),
-          "upstream's FLA kernels module on a CPU machine; the overlay's CPU path runs no Triton kernel"),
-    Noise("log", r"^Cannot detect CUDA architecture\.$",
-          ("sglang.kernels.jit.utils.arch", "sglang.jit_kernel.utils.arch", "sglang.jit_kernel.utils"),
-          "upstream's JIT kernels probe the GPU at import; without one there is nothing to detect", cpu_only=True),
-    Noise("log", r"^Ignore import error when loading sglang\.srt\.models\.(?!opt\b)", ("sglang.srt.models.registry",),
-          "the registry imports every model file and lists those whose optional packages (vllm, cutlass, "
-          "torchaudio, mamba kernels) are missing; the runner loads the native OPT, whose import error is kept"),
-    Noise("log", r"^Cuda graph is disabled because of using torch native attention backend",
-          ("sglang.srt.server_args", "sglang.srt.arg_groups.attention_hook"),
-          "the CPU runner uses torch_native attention, and the CPU has no CUDA graphs", cpu_only=True),
-    Noise("log", r"^init_cpu_threads_env and shared memory based AllReduce is disabled",
-          ("sglang.srt.distributed.bootstrap", "sglang.srt.model_executor.model_runner"),
-          "a CPU all-reduce fast path needs AMX or arm64; one rank needs no all-reduce, and TP on CPU runs on "
-          "gloo (tested)"),
-    Noise("log", r"^publish\(role=\w+\) re-projected the config bags", ("sglang.srt.runtime_context",),
-          "a second runner in one process publishes its config again; the override dropped is the previous "
-          "runner's, and each ModelRunner takes its own when it initializes"),
-    Noise("log", r"^SGLANG_USE_CUDA_IPC_TRANSPORT is deprecated",
-          ("sglang.srt.server_args", "sglang.srt.arg_groups.serving_hook"),
-          "a second runner in one process: upstream's first ServerArgs set the variable (kept when the user "
-          "set it)"),
-    Noise("progress", r"(Multi-thread loading shards|Loading (safetensors|pt) checkpoint shards|Writing model "
-          r"shards):.*\| ?\d+/1 \[", (),
-          "a progress bar over a single file (0% then 100%) says nothing; bars over several shards are kept"),
+    Noise(
+        "warning",
+        r"Only CUDA, HIP and XPU support AWQ currently",
+        (r"sglang\.",),
+        "emitted when upstream's AWQ module is imported on a machine without a GPU, whatever the model",
+    ),
+    Noise(
+        "warning",
+        r"Only CUDA, MUSA and NPU support GGUF quantization currently",
+        (r"sglang\.",),
+        "emitted when upstream's GGUF module is imported without a GPU, whatever the model",
+    ),
+    Noise(
+        "warning",
+        r"Triton is not supported on current platform, roll back to CPU",
+        (r"sglang\.",),
+        "upstream's FLA kernels module on a CPU machine; the overlay's CPU path runs no Triton kernel",
+    ),
+    Noise(
+        "log",
+        r"^Cannot detect CUDA architecture\.$",
+        ("sglang.kernels.jit.utils.arch", "sglang.jit_kernel.utils.arch", "sglang.jit_kernel.utils"),
+        "upstream's JIT kernels probe the GPU at import; without one there is nothing to detect",
+        cpu_only=True,
+    ),
+    Noise(
+        "log",
+        r"^Ignore import error when loading sglang\.srt\.models\.(?!opt\b)",
+        ("sglang.srt.models.registry",),
+        "the registry imports every model file and lists those whose optional packages (vllm, cutlass, "
+        "torchaudio, mamba kernels) are missing; the runner loads the native OPT, whose import error is kept",
+    ),
+    Noise(
+        "log",
+        r"^Cuda graph is disabled because of using torch native attention backend",
+        ("sglang.srt.server_args", "sglang.srt.arg_groups.attention_hook"),
+        "the CPU runner uses torch_native attention, and the CPU has no CUDA graphs",
+        cpu_only=True,
+    ),
+    Noise(
+        "log",
+        r"^init_cpu_threads_env and shared memory based AllReduce is disabled",
+        ("sglang.srt.distributed.bootstrap", "sglang.srt.model_executor.model_runner"),
+        "a CPU all-reduce fast path needs AMX or arm64; one rank needs no all-reduce, and TP on CPU runs on "
+        "gloo (tested)",
+    ),
+    Noise(
+        "log",
+        r"^publish\(role=\w+\) re-projected the config bags",
+        ("sglang.srt.runtime_context",),
+        "a second runner in one process publishes its config again; the override dropped is the previous "
+        "runner's, and each ModelRunner takes its own when it initializes",
+    ),
+    Noise(
+        "log",
+        r"^SGLANG_USE_CUDA_IPC_TRANSPORT is deprecated",
+        ("sglang.srt.server_args", "sglang.srt.arg_groups.serving_hook"),
+        "a second runner in one process: upstream's first ServerArgs set the variable (kept when the user set it)",
+    ),
+    Noise(
+        "progress",
+        r"(Multi-thread loading shards|Loading (safetensors|pt) checkpoint shards|Writing model "
+        r"shards):.*\| ?\d+/1 \[",
+        (),
+        "a progress bar over a single file (0% then 100%) says nothing; bars over several shards are kept",
+    ),
 )
 
 _lock = threading.Lock()

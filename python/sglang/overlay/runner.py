@@ -95,7 +95,9 @@ class StandaloneRunner:
             self.server_args = make_server_args(self.config)
             with self._reuse_allowed():
                 self.runner = compat.build_model_runner(
-                    self.server_args, tp_rank=self.config.tp_rank, dist_port=self.config.dist_port,
+                    self.server_args,
+                    tp_rank=self.config.tp_rank,
+                    dist_port=self.config.dist_port,
                     gpu_id=self.config.first_gpu + self.config.tp_rank,
                 )
         _CREATED.world |= not world_before and torch.distributed.is_initialized()

@@ -27,18 +27,25 @@ class Launch:
     """The model, the data and where the run executes."""
 
     model: str = setting(help="HF model directory (local; save_pretrained output)")
-    data: Path = setting(help='training data: JSON Lines of {"prompt": ..., "target": ...}, each a list of token '
-                              "ids or a string tokenized with the model folder's tokenizer")
+    data: Path = setting(
+        help='training data: JSON Lines of {"prompt": ..., "target": ...}, each a list of token '
+        "ids or a string tokenized with the model folder's tokenizer"
+    )
     batch_size: int = setting(8, "examples per step", minimum=1)
-    eval_data: Optional[Path] = setting(None, 'held-out JSON Lines: {"prompt", "target"} and/or {"candidates": '
-                                              '[...], "gold": i}')
+    eval_data: Optional[Path] = setting(
+        None, 'held-out JSON Lines: {"prompt", "target"} and/or {"candidates": [...], "gold": i}'
+    )
     device: str = setting("auto", "auto: CUDA where torch sees it, else the CPU", choices=("auto", "cpu", "cuda"))
-    dtype: Optional[str] = setting(None, "the model's dtype (default: float32 on the CPU, the checkpoint's on CUDA)",
-                                   choices=DTYPES)
-    tp_size: int = setting(1, "tensor parallelism: launch with torchrun, tp-size processes per replica; more "
-                              "processes are data-parallel replicas", minimum=1)
-    verbose: bool = setting(False, "show every upstream message (default: drop those sglang.overlay.quiet.NOISE "
-                                   "lists)")
+    dtype: Optional[str] = setting(
+        None, "the model's dtype (default: float32 on the CPU, the checkpoint's on CUDA)", choices=DTYPES
+    )
+    tp_size: int = setting(
+        1,
+        "tensor parallelism: launch with torchrun, tp-size processes per replica; more "
+        "processes are data-parallel replicas",
+        minimum=1,
+    )
+    verbose: bool = setting(False, "show every upstream message (default: drop those sglang.overlay.quiet.NOISE lists)")
 
 
 SECTIONS = ((Launch, "model and data"), (RunConfig, "the run"), (MeZOConfig, "MeZO"))
@@ -65,8 +72,9 @@ def _value_parser(requirement: Requirement):
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser, one flag per command-line field of ``SECTIONS``."""
-    parser = argparse.ArgumentParser(prog="python -m sglang.overlay.mezo",
-                                     description="MeZO (zeroth-order SGD) on SGLang's in-process runner.")
+    parser = argparse.ArgumentParser(
+        prog="python -m sglang.overlay.mezo", description="MeZO (zeroth-order SGD) on SGLang's in-process runner."
+    )
     for cls, title in SECTIONS:
         group = parser.add_argument_group(title, cls.__doc__.split("\n")[0])
         for f, requirement in zip(dataclasses.fields(cls), requirements(cls).values()):
@@ -75,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
             help_text, required = f.metadata["help"], f.default is MISSING
             if requirement.kind is bool:
                 if f.default:
-                    group.add_argument(_flag(f"no_{f.name}"), dest=f.name, action="store_false",
-                                       help=f"do not {help_text}")
+                    group.add_argument(
+                        _flag(f"no_{f.name}"), dest=f.name, action="store_false", help=f"do not {help_text}"
+                    )
                 else:
                     group.add_argument(_flag(f.name), action="store_true", help=help_text)
                 continue
@@ -86,9 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs = dict(nargs="+") if requirement.kind is tuple else {}
             if requirement.kind is tuple:
                 requirement = requirement._replace(kind=str)
-            group.add_argument(_flag(f.name), type=_value_parser(requirement), required=required,
-                               default=None if required else f.default, help=help_text,
-                               metavar=f.name.upper(), **kwargs)
+            group.add_argument(
+                _flag(f.name),
+                type=_value_parser(requirement),
+                required=required,
+                default=None if required else f.default,
+                help=help_text,
+                metavar=f.name.upper(),
+                **kwargs,
+            )
     return parser
 
 
@@ -138,7 +153,7 @@ def _runtime() -> None:
             f"error: the MeZO trainer needs sglang's runtime, and {error.name!r} is not installed here ({error}). "
             "Install the fork with its dependencies (pip install . on a GPU machine), or on a CPU machine run it "
             "from the tool's venv: PY=$(python3 scripts/overlay.py venv 0.5.23 DIR); $PY -m sglang.overlay.mezo "
-            "(README, \"Installing the patched fork with pip\")"
+            '(README, "Installing the patched fork with pip")'
         ) from None
 
 
@@ -164,8 +179,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         limits = ModelLimits.of(runner_config.checkpoint_config())
         batches = load_batches(launch.data, launch.batch_size, launch.model, limits)
         examples = load_eval_examples(launch.eval_data, launch.model, limits) if launch.eval_data else None
-        run = {"data_sha256": file_sha256(launch.data), "batch_size": launch.batch_size,
-               "examples": sum(len(b.prompts) for b in batches)}
+        run = {
+            "data_sha256": file_sha256(launch.data),
+            "batch_size": launch.batch_size,
+            "examples": sum(len(b.prompts) for b in batches),
+        }
         plan_resume(run_config.out, run_config.resume, dataclasses.asdict(config), run)  # before the model is built
         with StandaloneRunner(runner_config) as runner:
             trainer = MeZO(runner, config, data_parallel=dp)
@@ -176,8 +194,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not trainer.lead:
         return 0
     (out / "mezo_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    print(f"saved {out} after {trainer.steps_done} steps; last loss {results[-1].loss:.4f}" if results
-          else f"saved {out} after {trainer.steps_done} steps")
+    print(
+        f"saved {out} after {trainer.steps_done} steps; last loss {results[-1].loss:.4f}"
+        if results
+        else f"saved {out} after {trainer.steps_done} steps"
+    )
     return 0
 
 

@@ -67,8 +67,12 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(directory: str | Path, write_model: Callable[[Path], None], state: dict,
-                    lora: Optional[dict[str, torch.Tensor]] = None) -> Path:
+def save_checkpoint(
+    directory: str | Path,
+    write_model: Callable[[Path], None],
+    state: dict,
+    lora: Optional[dict[str, torch.Tensor]] = None,
+) -> Path:
     """Write a checkpoint to ``directory`` atomically (temp folder + rename; an existing ``directory`` is
     replaced): ``write_model(folder)`` writes the HF checkpoint, ``lora`` (CPU tensors) the A/B tensors,
     ``state`` (steps done, the MeZOConfig, facts, the run's facts, extra) the trainer state."""
@@ -117,8 +121,7 @@ def read_state(directory: str | Path) -> dict:
     return state
 
 
-def check_compatible(state: dict, config: dict, facts: Optional[dict], run: Optional[dict],
-                     where: str | Path) -> None:
+def check_compatible(state: dict, config: dict, facts: Optional[dict], run: Optional[dict], where: str | Path) -> None:
     """ValueError listing every MeZOConfig field, trainer fact and run fact that differs from the
     checkpoint's (``facts`` / ``run`` None: not compared)."""
     sections = [(state.get("mezo_config", {}), config), (state.get("facts", {}), facts), (state.get("run", {}), run)]
@@ -127,12 +130,17 @@ def check_compatible(state: dict, config: dict, facts: Optional[dict], run: Opti
         if ours is None:
             continue
         ours = json.loads(json.dumps(ours))  # tuples as lists, as the checkpoint has them
-        diffs += [f"{key}: checkpoint {theirs.get(key)!r}, this run {ours.get(key)!r}"
-                  for key in sorted(set(theirs) | set(ours)) if theirs.get(key) != ours.get(key)]
+        diffs += [
+            f"{key}: checkpoint {theirs.get(key)!r}, this run {ours.get(key)!r}"
+            for key in sorted(set(theirs) | set(ours))
+            if theirs.get(key) != ours.get(key)
+        ]
     if diffs:
-        raise ValueError(f"cannot resume from {where}: it was made with other settings ({'; '.join(diffs)}); "
-                         "resume with the checkpoint's settings (its trainer_state.json lists them) or start a "
-                         "new run in another --out")
+        raise ValueError(
+            f"cannot resume from {where}: it was made with other settings ({'; '.join(diffs)}); "
+            "resume with the checkpoint's settings (its trainer_state.json lists them) or start a "
+            "new run in another --out"
+        )
 
 
 def load_tensors(directory: str | Path, shapes: dict[str, tuple[int, ...]], lora: bool) -> dict[str, torch.Tensor]:
@@ -141,8 +149,9 @@ def load_tensors(directory: str | Path, shapes: dict[str, tuple[int, ...]], lora
     from safetensors.torch import load_file
 
     directory = Path(directory)
-    files = [directory / LORA_FILE] if lora else sorted(
-        p for p in directory.glob("*.safetensors") if p.name != LORA_FILE)
+    files = (
+        [directory / LORA_FILE] if lora else sorted(p for p in directory.glob("*.safetensors") if p.name != LORA_FILE)
+    )
     loaded: dict[str, torch.Tensor] = {}
     for path in files:
         try:
@@ -151,12 +160,15 @@ def load_tensors(directory: str | Path, shapes: dict[str, tuple[int, ...]], lora
             raise ValueError(f"{path}: cannot read the checkpoint's weights ({error})") from None
     missing = [name for name in shapes if name not in loaded]
     if missing:
-        raise ValueError(f"{directory} lacks {len(missing)} trained tensors ({', '.join(missing[:3])}, ...): "
-                         "it is not a checkpoint of this trainer")
+        raise ValueError(
+            f"{directory} lacks {len(missing)} trained tensors ({', '.join(missing[:3])}, ...): "
+            "it is not a checkpoint of this trainer"
+        )
     for name, shape in shapes.items():
         if tuple(loaded[name].shape) != tuple(shape):
-            raise ValueError(f"{directory}: {name} is {tuple(loaded[name].shape)} in the checkpoint, "
-                             f"{tuple(shape)} in the trainer")
+            raise ValueError(
+                f"{directory}: {name} is {tuple(loaded[name].shape)} in the checkpoint, {tuple(shape)} in the trainer"
+            )
     return loaded
 
 

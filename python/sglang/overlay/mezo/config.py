@@ -27,8 +27,15 @@ LORA_TARGETS = ("q_proj", "v_proj")
 LR_SCHEDULES = ("constant", "linear")
 
 
-def setting(default: Any = MISSING, help: str = "", *, minimum: Optional[float] = None,
-            above: Optional[float] = None, choices: Optional[tuple] = None, cli: bool = True) -> Any:
+def setting(
+    default: Any = MISSING,
+    help: str = "",
+    *,
+    minimum: Optional[float] = None,
+    above: Optional[float] = None,
+    choices: Optional[tuple] = None,
+    cli: bool = True,
+) -> Any:
     """A dataclass field with its help and bounds: ``minimum`` (inclusive), ``above`` (exclusive),
     ``choices``; ``cli`` False keeps it off the command line. No default: required."""
     metadata = dict(help=help, minimum=minimum, above=above, choices=choices, cli=cli)
@@ -49,8 +56,14 @@ class Requirement(typing.NamedTuple):
         if self.choices is not None:
             text = f"one of {self.choices}"
         else:
-            text = {int: "an int", float: "a finite number", str: "a string", bool: "True or False",
-                    Path: "a path", tuple: "a tuple of strings"}[self.kind]
+            text = {
+                int: "an int",
+                float: "a finite number",
+                str: "a string",
+                bool: "True or False",
+                Path: "a path",
+                tuple: "a tuple of strings",
+            }[self.kind]
             if self.above is not None:
                 text += f" > {self.above:g}"
             elif self.minimum is not None:
@@ -120,15 +133,18 @@ class MeZOConfig:
     eps: float = setting(1e-3, "perturbation scale: the losses are taken at θ ± eps·z", above=0)
     seed: int = setting(0, "seed of every step's z (and of LoRA's A)", minimum=0)
     weight_decay: float = setting(0.0, "decoupled weight decay (not on biases and layer norms)", minimum=0)
-    lora_rank: Optional[int] = setting(None, "train LoRA adapters of this rank on --lora-targets instead of "
-                                             "every weight", minimum=1)
+    lora_rank: Optional[int] = setting(
+        None, "train LoRA adapters of this rank on --lora-targets instead of every weight", minimum=1
+    )
     lora_alpha: float = setting(16.0, "LoRA scale alpha (the adapters add alpha/r·B A)", above=0)
     lora_targets: tuple[str, ...] = setting(LORA_TARGETS, f"the projections that get LoRA adapters, among {QKV}")
     n_samples: int = setting(1, "n-SPSA: perturbations per step, projected gradients averaged", minimum=1)
-    lr_schedule: str = setting("constant", "linear: lr decays to 0 at total_steps (the command line: --steps)",
-                               choices=LR_SCHEDULES)
-    total_steps: Optional[int] = setting(None, "the run's step count, where the linear schedule reaches 0",
-                                         minimum=1, cli=False)
+    lr_schedule: str = setting(
+        "constant", "linear: lr decays to 0 at total_steps (the command line: --steps)", choices=LR_SCHEDULES
+    )
+    total_steps: Optional[int] = setting(
+        None, "the run's step count, where the linear schedule reaches 0", minimum=1, cli=False
+    )
 
     def validate(self) -> None:
         check_fields(self)
@@ -143,8 +159,10 @@ class MeZOConfig:
         if self.lr_schedule == "constant":
             return self.lr
         if not 0 <= step < self.total_steps:
-            raise ValueError(f"step {step} is past the linear schedule's total_steps {self.total_steps}: "
-                             "train at most total_steps steps")
+            raise ValueError(
+                f"step {step} is past the linear schedule's total_steps {self.total_steps}: "
+                "train at most total_steps steps"
+            )
         return self.lr * (1 - step / self.total_steps)
 
 
@@ -155,12 +173,16 @@ class RunConfig:
 
     steps: int = setting(help="steps in all (a resumed run counts the checkpoint's)", minimum=1)
     out: Path = setting(help="where the trained HF checkpoint, the step log and the checkpoints go")
-    save_every: Optional[int] = setting(None, "write a resumable checkpoint to OUT/checkpoints/step-NNNNNN every "
-                                              "K steps (and after the last)", minimum=1)
+    save_every: Optional[int] = setting(
+        None,
+        "write a resumable checkpoint to OUT/checkpoints/step-NNNNNN every K steps (and after the last)",
+        minimum=1,
+    )
     keep_checkpoints: Optional[int] = setting(None, "keep only the N newest checkpoints (default: all)", minimum=1)
     resume: bool = setting(False, "continue from the newest checkpoint in OUT/checkpoints (none: start at step 0)")
-    eval_every: Optional[int] = setting(None, "evaluate every K steps (always: before the first step and after "
-                                              "the last)", minimum=1)
+    eval_every: Optional[int] = setting(
+        None, "evaluate every K steps (always: before the first step and after the last)", minimum=1
+    )
     eval_batch_size: int = setting(32, "(prompt, target) pairs per evaluation forward", minimum=1)
     progress: bool = setting(True, "show a progress bar (or a line per step where the output is not a terminal)")
 

@@ -45,8 +45,9 @@ class ModelLimits(NamedTuple):
         try:
             config = json.loads(config_path.read_text())
         except (OSError, ValueError) as error:
-            raise ValueError(f"--model {model_dir}: cannot read {config_path} ({error}); give a local HF model "
-                             "folder") from None
+            raise ValueError(
+                f"--model {model_dir}: cannot read {config_path} ({error}); give a local HF model folder"
+            ) from None
         return cls.of(config)
 
 
@@ -85,8 +86,9 @@ def _token_ids(value: Any, field: str, where: str, vocab: int) -> list[int]:
         if not isinstance(token, int) or isinstance(token, bool):
             raise ValueError(f"{where}: {field}[{i}] is {token!r:.30}, not an int token id")
         if not 0 <= token < vocab:
-            raise ValueError(f"{where}: {field}[{i}] = {token} is not a token id of the model: ids must be in "
-                             f"[0, {vocab})")
+            raise ValueError(
+                f"{where}: {field}[{i}] = {token} is not a token id of the model: ids must be in [0, {vocab})"
+            )
     return value
 
 
@@ -122,8 +124,10 @@ class _Checker:
 
     def fits(self, prompt: list[int], target: list[int], what: str, where: str) -> None:
         if len(prompt) + len(target) > self.context:
-            raise ValueError(f"{where}: prompt + {what} is {len(prompt) + len(target)} tokens, more than the "
-                             f"model's context length {self.context}")
+            raise ValueError(
+                f"{where}: prompt + {what} is {len(prompt) + len(target)} tokens, more than the "
+                f"model's context length {self.context}"
+            )
 
 
 def load_batches(path: Path, batch_size: int, model_dir: str, limits: Optional[ModelLimits] = None) -> list[Batch]:
@@ -141,8 +145,10 @@ def load_batches(path: Path, batch_size: int, model_dir: str, limits: Optional[M
         examples.append((prompt, target))
     if not examples:
         raise ValueError(f"{path} has no examples")
-    return [Batch([p for p, _ in chunk], [t for _, t in chunk])
-            for chunk in (examples[i : i + batch_size] for i in range(0, len(examples), batch_size))]
+    return [
+        Batch([p for p, _ in chunk], [t for _, t in chunk])
+        for chunk in (examples[i : i + batch_size] for i in range(0, len(examples), batch_size))
+    ]
 
 
 class EvalExample(NamedTuple):
@@ -167,11 +173,14 @@ def load_eval_examples(path: Path, model_dir: str, limits: Optional[ModelLimits]
     examples: list[EvalExample] = []
     for where, record in _records(path, "--eval-data"):
         if not isinstance(record, dict) or "prompt" not in record or not ("target" in record or "candidates" in record):
-            raise ValueError(f"{where}: each line must be an object with 'prompt' and 'target', or 'prompt', "
-                             "'candidates' and 'gold'")
+            raise ValueError(
+                f"{where}: each line must be an object with 'prompt' and 'target', or 'prompt', 'candidates' and 'gold'"
+            )
         if ("candidates" in record) != ("gold" in record):
-            raise ValueError(f"{where}: 'candidates' and 'gold' go together: give both (gold is the index of the "
-                             "right candidate) or neither")
+            raise ValueError(
+                f"{where}: 'candidates' and 'gold' go together: give both (gold is the index of the "
+                "right candidate) or neither"
+            )
         prompt = check.ids(record["prompt"], "prompt", where, True)
         target = None
         if "target" in record:
@@ -181,17 +190,23 @@ def load_eval_examples(path: Path, model_dir: str, limits: Optional[ModelLimits]
         if "candidates" in record:
             values, gold = record["candidates"], record["gold"]
             if not isinstance(values, list) or not values:
-                raise ValueError(f"{where}: 'candidates' must be a non-empty list of targets (token id lists or "
-                                 f"strings), got {values!r:.60}")
+                raise ValueError(
+                    f"{where}: 'candidates' must be a non-empty list of targets (token id lists or "
+                    f"strings), got {values!r:.60}"
+                )
             for i, value in enumerate(values):
                 if not isinstance(value, (str, list)):
-                    raise ValueError(f"{where}: candidates[{i}] is {value!r:.30}: each candidate is a target, a "
-                                     "list of token ids or a string")
+                    raise ValueError(
+                        f"{where}: candidates[{i}] is {value!r:.30}: each candidate is a target, a "
+                        "list of token ids or a string"
+                    )
                 candidates.append(check.ids(value, f"candidates[{i}]", where, False))
                 check.fits(prompt, candidates[-1], f"candidates[{i}]", where)
             if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(candidates):
-                raise ValueError(f"{where}: 'gold' must be the index of the right candidate, an int in "
-                                 f"[0, {len(candidates)}), got {gold!r:.30}")
+                raise ValueError(
+                    f"{where}: 'gold' must be the index of the right candidate, an int in "
+                    f"[0, {len(candidates)}), got {gold!r:.30}"
+                )
         examples.append(EvalExample(prompt, target, candidates, gold))
     if not examples:
         raise ValueError(f"{path} has no examples")

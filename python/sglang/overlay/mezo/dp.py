@@ -46,14 +46,21 @@ class DataParallel:
         agent_store = os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None) == "True"
         world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
         if world % tp_size:
-            raise ValueError(f"torchrun started {world} processes, not a multiple of tp_size={tp_size}: start "
-                             "replicas x tp_size processes (--nproc-per-node)")
+            raise ValueError(
+                f"torchrun started {world} processes, not a multiple of tp_size={tp_size}: start "
+                "replicas x tp_size processes (--nproc-per-node)"
+            )
         if world == tp_size:
             return None
         host, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ["MASTER_PORT"])
-        store = torch.distributed.TCPStore(host, port, world_size=None if agent_store else world,
-                                           is_master=not agent_store and rank == 0,
-                                           timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+        store = torch.distributed.TCPStore(
+            host,
+            port,
+            world_size=None if agent_store else world,
+            is_master=not agent_store and rank == 0,
+            timeout=timedelta(seconds=timeout_s),
+            wait_for_workers=False,
+        )
         return cls(rank // tp_size, world // tp_size, store, writer=rank % tp_size == 0)
 
     def share(self, items: Sequence) -> list:
@@ -82,8 +89,10 @@ def launch_layout(model: str, device: str, dtype: Optional[str], tp_size: int) -
 
     rank = int(os.environ.get("RANK", "0"))
     if tp_size > 1 and "MASTER_PORT" not in os.environ:
-        raise ValueError(f"--tp-size {tp_size} runs one process per rank: launch with torchrun --nproc-per-node "
-                         f"{tp_size} (more processes make data-parallel replicas)")
+        raise ValueError(
+            f"--tp-size {tp_size} runs one process per rank: launch with torchrun --nproc-per-node "
+            f"{tp_size} (more processes make data-parallel replicas)"
+        )
     dp = DataParallel.from_env(tp_size=tp_size)
     if dp is None and tp_size == 1:
         return None, RunnerConfig(model_path=model, device=device, dtype=dtype)
@@ -92,8 +101,9 @@ def launch_layout(model: str, device: str, dtype: Optional[str], tp_size: int) -
     # Each replica's own world on a port of its own (MASTER_PORT + 1 + replica): replicas that each asked
     # the OS for a free port at once could be handed the same one.
     port = int(os.environ["MASTER_PORT"]) + 1 + replica if "MASTER_PORT" in os.environ else None
-    config = RunnerConfig(model_path=model, device=device, dtype=dtype, tp_size=tp_size, tp_rank=tp_rank,
-                          dist_port=port)
+    config = RunnerConfig(
+        model_path=model, device=device, dtype=dtype, tp_size=tp_size, tp_rank=tp_rank, dist_port=port
+    )
     if config.device_kind() == "cuda":  # on the CPU the GPU id picks SGLang's NUMA binding: keep 0
         config = dataclasses.replace(config, first_gpu=local - tp_rank)
     return dp, config

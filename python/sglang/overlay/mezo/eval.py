@@ -44,8 +44,10 @@ class EvalResult:
 def evaluate(runner: StandaloneRunner, examples: Sequence[EvalExample], batch_size: int = 32) -> EvalResult:
     """Score ``examples`` on ``runner`` in batches of ``batch_size`` pairs (see the module docstring)."""
     if not examples or batch_size < 1:
-        raise ValueError(f"evaluate needs at least one example and batch_size >= 1; got {len(examples)} examples, "
-                         f"batch_size={batch_size}")
+        raise ValueError(
+            f"evaluate needs at least one example and batch_size >= 1; got {len(examples)} examples, "
+            f"batch_size={batch_size}"
+        )
     index: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
     for example in examples:
         for target in (example.nll_target, *example.candidates):

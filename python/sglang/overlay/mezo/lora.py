@@ -17,12 +17,15 @@ import torch
 from sglang.overlay.mezo.config import QKV
 
 
-def add_lora(model: torch.nn.Module, weights: dict[str, torch.Tensor], hf_config: Any, config: Any,
-             seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def add_lora(
+    model: torch.nn.Module, weights: dict[str, torch.Tensor], hf_config: Any, config: Any, seed: int
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{"...self_attn.q_proj": (A, B), ...}`` in layer -> target order, with the hooks registered."""
     if getattr(model, "_mezo_lora", False):
-        raise ValueError("this runner's model already carries another MeZO trainer's LoRA hooks: "
-                         "build a new StandaloneRunner for each LoRA trainer")
+        raise ValueError(
+            "this runner's model already carries another MeZO trainer's LoRA hooks: "
+            "build a new StandaloneRunner for each LoRA trainer"
+        )
     model._mezo_lora = True
     rank = config.lora_rank
     generator = torch.Generator().manual_seed(seed)

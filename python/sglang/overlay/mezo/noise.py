@@ -120,8 +120,13 @@ class NoisePass:
     # off where u is near 1) is for benchmarks only. benchmarks/mezo_gpu.py --z-math sets it.
     FAST = 1
 
-    def __init__(self, tensors: dict[str, torch.Tensor], bases: dict[str, int],
-                 decays: Sequence[str] = (), rows: Optional[dict[str, tuple[int, int]]] = None) -> None:
+    def __init__(
+        self,
+        tensors: dict[str, torch.Tensor],
+        bases: dict[str, int],
+        decays: Sequence[str] = (),
+        rows: Optional[dict[str, tuple[int, int]]] = None,
+    ) -> None:
         rows = rows or {}
         self.tensors = tensors
         self.decays = frozenset(decays)
@@ -132,8 +137,9 @@ class NoisePass:
                 raise ValueError(f"{name}: the noise pass needs a contiguous tensor (view)")
             if name in rows:
                 length, stride = rows[name]
-                self.segments += [(name, r * length, length, bases[name] + r * stride)
-                                  for r in range(tensor.numel() // length)]
+                self.segments += [
+                    (name, r * length, length, bases[name] + r * stride) for r in range(tensor.numel() // length)
+                ]
             else:
                 self.segments.append((name, 0, tensor.numel(), bases[name]))
         devices = {t.device for t in tensors.values()}
@@ -143,8 +149,12 @@ class NoisePass:
         self._table = None
 
     def uses_kernel(self) -> bool:
-        return (triton is not None and self.device is not None and self.device.type == "cuda"
-                and self.dtype in (torch.float32, torch.float16, torch.bfloat16))
+        return (
+            triton is not None
+            and self.device is not None
+            and self.device.type == "cuda"
+            and self.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        )
 
     def __call__(self, streams: Sequence[Stream], keep: float = 1.0) -> None:
         if not 1 <= len(streams) <= 2:
@@ -164,8 +174,9 @@ class NoisePass:
                 out = out + (k * s.a + s.b) * normal(s.seed, offsets)
             flat.copy_(out)
 
-    def _kernel_pass(self, streams: Sequence[Stream], keep: float, rounds: int = 10, noise: bool = True,
-                     fast: int = 0) -> None:
+    def _kernel_pass(
+        self, streams: Sequence[Stream], keep: float, rounds: int = 10, noise: bool = True, fast: int = 0
+    ) -> None:
         """The Triton pass. ``rounds`` (Philox rounds), ``noise`` (False: only ``k * w``) and ``fast`` (hardware
         transcendentals, see ``_normals``) exist for benchmarks/zo_kernel_parts.py, which times the kernel's
         parts; z is defined with 10 rounds and precise transcendentals."""
@@ -174,10 +185,24 @@ class NoisePass:
         seg_ptr, seg_len, seg_base, seg_decay, blk_seg, blk_g = self._table
         second = streams[1] if len(streams) == 2 else Stream(0, 0.0, 0.0)
         _zo_pass_kernel[(blk_seg.numel(),)](
-            blk_seg, blk_g, seg_ptr, seg_len, seg_base, seg_decay,
-            streams[0].seed, float(streams[0].a), float(streams[0].b),
-            second.seed, float(second.a), float(second.b), float(keep),
-            DTYPE=_TL_DTYPES[self.dtype], TWO=len(streams) == 2, BLOCK=self.BLOCK, ROUNDS=rounds, NOISE=noise,
+            blk_seg,
+            blk_g,
+            seg_ptr,
+            seg_len,
+            seg_base,
+            seg_decay,
+            streams[0].seed,
+            float(streams[0].a),
+            float(streams[0].b),
+            second.seed,
+            float(second.a),
+            float(second.b),
+            float(keep),
+            DTYPE=_TL_DTYPES[self.dtype],
+            TWO=len(streams) == 2,
+            BLOCK=self.BLOCK,
+            ROUNDS=rounds,
+            NOISE=noise,
             FAST=fast,
         )
 
@@ -187,8 +212,10 @@ class NoisePass:
         ptr, length, base, decay, blk_seg, blk_g = [], [], [], [], [], []
         for i, (name, start, n, g) in enumerate(self.segments):
             if n >= 2**31 - block:
-                raise ValueError(f"{name}: {n} elements; the noise pass indexes a tensor with 32-bit offsets "
-                                 f"(fewer than {2**31 - block}): split it into row segments (rows=)")
+                raise ValueError(
+                    f"{name}: {n} elements; the noise pass indexes a tensor with 32-bit offsets "
+                    f"(fewer than {2**31 - block}): split it into row segments (rows=)"
+                )
             tensor = self.tensors[name]
             ptr.append(tensor.data_ptr() + start * tensor.element_size())
             length.append(n)
@@ -199,8 +226,14 @@ class NoisePass:
             blk_seg += [i] * count
             blk_g += [first + j * block for j in range(count)]
         as_tensor = lambda values, dtype: torch.tensor(values, dtype=dtype, device=self.device)  # noqa: E731
-        return (as_tensor(ptr, torch.int64), as_tensor(length, torch.int64), as_tensor(base, torch.int64),
-                as_tensor(decay, torch.int32), as_tensor(blk_seg, torch.int32), as_tensor(blk_g, torch.int64))
+        return (
+            as_tensor(ptr, torch.int64),
+            as_tensor(length, torch.int64),
+            as_tensor(base, torch.int64),
+            as_tensor(decay, torch.int32),
+            as_tensor(blk_seg, torch.int32),
+            as_tensor(blk_g, torch.int64),
+        )
 
 
 if triton is not None:
@@ -245,8 +278,12 @@ if triton is not None:
             return r01 * tl.cos(t01), r01 * tl.sin(t01), r23 * tl.cos(t23), r23 * tl.sin(t23)
         t01 = 6.283185307179586 * (u1 - 0.5)
         t23 = 6.283185307179586 * (u3 - 0.5)
-        return (-r01 * libdevice.fast_cosf(t01), -r01 * libdevice.fast_sinf(t01),
-                -r23 * libdevice.fast_cosf(t23), -r23 * libdevice.fast_sinf(t23))
+        return (
+            -r01 * libdevice.fast_cosf(t01),
+            -r01 * libdevice.fast_sinf(t01),
+            -r23 * libdevice.fast_cosf(t23),
+            -r23 * libdevice.fast_sinf(t23),
+        )
 
     @triton.jit
     def _uniform_tl(x):
@@ -277,10 +314,27 @@ if triton is not None:
     # Triton turns an int argument equal to 1 into a constexpr (a Python int, no .to()) unless told not to;
     # tl.to_tensor would do too, but the device's Triton (torch 2.11) lacks it.
     @triton.jit(do_not_specialize=["seed0", "seed1"])
-    def _zo_pass_kernel(blk_seg, blk_g, seg_ptr, seg_len, seg_base, seg_decay,
-                        seed0, a0, b0, seed1, a1, b1, keep,
-                        DTYPE: tl.constexpr, TWO: tl.constexpr, BLOCK: tl.constexpr,
-                        ROUNDS: tl.constexpr, NOISE: tl.constexpr, FAST: tl.constexpr):
+    def _zo_pass_kernel(
+        blk_seg,
+        blk_g,
+        seg_ptr,
+        seg_len,
+        seg_base,
+        seg_decay,
+        seed0,
+        a0,
+        b0,
+        seed1,
+        a1,
+        b1,
+        keep,
+        DTYPE: tl.constexpr,
+        TWO: tl.constexpr,
+        BLOCK: tl.constexpr,
+        ROUNDS: tl.constexpr,
+        NOISE: tl.constexpr,
+        FAST: tl.constexpr,
+    ):
         pid = tl.program_id(0)
         seg = tl.load(blk_seg + pid)
         g0 = tl.load(blk_g + pid)

@@ -99,8 +99,11 @@ def place(model: torch.nn.Module, hf_config: Any, tp_rank: int = 0, tp_size: int
         base += math.prod(shape)
     for name, count in covered.items():
         indices = getattr(modules.get(name.rsplit(".", 1)[0]), "shard_indices", None)
-        rows = (indices.num_org_elements if indices else hf_config.vocab_size) if name in VOCAB_PARAMS \
+        rows = (
+            (indices.num_org_elements if indices else hf_config.vocab_size)
+            if name in VOCAB_PARAMS
             else params[name].shape[0]
+        )
         want = rows * math.prod(params[name].shape[1:])
         if count != want:
             raise ValueError(
@@ -127,8 +130,9 @@ def gather(placements: dict[str, Placement], hf_config: Any, tp_size: int) -> di
         sizes = [torch.zeros(1, dtype=torch.int64, device=local.device) for _ in range(tp_size)]
         torch.distributed.all_gather(sizes, torch.tensor([local.shape[dim]], device=local.device))
         longest = max(int(n) for n in sizes)
-        padded = torch.zeros(*(longest if d == dim else n for d, n in enumerate(local.shape)),
-                             dtype=local.dtype, device=local.device)
+        padded = torch.zeros(
+            *(longest if d == dim else n for d, n in enumerate(local.shape)), dtype=local.dtype, device=local.device
+        )
         padded.narrow(dim, 0, local.shape[dim]).copy_(local)
         parts = [torch.empty_like(padded) for _ in range(tp_size)]
         torch.distributed.all_gather(parts, padded)

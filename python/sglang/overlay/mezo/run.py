@@ -91,15 +91,23 @@ def plan_resume(out: str | Path, resume: bool, config: dict, run: Optional[dict]
     if latest is None:
         return None
     if not resume:
-        raise ValueError(f"--out {out} already holds checkpoints of a run ({latest.name}): pass --resume to "
-                         "continue it, or choose another --out")
+        raise ValueError(
+            f"--out {out} already holds checkpoints of a run ({latest.name}): pass --resume to "
+            "continue it, or choose another --out"
+        )
     ckpt.check_compatible(ckpt.read_state(latest), config, None, run, latest)
     return latest
 
 
-def run_training(trainer: MeZO, batches: Sequence[Batch], config: RunConfig, *,
-                 eval_examples: Optional[Sequence[EvalExample]] = None, run: Optional[dict] = None,
-                 callback: Optional[Callable[[StepResult], None]] = None) -> list[StepResult]:
+def run_training(
+    trainer: MeZO,
+    batches: Sequence[Batch],
+    config: RunConfig,
+    *,
+    eval_examples: Optional[Sequence[EvalExample]] = None,
+    run: Optional[dict] = None,
+    callback: Optional[Callable[[StepResult], None]] = None,
+) -> list[StepResult]:
     """Train ``trainer`` to ``config.steps`` steps in all, logging, evaluating and checkpointing under
     ``config.out`` (see the module docstring); ``run``: facts a resume must match (data hash, batch size);
     ``callback(result)`` after each step's log line, eval and checkpoint. Returns this call's StepResults.
@@ -144,8 +152,12 @@ def run_training(trainer: MeZO, batches: Sequence[Batch], config: RunConfig, *,
             return
         log.sync()
         done = trainer.steps_done
-        extra = {"last_eval": dict(last_eval), "batches": len(batches), "next_batch": done % len(batches),
-                 "order": "file order: step k trains on batch k % batches"}
+        extra = {
+            "last_eval": dict(last_eval),
+            "batches": len(batches),
+            "next_batch": done % len(batches),
+            "order": "file order: step k trains on batch k % batches",
+        }
         trainer.save_checkpoint(root / ckpt.checkpoint_name(done), run, extra)
         if config.keep_checkpoints is not None:
             ckpt.prune(root, config.keep_checkpoints)

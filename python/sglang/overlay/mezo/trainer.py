@@ -36,8 +36,9 @@ if TYPE_CHECKING:
 class MeZO:
     """MeZO on a :class:`StandaloneRunner`'s model, in place (see ``sglang.overlay.mezo``)."""
 
-    def __init__(self, runner: StandaloneRunner, config: MeZOConfig,
-                 data_parallel: Optional[DataParallel] = None) -> None:
+    def __init__(
+        self, runner: StandaloneRunner, config: MeZOConfig, data_parallel: Optional[DataParallel] = None
+    ) -> None:
         """``data_parallel``: this trainer is one replica (``sglang.overlay.mezo.dp``), scoring its share of
         every batch; every replica takes the same steps."""
         config.validate()
@@ -51,8 +52,9 @@ class MeZO:
         self._pending: Optional[tuple[int, float, float, float]] = None
         self.hf_config = runner.hf_config
         if self.hf_config.model_type != "opt":
-            raise ValueError(f"MeZO here supports OPT checkpoints only, {runner.config.model_path} is "
-                             f"{self.hf_config.model_type!r}")
+            raise ValueError(
+                f"MeZO here supports OPT checkpoints only, {runner.config.model_path} is {self.hf_config.model_type!r}"
+            )
         self.placements = params.place(runner.model, self.hf_config, self.tp_rank, self.tp_size)
         self._weights = {name: placement.view for name, placement in self.placements.items()}
         self.device = next(iter(self._weights.values())).device
@@ -62,10 +64,16 @@ class MeZO:
             bases = {name: p.base for name, p in self.placements.items()}
             rows = {name: p.rows for name, p in self.placements.items() if p.rows is not None}
         else:
-            self.lora = add_lora(self.runner.model, self._weights, self.hf_config, self.config,
-                                 derive_seed(self.config.seed, "lora-init"))
-            self._trainables = {f"{prefix}.lora_{x}.weight": t for prefix, ab in self.lora.items()
-                                for x, t in zip("AB", ab)}
+            self.lora = add_lora(
+                self.runner.model,
+                self._weights,
+                self.hf_config,
+                self.config,
+                derive_seed(self.config.seed, "lora-init"),
+            )
+            self._trainables = {
+                f"{prefix}.lora_{x}.weight": t for prefix, ab in self.lora.items() for x, t in zip("AB", ab)
+            }
             bases, rows, offset = {}, {}, 0
             for name, tensor in self._trainables.items():  # LoRA's z: offsets in A/B order
                 bases[name], offset = offset, offset + tensor.numel()
@@ -140,8 +148,9 @@ class MeZO:
             return [derive_seed(self.config.seed, "step", step)]
         return [derive_seed(self.config.seed, "step", step, "sample", i) for i in range(self.config.n_samples)]
 
-    def step(self, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], *,
-             defer_update: bool = False) -> StepResult:
+    def step(
+        self, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], *, defer_update: bool = False
+    ) -> StepResult:
         """One MeZO step on a batch; the weights are updated in place.
 
         ``defer_update`` (one sample per step): the update is not applied now but in the same pass as
@@ -162,8 +171,10 @@ class MeZO:
             loss_minus = self._loss(prompts, targets)
             if not (math.isfinite(loss_plus) and math.isfinite(loss_minus)):
                 self.perturb(seed, 1.0)
-                raise FloatingPointError(f"step {step}: loss is not finite (L+={loss_plus}, L-={loss_minus}); "
-                                         "the weights are restored and not updated: lower lr or eps")
+                raise FloatingPointError(
+                    f"step {step}: loss is not finite (L+={loss_plus}, L-={loss_minus}); "
+                    "the weights are restored and not updated: lower lr or eps"
+                )
             if i < len(seeds) - 1:
                 self.perturb(seed, 1.0)
             pluses.append(loss_plus)
@@ -181,14 +192,20 @@ class MeZO:
         loss_plus, loss_minus = _mean(pluses), _mean(minuses)
         return StepResult(step, seeds[0], loss_plus, loss_minus, _mean(grads), (loss_plus + loss_minus) / 2, lr)
 
-    def train(self, batches: Sequence[Batch], steps: int, progress: bool = True,
-              callback: Optional[Callable[[StepResult], None]] = None) -> list[StepResult]:
+    def train(
+        self,
+        batches: Sequence[Batch],
+        steps: int,
+        progress: bool = True,
+        callback: Optional[Callable[[StepResult], None]] = None,
+    ) -> list[StepResult]:
         """``steps`` more steps; step k (counted from the trainer's first) on ``batches[k % len(batches)]``;
         ``callback(result)`` after each; a progress bar shows the loss. The last step's update stays
         deferred (the next step's first pass applies it); whatever reads the weights applies it first."""
         if steps < 0 or not batches:
-            raise ValueError(f"train needs steps >= 0 and at least one batch; got steps={steps}, "
-                             f"{len(batches)} batches")
+            raise ValueError(
+                f"train needs steps >= 0 and at least one batch; got steps={steps}, {len(batches)} batches"
+            )
         bar = Progress(steps, progress)
         results = []
         try:
@@ -209,18 +226,23 @@ class MeZO:
 
     def facts(self) -> dict[str, Any]:
         """What a checkpoint must share with the trainer that loads it, besides the MeZOConfig."""
-        return checkpoint.model_facts(self.hf_config.to_dict(), self.device.type,
-                                      next(iter(self._trainables.values())).dtype)
+        return checkpoint.model_facts(
+            self.hf_config.to_dict(), self.device.type, next(iter(self._trainables.values())).dtype
+        )
 
-    def save_checkpoint(self, directory: str | Path, run: Optional[dict] = None,
-                        extra: Optional[dict] = None) -> Path:
+    def save_checkpoint(self, directory: str | Path, run: Optional[dict] = None, extra: Optional[dict] = None) -> Path:
         """A resumable checkpoint, written atomically (:mod:`sglang.overlay.mezo.checkpoint`); ``run``:
         facts a resume must match (data hash, batch size); ``extra``: kept, not compared."""
         if self.tp_size > 1:
             raise ValueError("checkpoints at tensor parallelism > 1 are not supported yet: save_pretrained works")
         self.sync()
-        state = {"steps_done": self.steps_done, "mezo_config": asdict(self.config), "facts": self.facts(),
-                 "run": run or {}, "extra": extra or {}}
+        state = {
+            "steps_done": self.steps_done,
+            "mezo_config": asdict(self.config),
+            "facts": self.facts(),
+            "run": run or {},
+            "extra": extra or {},
+        }
         lora = {name: t.detach().to("cpu", copy=True) for name, t in self._trainables.items()} if self.lora else None
         return checkpoint.save_checkpoint(directory, self._write_pretrained, state, lora)
 
