@@ -167,3 +167,17 @@ def test_matrix_prints_a_progress_line_per_row_as_it_finishes(tmp_path: Path, ca
     assert out[1] == "[2/2] 2.0 apply FAILED 0 s"
     assert out[2].startswith("| release ")  # then the table, as before
     assert not (tmp_path / "venvs").exists()
+
+
+def test_the_commands_the_tool_runs_write_to_stderr_so_stdout_is_the_result() -> None:
+    """``PY=$(overlay.py venv 0.5.23 DIR)`` on a cold cache caught ~219 lines of pip's output in PY (exit 127):
+    every command the tool runs without capturing it (pip, venv) writes to stderr, both of its streams."""
+    child = "print('pip: Collecting torch'); import sys; print('pip: a warning', file=sys.stderr)"
+    code = (
+        "import sys; sys.path.insert(0, 'scripts'); from overlay_tool.gitutil import run; "
+        f"run([sys.executable, '-c', {child!r}], capture=False); print('/the/venv/bin/python')"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "/the/venv/bin/python\n"
+    assert "pip: Collecting torch" in proc.stderr and "pip: a warning" in proc.stderr

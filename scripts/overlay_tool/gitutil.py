@@ -15,13 +15,17 @@ from .errors import OverlayError
 def run(
     cmd: Sequence[str], cwd: Optional[Path] = None, env: Optional[dict] = None, check: bool = True, capture: bool = True
 ) -> subprocess.CompletedProcess:
-    """Run ``cmd`` (text mode); with ``check``, a non-zero exit raises OverlayError with its stderr."""
+    """Run ``cmd`` (text mode); with ``check``, a non-zero exit raises OverlayError with its stderr.
+
+    Without ``capture`` the command's output goes to this process's stderr, both streams: stdout carries
+    only the verbs' results (``PY=$(overlay.py venv X DIR)`` gets the path and nothing of pip's)."""
+    sys.stderr.flush()
     proc = subprocess.run(
         list(cmd),
         cwd=cwd,
         env={**os.environ, **(env or {})},
         text=True,
-        stdout=subprocess.PIPE if capture else None,
+        stdout=subprocess.PIPE if capture else sys.stderr.fileno(),
         stderr=subprocess.PIPE if capture else None,
     )
     if check and proc.returncode != 0:
