@@ -41,6 +41,24 @@ def test_normal_is_standard_normal_and_decorrelated() -> None:
     assert torch.equal(z[5:9], normal(12345, torch.arange(5, 9) + (1 << 40)))  # a function of the offset
 
 
+def test_the_pass_draws_each_counter_once_and_equals_the_definition() -> None:
+    """normal_range (the torch pass: one Philox call per 4 offsets, in blocks whose high counter word is
+    fixed) equals normal() offset by offset: unaligned starts and ends, a block boundary, and a range whose
+    counters cross 2^32 (the high word changes inside it)."""
+    import torch
+
+    from sglang.overlay.mezo.noise import RANGE_BLOCK, normal, normal_range
+
+    cases = [(0, 9), (3, 4 * RANGE_BLOCK + 6), ((1 << 34) - 4 * RANGE_BLOCK - 7, 8 * RANGE_BLOCK + 13), (5 << 40, 1)]
+    for seed in (0, 0x123456789ABCDEF):
+        for start, count in cases:
+            blocks = list(normal_range(seed, start, count))
+            assert blocks[0][0] == start and sum(z.numel() for _, z in blocks) == count
+            assert all(lo + z.numel() == nxt for (lo, z), (nxt, _) in zip(blocks, blocks[1:]))
+            got = torch.cat([z for _, z in blocks])
+            assert torch.equal(got, normal(seed, torch.arange(start, start + count))), (seed, start, count)
+
+
 def test_z_does_not_depend_on_the_layout() -> None:
     """One HF matrix [6, 8] at global offset 1000: perturbed whole, as row thirds of a fused tensor, and as
     two column shards (rows 8 long in the HF layout, 4 in the shard): the same values."""
