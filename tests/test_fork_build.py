@@ -132,6 +132,34 @@ def test_python_m_sglang_overlay_needs_only_the_standard_library(fork_site: Path
     assert "pip install ." in proc.stderr and "overlay.py venv" in proc.stderr
 
 
+def test_the_mezo_command_line_without_the_runtime_helps_and_says_what_to_install(fork_site: Path) -> None:
+    """The light install (``pip install --no-deps .``): ``python -m sglang.overlay.mezo --help`` lists the flags
+    (generated from the settings dataclasses, with their defaults); a run says what to install, in one line,
+    where it used to end in a raw ``ModuleNotFoundError: No module named 'torch'`` traceback."""
+    run = "import runpy, sys; sys.argv = {argv!r}; runpy.run_module('sglang.overlay.mezo', run_name='__main__', alter_sys=True)"
+    proc = _bare(fork_site, run.format(argv=["mezo", "--help"]))
+    assert proc.returncode == 0, proc.stderr
+    for flag in (
+        "--model",
+        "--data",
+        "--steps",
+        "--out",
+        "--lr",
+        "--eps",
+        "--lora-rank",
+        "--eval-every",
+        "--no-progress",
+    ):
+        assert flag in proc.stdout
+    assert "learning rate (default: 1e-06)" in proc.stdout and "(default: 0.001)" in proc.stdout
+    proc = _bare(
+        fork_site, run.format(argv=["mezo", "--model", "m", "--data", "d.jsonl", "--steps", "1", "--out", "o"])
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("error: the MeZO trainer needs sglang's runtime, and 'torch' is not installed here")
+    assert "overlay.py venv" in proc.stderr and "pip install ." in proc.stderr
+
+
 def test_import_sglang_with_the_runtime_is_upstreams(fork_site: Path) -> None:
     """With the runtime installed, the fork's ``sglang`` has upstream's names and imports what it imports."""
     release = _release()
