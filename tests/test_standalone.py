@@ -123,6 +123,24 @@ def reload_into_hf(runner, hf):
     return hf
 
 
+def test_a_failed_build_leaves_nothing_behind_and_names_the_field_to_raise(tiny_opt: Path) -> None:
+    """A build that fails after torch.distributed and SGLang's groups exist (here: a static memory fraction
+    that leaves no room for the KV pool) tears them down before the error leaves StandaloneRunner(...), so
+    the next runner builds; the error names RunnerConfig's field, not a server flag the API does not have."""
+    from sglang.overlay import RunnerConfig, StandaloneRunner, compat
+    from sglang.overlay.config import SettingError
+
+    with pytest.raises(
+        SettingError,
+        match=r"leave no memory for the KV cache with "
+        r"RunnerConfig\(mem_fraction_static=1e-06\): .* raise it \(SGLang said: .*--mem-fraction",
+    ):
+        StandaloneRunner(RunnerConfig(model_path=str(tiny_opt), device="cpu", mem_fraction_static=1e-6))
+    assert not compat.distributed_exists(), "the failed build left its distributed state behind"
+    with StandaloneRunner(RunnerConfig(model_path=str(tiny_opt), device="cpu")) as runner:
+        assert runner.logits([[2, 5, 6]])[0].shape[0] == 3
+
+
 def test_a_second_fresh_runner_is_refused_and_reuse_works(runner, tiny_opt: Path) -> None:
     import torch
 

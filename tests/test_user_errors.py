@@ -118,3 +118,28 @@ def test_a_gpu_attention_backend_on_a_cpu_machine_fails_in_validate(
         r"CPU here\); use 'torch_native'",
     ):
         RunnerConfig(model_path=str(tiny_opt), attention_backend="triton").validate()
+
+
+def test_a_memory_error_names_the_command_lines_flag(tiny_opt: Path, tmp_path: Path) -> None:
+    """SGLang's "Raise --mem-fraction-static" reached the MeZO command line's users, which had no such flag,
+    and said GPU on a CPU run: the command line has --mem-fraction-static and the error names it."""
+    data = write_data(tmp_path / "data.jsonl", [GOOD])
+    proc = mezo_cli(
+        "--model",
+        str(tiny_opt),
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "out"),
+        "--steps",
+        "1",
+        "--device",
+        "cpu",
+        "--mem-fraction-static",
+        "1e-6",
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert (
+        "error: the model's weights leave no memory for the KV cache with --mem-fraction-static 1e-06: "
+        "SGLang sizes the KV pool from the machine's free memory" in proc.stderr
+    ), proc.stderr[-3000:]

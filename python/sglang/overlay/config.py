@@ -21,6 +21,19 @@ from sglang.overlay.quiet import LOG_LEVELS
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
+class SettingError(ValueError):
+    """A ValueError about the value of one ``RunnerConfig`` field: ``str()`` names it as the API does
+    (``RunnerConfig(mem_fraction_static=0.05)``), ``named(flag)`` as a command line does
+    (``--mem-fraction-static 0.05``)."""
+
+    def __init__(self, template: str, field: str, value: Any) -> None:
+        self.template, self.field, self.value = template, field, value
+        super().__init__(template.format(setting=f"RunnerConfig({field}={value!r})"))
+
+    def named(self, flag: str) -> str:
+        return self.template.format(setting=f"{flag} {self.value}")
+
+
 @dataclass(frozen=True)
 class RunnerConfig:
     """What a :class:`StandaloneRunner` is built from; ``validate`` says what is wrong.
@@ -86,7 +99,10 @@ class RunnerConfig:
             device=self.device_kind(),
             dtype=self.dtype or ("float32" if cpu else "auto"),
             attention_backend=self.attention_backend or ("torch_native" if cpu else "triton"),
-            mem_fraction_static=self.mem_fraction_static or (0.05 if cpu else 0.3),
+            # On the CPU, SGLang sizes the KV pool from the machine's free memory (psutil) and max_total_tokens
+            # caps it; a static fraction of 0.05 failed when other processes (data-parallel replicas) took
+            # more than 5% of the free memory while this one loaded.
+            mem_fraction_static=self.mem_fraction_static or (0.5 if cpu else 0.3),
             max_total_tokens=self.max_total_tokens or (8192 if cpu else None),
             server_args=dict(self.server_args),
             cuda_graph_batch_sizes=None if self.cuda_graph_batch_sizes is None else tuple(self.cuda_graph_batch_sizes),

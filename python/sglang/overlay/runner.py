@@ -39,12 +39,12 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from sglang.overlay import compat, inputs, quiet
-from sglang.overlay.config import RunnerConfig, make_server_args
+from sglang.overlay.config import RunnerConfig, SettingError, make_server_args
 from sglang.overlay.dense import DenseEngine
 from sglang.overlay.forward import decode, prefill, score, target_logprobs
 from sglang.overlay.graphs import enable_graphs
@@ -91,15 +91,27 @@ class StandaloneRunner:
                 )
         world_before = torch.distributed.is_initialized()
         groups_before = compat.model_parallel_exists()
-        with quiet.scope(self.config.log_level):  # drops upstream's noise (quiet.NOISE) unless "verbose"
-            self.server_args = make_server_args(self.config)
-            with self._reuse_allowed():
-                self.runner = compat.build_model_runner(
-                    self.server_args,
-                    tp_rank=self.config.tp_rank,
-                    dist_port=self.config.dist_port,
-                    gpu_id=self.config.first_gpu + self.config.tp_rank,
-                )
+        try:
+            with quiet.scope(self.config.log_level):  # drops upstream's noise (quiet.NOISE) unless "verbose"
+                self.server_args = make_server_args(self.config)
+                with self._reuse_allowed():
+                    self.runner = compat.build_model_runner(
+                        self.server_args,
+                        tp_rank=self.config.tp_rank,
+                        dist_port=self.config.dist_port,
+                        gpu_id=self.config.first_gpu + self.config.tp_rank,
+                    )
+        except BaseException as error:
+            # A failed build leaves nothing behind: the distributed state it created goes, so the next
+            # runner builds (other live runners' state stays).
+            _destroy(
+                groups=not groups_before and compat.model_parallel_exists(),
+                world=not world_before and torch.distributed.is_initialized(),
+            )
+            explained = _explain(error, self.config)
+            if explained is None:
+                raise
+            raise explained from error
         _CREATED.world |= not world_before and torch.distributed.is_initialized()
         _CREATED.groups |= not groups_before and compat.model_parallel_exists()
         _LIVE_RUNNERS.append(self)
@@ -237,12 +249,7 @@ class StandaloneRunner:
         self.runner.req_to_token_pool.clear()
         self.runner.token_to_kv_pool_allocator.clear()
         if not _LIVE_RUNNERS:
-            from sglang.srt.distributed import parallel_state
-
-            if _CREATED.groups:
-                parallel_state.destroy_model_parallel()
-            if _CREATED.world:
-                parallel_state.destroy_distributed_environment()
+            _destroy(groups=_CREATED.groups, world=_CREATED.world)
             _CREATED.world = _CREATED.groups = False
         del self.runner
 
@@ -251,3 +258,27 @@ class StandaloneRunner:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _destroy(groups: bool, world: bool) -> None:
+    """Destroy SGLang's model-parallel groups and the torch.distributed world, each where asked."""
+    from sglang.srt.distributed import parallel_state
+
+    if groups:
+        parallel_state.destroy_model_parallel()
+    if world:
+        parallel_state.destroy_distributed_environment()
+
+
+def _explain(error: BaseException, config: RunnerConfig) -> Optional[BaseException]:
+    """Upstream's error of a failed build in the caller's terms (None: it says what to do already)."""
+    text = str(error)
+    if isinstance(error, (ValueError, RuntimeError)) and "--mem-fraction-static" in text:
+        where = "the machine's free memory" if config.device == "cpu" else "the GPU's free memory"
+        return SettingError(
+            f"the model's weights leave no memory for the KV cache with {{setting}}: SGLang sizes the KV pool "
+            f"from {where}, which other processes share; raise it (SGLang said: {text})",
+            "mem_fraction_static",
+            config.mem_fraction_static,
+        )
+    return None

@@ -39,6 +39,13 @@ class Launch:
     dtype: Optional[str] = setting(
         None, "the model's dtype (default: float32 on the CPU, the checkpoint's on CUDA)", choices=DTYPES
     )
+    mem_fraction_static: Optional[float] = setting(
+        None,
+        "the fraction of the device's free memory SGLang takes for the weights and the KV pool (default: 0.3 "
+        "on CUDA, 0.5 on the CPU)",
+        above=0,
+        maximum=1,
+    )
     tp_size: int = setting(
         1,
         "tensor parallelism: launch with torchrun, tp-size processes per replica; more "
@@ -160,6 +167,7 @@ def _runtime() -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     launch, run_config, config = parse_args(argv)
     _runtime()
+    from sglang.overlay.config import SettingError
     from sglang.overlay.mezo.data import ModelLimits, file_sha256, load_batches, load_eval_examples
     from sglang.overlay.mezo.dp import launch_layout
     from sglang.overlay.mezo.run import plan_resume, run_training
@@ -174,7 +182,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if (run_config.save_every is not None or run_config.resume) and launch.tp_size > 1:
             raise ValueError("checkpoints (--save-every, --resume) need --tp-size 1 (data parallelism is fine)")
         dp, runner_config = launch_layout(launch.model, launch.device, launch.dtype, launch.tp_size)
-        runner_config = dataclasses.replace(runner_config, log_level="verbose" if launch.verbose else "quiet")
+        runner_config = dataclasses.replace(
+            runner_config,
+            log_level="verbose" if launch.verbose else "quiet",
+            mem_fraction_static=launch.mem_fraction_static,
+        )
         runner_config = runner_config.resolved()  # validated once, config.json read once
         limits = ModelLimits.of(runner_config.checkpoint_config())
         batches = load_batches(launch.data, launch.batch_size, launch.model, limits)
@@ -189,6 +201,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             trainer = MeZO(runner, config, data_parallel=dp)
             results = run_training(trainer, batches, run_config, eval_examples=examples, run=run)
             out = trainer.save_pretrained(run_config.out)
+    except SettingError as error:  # a RunnerConfig field: named by its flag
+        flags = {f.name for f in dataclasses.fields(Launch)}
+        raise SystemExit(f"error: {error.named(_flag(error.field)) if error.field in flags else error}") from None
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     if not trainer.lead:

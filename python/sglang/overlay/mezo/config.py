@@ -33,12 +33,13 @@ def setting(
     *,
     minimum: Optional[float] = None,
     above: Optional[float] = None,
+    maximum: Optional[float] = None,
     choices: Optional[tuple] = None,
     cli: bool = True,
 ) -> Any:
-    """A dataclass field with its help and bounds: ``minimum`` (inclusive), ``above`` (exclusive),
-    ``choices``; ``cli`` False keeps it off the command line. No default: required."""
-    metadata = dict(help=help, minimum=minimum, above=above, choices=choices, cli=cli)
+    """A dataclass field with its help and bounds: ``minimum`` and ``maximum`` (inclusive), ``above``
+    (exclusive), ``choices``; ``cli`` False keeps it off the command line. No default: required."""
+    metadata = dict(help=help, minimum=minimum, above=above, maximum=maximum, choices=choices, cli=cli)
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -49,6 +50,7 @@ class Requirement(typing.NamedTuple):
     optional: bool
     minimum: Optional[float]
     above: Optional[float]
+    maximum: Optional[float]
     choices: Optional[tuple]
 
     def describe(self) -> str:
@@ -68,6 +70,8 @@ class Requirement(typing.NamedTuple):
                 text += f" > {self.above:g}"
             elif self.minimum is not None:
                 text += f" >= {self.minimum:g}"
+            if self.maximum is not None:
+                text += f" and <= {self.maximum:g}"
         return text + (", or None" if self.optional else "")
 
     def accepts(self, value: Any) -> bool:
@@ -88,6 +92,8 @@ class Requirement(typing.NamedTuple):
         if self.choices is not None and value not in self.choices:
             return False
         if self.above is not None and not value > self.above:
+            return False
+        if self.maximum is not None and not value <= self.maximum:
             return False
         return self.minimum is None or value >= self.minimum
 
@@ -113,7 +119,9 @@ def requirements(cls: type) -> dict[str, Requirement]:
             optional, hint = True, next(a for a in args if a is not type(None))
         kind = tuple if typing.get_origin(hint) is tuple else hint
         meta = f.metadata
-        out[f.name] = Requirement(kind, optional, meta.get("minimum"), meta.get("above"), meta.get("choices"))
+        out[f.name] = Requirement(
+            kind, optional, meta.get("minimum"), meta.get("above"), meta.get("maximum"), meta.get("choices")
+        )
     return out
 
 
