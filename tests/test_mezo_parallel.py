@@ -182,10 +182,9 @@ def test_torchrun_command_line_equals_one_process(tiny_opt: Path, tmp_path: Path
     ]
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ)
-    if layout == "tp2":  # SGLang binds each CPU rank's threads; a replica at tp_size 1 takes the default
-        env.setdefault("SGLANG_CPU_OMP_THREADS_BIND", omp_bind(2))
-    else:
-        env.pop("SGLANG_CPU_OMP_THREADS_BIND", None)
+    # Unset: at --tp-size 2 the launcher binds each CPU rank's threads itself (it stopped with "set
+    # SGLANG_CPU_OMP_THREADS_BIND"); a replica at tp_size 1 takes SGLang's default.
+    env.pop("SGLANG_CPU_OMP_THREADS_BIND", None)
     single = subprocess.run(
         [sys.executable, "-m", "sglang.overlay.mezo", *flags, "--out", str(tmp_path / "one")],
         cwd=root,
@@ -217,6 +216,10 @@ def test_torchrun_command_line_equals_one_process(tiny_opt: Path, tmp_path: Path
         timeout=TP_TIMEOUT,
     )
     assert many.returncode == 0, many.stdout[-3000:] + many.stderr[-6000:]
+    if layout == "tp2":
+        assert "MeZO: tensor parallelism on the CPU: each rank's threads on its own cores" in many.stderr
+        for noise in ("Custom allreduce failed", "--max-total-tokens", "--disable-custom-all-reduce"):
+            assert noise not in many.stderr, many.stderr[-4000:]
     logs = [
         [json.loads(line) for line in (tmp_path / d / "mezo_log.jsonl").read_text().splitlines()]
         for d in ("one", "many")

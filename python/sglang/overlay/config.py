@@ -258,5 +258,7 @@ def make_server_args(config: RunnerConfig):
         kwargs["max_total_tokens"] = config.max_total_tokens
     if config.cuda_graphs:
         kwargs.update(disable_cuda_graph=False, **compat.decode_graph_server_args(config.cuda_graph_batch_sizes))
+    if config.device == "cpu" and config.tp_size > 1:
+        kwargs["disable_custom_all_reduce"] = True  # a GPU all-reduce: off the GPU it only fails with a warning
     kwargs.update(config.server_args)
     return ServerArgs(**kwargs)

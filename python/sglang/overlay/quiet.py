@@ -104,6 +104,20 @@ NOISE: tuple[Noise, ...] = (
     ),
     Noise(
         "log",
+        r"^(SGLANG_CPU_OMP_THREADS_BIND is set for explicit control of CPU cores|(The total number of ranks|TP "
+        r"size) \(\d+\) ?is larger than numa node number)",
+        (
+            "sglang.srt.utils.common",
+            "sglang.srt.utils.numa_utils",
+            "sglang.srt.utils",
+            "sglang.srt.model_executor.model_runner",
+        ),
+        "tensor parallelism on the CPU: both ask for --max-total-tokens, which the runner always sets on the "
+        "CPU (RunnerConfig.max_total_tokens, 8192 by default)",
+        cpu_only=True,
+    ),
+    Noise(
+        "log",
         r"^publish\(role=\w+\) re-projected the config bags",
         ("sglang.srt.runtime_context",),
         "a second runner in one process publishes its config again; the override dropped is the previous "

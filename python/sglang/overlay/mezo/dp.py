@@ -16,10 +16,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from datetime import timedelta
 from typing import Any, Optional, Sequence
 
 import torch
+
+THREADS_BIND = "SGLANG_CPU_OMP_THREADS_BIND"
 
 
 class DataParallel:
@@ -106,4 +109,30 @@ def launch_layout(model: str, device: str, dtype: Optional[str], tp_size: int) -
     )
     if config.device_kind() == "cuda":  # on the CPU the GPU id picks SGLang's NUMA binding: keep 0
         config = dataclasses.replace(config, first_gpu=local - tp_rank)
+    elif tp_size > 1 and not os.environ.get(THREADS_BIND):
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", str(tp_size))))
+        os.environ[THREADS_BIND] = bind = cpu_thread_binding(local - tp_rank, tp_size, local_world)
+        if rank == 0:
+            print(
+                f"MeZO: tensor parallelism on the CPU: each rank's threads on its own cores, "
+                f"{THREADS_BIND}={bind!r} (rank r takes the r-th group; set it yourself to choose)",
+                file=sys.stderr,
+                flush=True,
+            )
     return dp, config
+
+
+def cpu_thread_binding(first: int, ranks: int, local_world: int) -> str:
+    """SGLang's per-rank core lists (``'0-3|4-7'``) for the ``ranks`` tensor-parallel ranks of one replica whose
+    first process is local process ``first`` of ``local_world``: this process's CPUs (its affinity) split
+    evenly over the local processes, in order (fewer CPUs than processes: they share, round robin)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    share = max(1, len(cpus) // local_world)
+
+    def cores(process: int) -> str:
+        if len(cpus) < local_world:
+            return str(cpus[process % len(cpus)])
+        group = cpus[process * share : (process + 1) * share]
+        return ",".join(map(str, group))
+
+    return "|".join(cores(first + r) for r in range(ranks))
