@@ -184,6 +184,10 @@ def test_the_log_is_written_and_flushed_at_every_step_and_a_finished_run_can_be_
     assert [[x["step"] for x in log] for log in seen] == [[0], [0, 1], [0, 1, 2]]
     assert seen[-1] == [{"kind": "step", **result.__dict__} for result in results]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
+    plain = tmp_path / "made-by-mkdir"
+    plain.mkdir()
+    for folder in (tmp_path / "checkpoints" / "step-000002", tmp_path / "checkpoints"):
+        assert folder.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777, "a checkpoint folder's mode is mkdir's"
     with runner(tiny_opt) as r:  # the last step was saved too: --resume with more --steps continues from it
         more = run_training(MeZO(r, config), BATCHES, RunConfig(steps=5, out=tmp_path, progress=False, resume=True))
     assert [res.step for res in more] == [3, 4]

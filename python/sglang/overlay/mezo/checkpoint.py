@@ -82,6 +82,7 @@ def save_checkpoint(
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{directory.name}-", dir=directory.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would stay on the checkpoint after the rename
         write_model(tmp)
         if lora:
             save_file({name: t.contiguous() for name, t in lora.items()}, str(tmp / LORA_FILE))
@@ -100,6 +101,12 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _write_state(path: Path, state: dict) -> None:
