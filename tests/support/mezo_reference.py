@@ -1,4 +1,4 @@
-"""An independent MeZO on HuggingFace ``OPTForCausalLM`` (fp32, CPU): the tests' reference.
+"""An independent MeZO on HuggingFace ``AutoModelForCausalLM`` (fp32, CPU): the tests' reference.
 
 Written from the MeZO paper and the spec in ``sglang/overlay/mezo/trainer.py``'s docstring (step
 seeds, z order, LoRA scheme), not from its code: each step's seed is SHA-256 of
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-from transformers import OPTForCausalLM
+from transformers import AutoModelForCausalLM
 
 
 def seed_for(seed: int, *labels: object) -> int:
@@ -36,7 +36,7 @@ class ReferenceMeZO:
         lora_rank: Optional[int] = None,
         lora_alpha: float = 16.0,
     ) -> None:
-        self.model = OPTForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         self.lr, self.eps, self.seed, self.weight_decay = lr, eps, seed, weight_decay
         self.step_index = 0
         self.lora_scale = lora_alpha / lora_rank if lora_rank else 0.0
@@ -50,13 +50,17 @@ class ReferenceMeZO:
         """peft-style unmerged LoRA on q_proj and v_proj: y = W0 x + b + scale · B (A x)."""
         generator = torch.Generator().manual_seed(seed_for(self.seed, "lora-init"))
         params = []
-        for i, layer in enumerate(self.model.model.decoder.layers):
+        modules = dict(self.model.named_modules())
+        layers = sorted(
+            int(n.removesuffix(".self_attn").rsplit(".", 1)[1]) for n in modules if n.endswith(".self_attn")
+        )
+        for i in layers:
             for target in ("q_proj", "v_proj"):
-                linear = getattr(layer.self_attn, target)
+                (name,) = [n for n in modules if n.endswith(f".{i}.self_attn.{target}")]
+                linear = modules[name]
                 bound = 1 / math.sqrt(linear.in_features)
                 a = (torch.rand((rank, linear.in_features), generator=generator) * 2 - 1) * bound
                 b = torch.zeros((linear.out_features, rank))
-                name = f"model.decoder.layers.{i}.self_attn.{target}"
                 self.lora[name] = (a, b)
                 params += [(f"{name}.lora_A.weight", a), (f"{name}.lora_B.weight", b)]
                 linear.register_forward_hook(
@@ -97,9 +101,19 @@ class ReferenceMeZO:
         self._perturb(seed, 1)
         grad = (plus - minus) / (2 * self.eps)
         for name, p, z in self._z(seed):
-            decay = self.weight_decay if "bias" not in name and "layer_norm" not in name else 0.0
+            decay = 0.0 if name in self.no_decay else self.weight_decay
             p -= self.lr * (grad * z + decay * p)
         return plus, minus
+
+    @property
+    def no_decay(self) -> set[str]:
+        """The MeZO paper's rule (as HF's Trainer's): no weight decay on biases and normalization layers."""
+        out = set()
+        for module_name, module in self.model.named_modules():
+            for name, _ in module.named_parameters(recurse=False):
+                if name == "bias" or "Norm" in type(module).__name__:
+                    out.add(f"{module_name}.{name}")
+        return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The HF weights, LoRA merged."""

@@ -12,6 +12,7 @@ PROMPTS = [[2, 10, 20, 30], [2, 7], [2, 100, 101]]
 TARGETS = [[40, 50], [8, 9, 10, 11], [102]]
 TP_SEQS = [[2, 10, 20, 30, 40, 50], [2, 7], [2, 100, 101, 102]]
 TP_HYPER = dict(lr=1e-4, eps=1e-2, seed=9, weight_decay=0.5)
+FAMILY_HYPER = dict(lr=1e-4, eps=1e-2, seed=5, weight_decay=0.5)
 
 
 def omp_bind(ranks: int) -> str:
@@ -49,15 +50,17 @@ def tp_rank_main(model: str, rank: int, port: int, out: str) -> None:
     torch.save(res, out)
 
 
-def tp_mezo_main(model: str, rank: int, port: int, out: str) -> None:
-    """One rank of the MeZO TP=2 test (its own interpreter): 20 steps, then the gathered HF weights."""
+def tp_mezo_main(model: str, rank: str, port: str, out: str, hyper: str = "tp") -> None:
+    """One rank of a MeZO TP=2 test (its own interpreter): 20 steps with TP_HYPER (or FAMILY_HYPER), then the
+    gathered HF weights and each HF parameter's shard shape."""
     import torch
 
     from sglang.overlay import RunnerConfig, StandaloneRunner
     from sglang.overlay.mezo import MeZO, MeZOConfig
 
-    with StandaloneRunner(RunnerConfig(model_path=model, device="cpu", tp_size=2, tp_rank=rank, dist_port=port)) as r:
-        trainer = MeZO(r, MeZOConfig(**TP_HYPER))
+    config = RunnerConfig(model_path=model, device="cpu", tp_size=2, tp_rank=int(rank), dist_port=int(port))
+    with StandaloneRunner(config) as r:
+        trainer = MeZO(r, MeZOConfig(**(TP_HYPER if hyper == "tp" else FAMILY_HYPER)))
         results = trainer.train([(MEZO_PROMPTS, MEZO_TARGETS)], STEPS, progress=False)
         shards = {name: tuple(p.view.shape) for name, p in trainer.placements.items()}
         torch.save(

@@ -17,10 +17,11 @@ and the trainer are written once. Supporting a new API era means a branch here.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import socket
 from array import array
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
@@ -168,6 +169,46 @@ def _build_model_runner_era(sa, port: int, tp_rank: int = 0, gpu_id: int = 0):
     return ModelRunner(**{k: v for k, v in kwargs.items() if k in accepted})
 
 
+@contextlib.contextmanager
+def native_cpu_ops(device: str) -> Iterator[None]:
+    """While a model is built on the CPU without SGLang's CPU engine (``SGLANG_USE_CPU_ENGINE``, which needs
+    sgl_kernel), two of upstream's CPU-engine assumptions are set aside (0.5.13-0.5.23); GPU builds are
+    untouched:
+
+    - the rotary embedding imports a GPU fallback kernel at construction (``vllm._custom_ops`` off CUDA,
+      ``rotary_embedding/base.py``), which its CPU forward never calls (it dispatches to ``forward_native``):
+      its module's ``_is_cpu`` flag, which guards only that import, is set meanwhile;
+    - with fewer k/v heads than tensor-parallel ranks, the ModelRunner pads the heads on the CPU
+      (``adjust_config_with_unaligned_cpu_tp``) for the CPU engine's padded loaders, which this path does not
+      take, so the checkpoint's k/v no longer fit: where the standard layout serves (heads divisible by the
+      ranks, k/v heads replicated over them, as on the GPU), the config is left unpadded."""
+    try:
+        from sglang.srt.layers.rotary_embedding import base as rope
+        from sglang.srt.model_executor import model_runner
+    except ImportError:  # releases whose rotary embedding is one module
+        rope = model_runner = None
+    if device != "cpu" or rope is None or getattr(rope, "_is_cpu", True):
+        yield
+        return
+    pad = getattr(model_runner, "adjust_config_with_unaligned_cpu_tp", None)
+
+    def adjust(model_config, load_config, tp_size):
+        heads, kv_heads = model_config.num_attention_heads, model_config.get_total_num_kv_heads()
+        if heads % tp_size == 0 and kv_heads < tp_size and tp_size % kv_heads == 0:
+            return pad(model_config, load_config, 1)  # upstream's bookkeeping, no padding
+        return pad(model_config, load_config, tp_size)
+
+    rope._is_cpu = True
+    if pad is not None:
+        model_runner.adjust_config_with_unaligned_cpu_tp = adjust
+    try:
+        yield
+    finally:
+        rope._is_cpu = False
+        if pad is not None:
+            model_runner.adjust_config_with_unaligned_cpu_tp = pad
+
+
 def build_model_runner(server_args, *, tp_rank: int = 0, dist_port: Optional[int] = None, gpu_id: Optional[int] = None):
     """A ready ModelRunner (memory pools, attention backend) for ``server_args``.
 
@@ -179,15 +220,16 @@ def build_model_runner(server_args, *, tp_rank: int = 0, dist_port: Optional[int
     """
     port = free_port() if dist_port is None else dist_port
     gpu_id = tp_rank if gpu_id is None else gpu_id
-    try:
-        from sglang.srt.distributed import bootstrap
-    except ImportError:  # up to 0.5.15
-        runner = _build_model_runner_era(server_args, port, tp_rank, gpu_id)
-    else:
-        if hasattr(bootstrap, "init_parallel_runtime"):
-            runner = _build_runtime_context_era(server_args, port, tp_rank, gpu_id)
+    with native_cpu_ops(server_args.device):
+        try:
+            from sglang.srt.distributed import bootstrap
+        except ImportError:  # up to 0.5.15
+            runner = _build_model_runner_era(server_args, port, tp_rank, gpu_id)
         else:
-            runner = _build_bootstrap_era(server_args, port, tp_rank, gpu_id)
+            if hasattr(bootstrap, "init_parallel_runtime"):
+                runner = _build_runtime_context_era(server_args, port, tp_rank, gpu_id)
+            else:
+                runner = _build_bootstrap_era(server_args, port, tp_rank, gpu_id)
     # Where ModelRunner has alloc_memory_pool, the caller allocates the pools and
     # backends; older ModelRunners did it in __init__.
     if hasattr(runner, "alloc_memory_pool") and getattr(runner, "req_to_token_pool", None) is None:
@@ -291,6 +333,16 @@ def forward_batch_of(model_runner, batch):
 def logits_output_of(out) -> Any:
     """The LogitsProcessor output of what ModelRunner.forward returned (a tuple up to 0.5.7)."""
     return out[0] if isinstance(out, tuple) else out.logits_output
+
+
+def no_piecewise_graphs_server_args() -> dict[str, Any]:
+    """The ServerArgs field that keeps SGLang's piecewise CUDA graphs off, where the release has one (0.5.13
+    captures them by default for models such as Llama, and fails on the CPU: torch.cpu has no graph pool);
+    the runner's graphs are its own (prefill graphs of the dense engine, decode graphs when asked)."""
+    from sglang.srt.server_args import ServerArgs
+
+    names = set(inspect.signature(ServerArgs).parameters)
+    return {"disable_piecewise_cuda_graph": True} if "disable_piecewise_cuda_graph" in names else {}
 
 
 def decode_graph_server_args(batch_sizes: Optional[Sequence[int]]) -> dict[str, Any]:

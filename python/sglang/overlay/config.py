@@ -20,6 +20,19 @@ from sglang.overlay.quiet import LOG_LEVELS
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 
+# The model families the runner serves, by HF architecture: each is tested on CPU against HuggingFace on the
+# same weights (runner logits, MeZO; tests/test_families.py) on every CPU release. Others may run; they are
+# refused unless RunnerConfig(check_family=False).
+FAMILIES = {
+    "OPTForCausalLM": "OPT",
+    "GPT2LMHeadModel": "GPT-2",
+    "LlamaForCausalLM": "Llama 2 / 3",
+    "MistralForCausalLM": "Mistral",
+    "Qwen2ForCausalLM": "Qwen2 / Qwen2.5",
+    "Qwen3ForCausalLM": "Qwen3",
+    "GemmaForCausalLM": "Gemma",
+}
+
 
 class SettingError(ValueError):
     """A ValueError about the value of one ``RunnerConfig`` field: ``str()`` names it as the API does
@@ -78,6 +91,7 @@ class RunnerConfig:
     cuda_graph_batch_sizes: Optional[tuple[int, ...]] = None
     first_gpu: int = 0
     log_level: str = "quiet"
+    check_family: bool = True
     # The model's parsed config.json, set by resolved(): a resolved config is not validated again.
     _checkpoint: Optional[dict] = field(default=None, init=False, repr=False, compare=False)
 
@@ -161,6 +175,13 @@ class RunnerConfig:
             raise ValueError(f"{path / 'config.json'} is not valid JSON ({error})") from None
         if not isinstance(checkpoint, dict) or not checkpoint.get("architectures"):
             raise ValueError(f"{path / 'config.json'} names no architectures; SGLang cannot pick a model class")
+        architecture = checkpoint["architectures"][0]
+        if self.check_family and architecture not in FAMILIES:
+            served = ", ".join(f"{family} ({arch})" for arch, family in FAMILIES.items())
+            raise ValueError(
+                f"{path / 'config.json'} is a {architecture}, which the in-process runner does not serve: it serves "
+                f"{served}. To try another of SGLang's models anyway, build with RunnerConfig(check_family=False)"
+            )
         for weights in sorted(path.glob("*.safetensors")):
             _check_safetensors(weights)
         return checkpoint
@@ -254,6 +275,7 @@ def make_server_args(config: RunnerConfig):
         random_seed=config.random_seed,
         tp_size=config.tp_size,
     )
+    kwargs.update(compat.no_piecewise_graphs_server_args())
     if config.max_total_tokens is not None:
         kwargs["max_total_tokens"] = config.max_total_tokens
     if config.cuda_graphs:

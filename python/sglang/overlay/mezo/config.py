@@ -216,8 +216,3 @@ def derive_seed(seed: int, *labels: object) -> int:
     """A 63-bit seed from ``seed`` and labels: SHA-256 of ``"mezo:<seed>:<label>:..."``, first 8 bytes, >> 1."""
     text = ":".join(str(part) for part in ("mezo", seed, *labels))
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
-
-
-def decays(name: str) -> bool:
-    """MeZO's rule: weight decay applies to every parameter but biases and layer norms."""
-    return "bias" not in name and "layer_norm" not in name

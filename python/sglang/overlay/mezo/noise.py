@@ -153,10 +153,12 @@ class Stream:
 class NoisePass:
     """Passes ``w = k * w + sum_s (k * a_s + b_s) * z_s`` over named tensors at given global offsets.
 
-    ``tensors`` are contiguous views (HF parameters, or their shards: ``offsets`` then gives, for
-    each, the global offset of its element 0 and a row stride ``(row_length, global_row_stride)``
+    ``tensors`` are contiguous views (HF parameters, or their shards: ``bases`` gives, for each, the
+    global offset of its element 0, and ``rows`` a row stride ``(row_length, global_row_stride)``
     when its rows are not contiguous in the HF parameter). ``decays`` names the tensors ``keep``
-    applies to.
+    applies to. ``transposed`` names tensors that hold their HF parameter transposed (``[out, in]``
+    for HF's ``[in, out]``, GPT-2's Conv1D weights): their z is drawn in HF's order and transposed,
+    by torch (the kernel skips them).
     """
 
     BLOCK = 2048
@@ -172,15 +174,19 @@ class NoisePass:
         bases: dict[str, int],
         decays: Sequence[str] = (),
         rows: Optional[dict[str, tuple[int, int]]] = None,
+        transposed: Sequence[str] = (),
     ) -> None:
         rows = rows or {}
         self.tensors = tensors
         self.decays = frozenset(decays)
+        self.transposed = {name: bases[name] for name in transposed}
         # Segments: (name, first local element, length, global offset of that element).
         self.segments: list[tuple[str, int, int, int]] = []
         for name, tensor in tensors.items():
             if not tensor.is_contiguous():
                 raise ValueError(f"{name}: the noise pass needs a contiguous tensor (view)")
+            if name in self.transposed:
+                continue
             if name in rows:
                 length, stride = rows[name]
                 self.segments += [
@@ -206,11 +212,26 @@ class NoisePass:
         if not 1 <= len(streams) <= 2:
             raise ValueError(f"a noise pass takes one or two streams, got {len(streams)}")
         if self.uses_kernel():
-            self._kernel_pass(streams, keep, fast=self.FAST)
+            if self.segments:
+                self._kernel_pass(streams, keep, fast=self.FAST)
+            self._transposed_pass(streams, keep)
         else:
             self._torch_pass(streams, keep)
 
+    def _transposed_pass(self, streams: Sequence[Stream], keep: float) -> None:
+        """The pass over the transposed tensors: z of the whole HF tensor, in HF's order, transposed."""
+        for name, base in self.transposed.items():
+            tensor = self.tensors[name]
+            k = keep if name in self.decays else 1.0
+            out = tensor.float() * k if k != 1.0 else tensor.to(torch.float32, copy=True)
+            hf_shape = (tensor.numel() // tensor.shape[0], tensor.shape[0])
+            for s in streams:
+                z = torch.cat([z for _, z in normal_range(s.seed, base, tensor.numel(), tensor.device)])
+                out += z.view(hf_shape).T.reshape(tensor.shape).mul_(k * s.a + s.b)
+            tensor.copy_(out)
+
     def _torch_pass(self, streams: Sequence[Stream], keep: float) -> None:
+        self._transposed_pass(streams, keep)
         for name, start, length, base in self.segments:
             flat = self.tensors[name].view(-1)[start : start + length]
             k = keep if name in self.decays else 1.0

@@ -21,7 +21,7 @@ import torch
 
 from sglang.overlay import quiet
 from sglang.overlay.mezo import checkpoint, params
-from sglang.overlay.mezo.config import MeZOConfig, StepResult, decays, derive_seed
+from sglang.overlay.mezo.config import MeZOConfig, StepResult, derive_seed
 from sglang.overlay.mezo.data import Batch, EvalExample
 from sglang.overlay.mezo.dp import DataParallel
 from sglang.overlay.mezo.eval import EvalResult, evaluate
@@ -51,10 +51,6 @@ class MeZO:
         # The update of the last deferred step (step(defer_update=True)): (seed, a, b, keep) of its pass.
         self._pending: Optional[tuple[int, float, float, float]] = None
         self.hf_config = runner.hf_config
-        if self.hf_config.model_type != "opt":
-            raise ValueError(
-                f"MeZO here supports OPT checkpoints only, {runner.config.model_path} is {self.hf_config.model_type!r}"
-            )
         self.placements = params.place(runner.model, self.hf_config, self.tp_rank, self.tp_size)
         self._weights = {name: placement.view for name, placement in self.placements.items()}
         self.device = next(iter(self._weights.values())).device
@@ -63,21 +59,25 @@ class MeZO:
             self._trainables = dict(self._weights)
             bases = {name: p.base for name, p in self.placements.items()}
             rows = {name: p.rows for name, p in self.placements.items() if p.rows is not None}
+            transposed = [name for name, p in self.placements.items() if p.transposed]
         else:
-            self.lora = add_lora(
-                self.runner.model,
-                self._weights,
-                self.hf_config,
-                self.config,
-                derive_seed(self.config.seed, "lora-init"),
-            )
+            seed = derive_seed(self.config.seed, "lora-init")
+            self.lora = add_lora(self.runner.model, self.placements, self.config, seed)
             self._trainables = {
                 f"{prefix}.lora_{x}.weight": t for prefix, ab in self.lora.items() for x, t in zip("AB", ab)
             }
-            bases, rows, offset = {}, {}, 0
+            bases, rows, transposed, offset = {}, {}, [], 0
             for name, tensor in self._trainables.items():  # LoRA's z: offsets in A/B order
                 bases[name], offset = offset, offset + tensor.numel()
-        self.noise = NoisePass(self._trainables, bases, [n for n in self._trainables if decays(n)], rows)
+        no_decay = params.no_weight_decay(self.hf_config)
+        decays = [name for name in self._trainables if name not in no_decay]
+        shifted = [name for name in decays if name in self.placements and self.placements[name].shift]
+        if shifted and config.weight_decay:
+            raise ValueError(
+                f"{shifted[0]} is stored with a constant added, so weight decay on it would decay that "
+                "too: train with weight_decay=0"
+            )
+        self.noise = NoisePass(self._trainables, bases, decays, rows, transposed)
         runner.register_weight_sync(self.sync)
 
     @property
@@ -252,18 +252,23 @@ class MeZO:
             raise ValueError("checkpoints at tensor parallelism > 1 are not supported yet")
         state = checkpoint.read_state(directory)
         checkpoint.check_compatible(state, asdict(self.config), self.facts(), run, directory)
-        targets = self._trainables if self.lora else self._weights
-        loaded = checkpoint.load_tensors(directory, {n: tuple(t.shape) for n, t in targets.items()}, bool(self.lora))
+        if self.lora:
+            targets = self._trainables
+            shapes = {name: tuple(t.shape) for name, t in targets.items()}
+        else:
+            targets = self._weights
+            shapes = {name: tuple(shape) for name, shape in params.hf_parameter_shapes(self.hf_config)}
+        loaded = checkpoint.load_tensors(directory, shapes, bool(self.lora))
         self._pending = None  # the checkpoint's weights replace whatever is there
         with torch.no_grad():
             for name, tensor in targets.items():
-                tensor.copy_(loaded[name])
+                tensor.copy_(self.local_part(name, loaded[name]))
         self.steps_done = int(state["steps_done"])
         return state
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
-        """HF OPTForCausalLM weights (CPU copies), LoRA merged: W0 + (alpha/r)·B A. At tensor
-        parallelism > 1 the shards are gathered: every rank calls it."""
+        """The HF model's weights (CPU copies, ``named_parameters`` names), LoRA merged: W0 + (alpha/r)·B A.
+        At tensor parallelism > 1 the shards are gathered: every rank calls it."""
         self.sync()
         state = params.gather(self.placements, self.hf_config, self.tp_size)
         if self.config.lora_rank is not None:
@@ -273,20 +278,19 @@ class MeZO:
         return state
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
-        """An HF checkpoint (config.json, model.safetensors) that ``OPTForCausalLM.from_pretrained`` loads.
+        """An HF checkpoint (config.json, model.safetensors) that ``AutoModelForCausalLM.from_pretrained`` loads.
         Every rank calls it (tensor parallelism gathers the shards); the lead rank writes."""
         return self._write_pretrained(Path(out_dir), write=self.lead)
 
     def _write_pretrained(self, out_dir: Path, write: bool = True) -> Path:
-        from transformers import OPTForCausalLM
-
         state = self.hf_state_dict()
-        with torch.device("meta"):
-            model = OPTForCausalLM(self.hf_config)
-        if self.hf_config.tie_word_embeddings:
-            state["lm_head.weight"] = state["model.decoder.embed_tokens.weight"]
-        model.load_state_dict(state, strict=True, assign=True)
-        model.tie_weights()
+        model = params.hf_model(self.hf_config)
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        model.tie_weights()  # a tied head is not in the state: it takes the embeddings
+        if unexpected or any(p.is_meta for p in model.parameters()):
+            raise RuntimeError(
+                f"the trainer's weights do not fill the HF model: missing {missing}, unexpected {unexpected}"
+            )
         if write:
             with quiet.scope(self.runner.config.log_level):  # HF's one-shard "Writing model shards" bar
                 model.save_pretrained(out_dir)
