@@ -12,6 +12,7 @@ from typing import Optional
 
 from .errors import OverlayError
 from .gitutil import git, log, run
+from .locks import entry_lock
 
 # The identity of the commits the tool makes itself (release trees, checkouts).
 GIT_IDENTITY = {
@@ -43,37 +44,43 @@ class Cache:
         self.root = root
 
     def wheel(self, version: str) -> Path:
-        """The cached PyPI wheel of ``version`` (downloaded when missing)."""
+        """The cached PyPI wheel of ``version`` (downloaded when missing; one run at a time, see ``locks``)."""
         wheels = self.root / "wheels"
         found = self._find_wheel(wheels, version)
         if found:
             return found
-        wheels.mkdir(parents=True, exist_ok=True)
-        log(f"downloading sglang=={version} from PyPI into {wheels}")
-        proc = run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--only-binary=:all:",
-                "--progress-bar",
-                "on",
-                "-d",
-                str(wheels),
-                f"sglang=={version}",
-            ],
-            check=False,
-            capture=False,
-        )
-        found = self._find_wheel(wheels, version)
-        if proc.returncode != 0 or not found:
-            raise OverlayError(
-                f"could not download the sglang {version} wheel from PyPI (pip exit {proc.returncode}); "
-                f"check the network, or put the wheel into {wheels} by hand"
-            )
-        return found
+        with entry_lock(wheels / f"sglang-{version}", f"the sglang {version} wheel"):
+            found = self._find_wheel(wheels, version)  # another run may have downloaded it meanwhile
+            if found:
+                return found
+            log(f"downloading sglang=={version} from PyPI into {wheels}")
+            # Into a scratch folder, then renamed into place: a wheel in wheels/ is always whole.
+            with tempfile.TemporaryDirectory(prefix=f".download-{version}-", dir=wheels) as tmp:
+                proc = run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "pip",
+                        "download",
+                        "--no-deps",
+                        "--only-binary=:all:",
+                        "--progress-bar",
+                        "on",
+                        "-d",
+                        tmp,
+                        f"sglang=={version}",
+                    ],
+                    check=False,
+                    capture=False,
+                )
+                got = self._find_wheel(Path(tmp), version)
+                if proc.returncode != 0 or not got:
+                    raise OverlayError(
+                        f"could not download the sglang {version} wheel from PyPI (pip exit {proc.returncode}); "
+                        f"check the network, or put the wheel into {wheels} by hand"
+                    )
+                os.replace(got, wheels / got.name)
+            return wheels / got.name
 
     @staticmethod
     def _find_wheel(wheels: Path, version: str) -> Optional[Path]:
@@ -81,13 +88,25 @@ class Cache:
         return matches[0] if matches else None
 
     def release_tree(self, version: str) -> Path:
-        """The cached upstream git repository of ``version`` (fetched when missing)."""
+        """The cached upstream git repository of ``version`` (fetched when missing; one run at a time).
+
+        Built in a scratch folder beside it and renamed into place, so a tree in releases/ is whole."""
         repo = self.root / "releases" / version
-        if (repo / ".git").is_dir() and git("tag", "--list", f"v{version}", cwd=repo).strip():
+        if self._tree_ready(repo, version):
             return repo
+        with entry_lock(repo, f"the sglang {version} release tree"):
+            if self._tree_ready(repo, version):  # another run built it meanwhile
+                return repo
+            self._build_tree(repo, version)
+        return repo
+
+    @staticmethod
+    def _tree_ready(repo: Path, version: str) -> bool:
+        return (repo / ".git").is_dir() and bool(git("tag", "--list", f"v{version}", cwd=repo).strip())
+
+    def _build_tree(self, repo: Path, version: str) -> None:
         wheel = self.wheel(version)
-        (self.root / "releases").mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=self.root / "releases"))
+        staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=repo.parent))
         try:
             with zipfile.ZipFile(wheel) as zf:
                 members = [m for m in zf.namelist() if m.startswith("sglang/") and not m.endswith("/")]
@@ -109,10 +128,9 @@ class Cache:
                 env=GIT_IDENTITY,
             )
             git("tag", f"v{version}", cwd=staging)
-            if repo.exists():
+            if repo.exists():  # an incomplete tree (a run killed before this change); we hold the lock
                 shutil.rmtree(repo)
             staging.rename(repo)
         finally:
             if staging.exists():
                 shutil.rmtree(staging)
-        return repo

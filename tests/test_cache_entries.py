@@ -1,0 +1,122 @@
+"""The cache under concurrent runs (issue 35, item 6: two cold `demo`s started 1 s or 30 s apart both failed,
+the second had deleted the first's half-built venv). CPU-only, no sglang, no network; a few seconds each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+from overlay_tool.envs import VENV_MARKER, venv_entry, venv_python  # noqa: E402
+from overlay_tool.errors import OverlayError  # noqa: E402
+from overlay_tool.locks import lock_file  # noqa: E402
+
+# Each child builds one cache entry through the tool's own code. Its build step stops for a while once
+# under way (after touching SIGNAL), long enough for the second child to start against the same entry.
+CHILD = r"""
+import os, sys, time
+from pathlib import Path
+sys.path.insert(0, os.environ["SCRIPTS"])
+kind, root, signal = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+
+if kind == "venv":
+    from overlay_tool.envs import venv_entry
+    entry = root / "venvs" / "entry"
+    with venv_entry(entry, {"test": 1}, "a test venv", with_pip=False) as python:
+        if python is None:
+            print("reused", os.stat(entry).st_ino)
+            sys.exit(0)
+        (entry / "half-built").write_text(str(os.getpid()))  # as pip's half-installed torch
+        signal.touch()
+        time.sleep(2)
+        if not (entry / "half-built").is_file() or (entry / "half-built").read_text() != str(os.getpid()):
+            sys.exit("this run's half-built venv was deleted under it")
+        print("built", os.stat(entry).st_ino)
+else:
+    import overlay_tool.cache as cache
+    real_git = cache.git
+    def slow_git(*args, **kwargs):
+        if args[0] == "init":  # the tree is being built
+            signal.touch()
+            time.sleep(2)
+        return real_git(*args, **kwargs)
+    cache.git = slow_git
+    repo = cache.Cache(root).release_tree("1.0")
+    print("tree", os.stat(repo / ".git").st_ino)
+"""
+
+
+def _fake_wheel(path: Path, files: dict[str, str], name: str, version: str) -> Path:
+    """A minimal pure-Python wheel that pip installs."""
+    info = f"{name}-{version}.dist-info"
+    files = {
+        **files,
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    files[f"{info}/RECORD"] = "".join(f"{f},,\n" for f in [*files, f"{info}/RECORD"])
+    with zipfile.ZipFile(path, "w") as zf:
+        for member, text in files.items():
+            zf.writestr(member, text)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["venv", "release tree"])
+def test_two_runs_building_one_entry_at_once_both_succeed_and_leave_one_whole_entry(kind: str, tmp_path: Path) -> None:
+    root = tmp_path / "cache"  # an empty SGLANG_OVERLAY_CACHE
+    entry = root / "venvs" / "entry" if kind == "venv" else root / "releases" / "1.0"
+    if kind == "venv":  # what a killed run leaves: a venv without its marker; the first run removes it
+        entry.mkdir(parents=True)
+        (entry / "pyvenv.cfg").write_text("home = /nowhere\n")
+    else:
+        (root / "wheels").mkdir(parents=True)
+        _fake_wheel(root / "wheels" / "sglang-1.0-py3-none-any.whl", {"sglang/version.py": "v = 1\n"}, "sglang", "1.0")
+    env = {**os.environ, "SCRIPTS": str(REPO / "scripts"), "PYTHONDONTWRITEBYTECODE": "1"}
+    signal = tmp_path / "under-way"
+    argv = [sys.executable, "-c", CHILD, kind.split()[0], str(root), str(signal)]
+    first = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 60
+    while not signal.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert signal.exists(), first.communicate()
+    second = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    (out1, err1), (out2, err2) = first.communicate(timeout=120), second.communicate(timeout=120)
+    assert first.returncode == 0, err1
+    assert second.returncode == 0, err2
+    # Both got the entry the first built (same inode: not rebuilt or replaced), and the second said it waited.
+    word = "built" if kind == "venv" else "tree"
+    assert out1.split() == [word, str(os.stat(entry if kind == "venv" else entry / ".git").st_ino)]
+    assert out2.split()[1] == out1.split()[1]
+    what = "a test venv" if kind == "venv" else "the sglang 1.0 release tree"
+    assert f"waiting for another overlay.py (pid {first.pid}) building {what}" in err2, err2
+    if kind == "venv":
+        assert out2.split()[0] == "reused" and err1.count("creating ") == 1 and "creating " not in err2
+        assert json.loads((entry / VENV_MARKER).read_text()) == {"deps": {"test": 1}}
+        assert (
+            subprocess.run(
+                [str(venv_python(entry)), "-c", "import sys; assert sys.prefix != sys.base_prefix"]
+            ).returncode
+            == 0
+        )
+    else:
+        assert sorted(p.name for p in entry.parent.iterdir()) == [".1.0.lock", "1.0"]  # no staging left
+    assert lock_file(entry).read_text() == ""  # nobody holds it
+
+
+def test_a_folder_that_is_not_a_venv_is_never_deleted(tmp_path: Path) -> None:
+    mine = tmp_path / "project"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine\n")
+    with pytest.raises(OverlayError, match="is not a venv .*nothing was deleted"):
+        with venv_entry(mine, {"test": 1}, "a test venv"):
+            pass
+    assert (mine / "notes.txt").read_text() == "mine\n"
