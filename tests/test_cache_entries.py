@@ -1,22 +1,25 @@
 """The cache under concurrent runs (issue 35, item 6: two cold `demo`s started 1 s or 30 s apart both failed,
-the second had deleted the first's half-built venv). CPU-only, no sglang, no network; a few seconds each.
+the second had deleted the first's half-built venv), and transformers layers built without pip trying to
+uninstall the base's copies. CPU-only, no sglang, no network; a few seconds each (a venv with pip takes ~3 s).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 import zipfile
 from pathlib import Path
 
+import pip
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
-from overlay_tool.envs import VENV_MARKER, venv_entry, venv_python  # noqa: E402
+from overlay_tool.envs import VENV_MARKER, install_layer, site_packages, venv_entry, venv_python  # noqa: E402
 from overlay_tool.errors import OverlayError  # noqa: E402
 from overlay_tool.locks import lock_file  # noqa: E402
 
@@ -120,3 +123,55 @@ def test_a_folder_that_is_not_a_venv_is_never_deleted(tmp_path: Path) -> None:
         with venv_entry(mine, {"test": 1}, "a test venv"):
             pass
     assert (mine / "notes.txt").read_text() == "mine\n"
+
+
+def test_a_layer_shadows_the_base_without_pip_trying_to_uninstall_the_base_copies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
+) -> None:
+    """The base holds transformers 9.0 (xgrammar and compressed_tensors pull in the newest); the layer pins 1.0.
+    A plain `pip install` in the layer saw the base's copy through the layer's .pth and printed "Not uninstalling
+    transformers at .../base-..., outside environment ..." while building every layer."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    for version in ("1.0", "9.0"):
+        _fake_wheel(
+            wheels / f"transformers-{version}-py3-none-any.whl",
+            {"transformers/__init__.py": f"__version__ = {version!r}\n"},
+            "transformers",
+            version,
+        )
+    _fake_wheel(wheels / "basepkg-1.0-py3-none-any.whl", {"basepkg.py": "HERE = 'base'\n"}, "basepkg", "1.0")
+    for key, value in {"PIP_CONFIG_FILE": os.devnull, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheels)}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PIP_DISABLE_PIP_VERSION_CHECK", "1")
+    base, layer = tmp_path / "base", tmp_path / "layer"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(base)], check=True)
+    subprocess.run(  # the base's packages, installed by this interpreter's pip into the base's site-packages
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--target",
+            str(site_packages(venv_python(base))),
+            str(wheels / "transformers-9.0-py3-none-any.whl"),
+            str(wheels / "basepkg-1.0-py3-none-any.whl"),
+        ],
+        check=True,
+    )
+    # The layer's pip: a copy of this interpreter's (what ensurepip installs, in 0.3 s instead of 3-13 s).
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(layer)], check=True)
+    shutil.copytree(Path(pip.__file__).parent, site_packages(venv_python(layer)) / "pip")
+    constraints = tmp_path / "constraints.txt"
+    constraints.write_text("transformers==1.0\n")
+    capfd.readouterr()
+    install_layer(venv_python(layer), venv_python(base), ["transformers==1.0"], constraints)
+    err = capfd.readouterr().err
+    assert "Not uninstalling" not in err and "outside environment" not in err, err
+    probe = "import transformers, basepkg; print(transformers.__version__, basepkg.HERE)"
+    assert subprocess.run([str(venv_python(layer)), "-c", probe], capture_output=True, text=True).stdout == "1.0 base\n"
+    installed = sorted(p.name for p in site_packages(venv_python(layer)).glob("*.dist-info"))
+    assert installed == ["transformers-1.0.dist-info"]
+    assert (site_packages(venv_python(base)) / "transformers-9.0.dist-info").is_dir()  # the base is untouched

@@ -180,27 +180,41 @@ def make_base_env(overlay: Overlay, envs: Path) -> Path:
 
 
 def make_deps_env(transformers: str, overlay: Overlay, envs: Path) -> Path:
-    """A venv layered on the base venv (a .pth adds its site-packages) with ``transformers`` on top.
-
-    Its own site-packages comes first on sys.path, so the transformers pin and
-    what it needs (tokenizers, huggingface_hub, ...) shadow the base's copies;
-    torch and the rest come from the base, installed once.
-    """
+    """A venv layered on the base venv (``install_layer``) with ``transformers`` on top."""
     base_python = make_base_env(overlay, envs)
     deps = {**runtime_deps(overlay), "transformers": transformers, "base": str(base_python)}
     directory = envs / f"transformers-{transformers}-{_digest(deps)}"
     with venv_entry(directory, deps, f"transformers {transformers} on the shared base venv") as python:
         if python is not None:
             started = time.monotonic()
-            (site_packages(python) / "sglang_overlay_base.pth").write_text(
-                f"import site; site.addsitedir({str(site_packages(base_python))!r})\n"
-            )
             constraints = directory / "constraints.txt"
             constraints.write_text(f"torch=={deps['torch']}\ntransformers=={transformers}\n")
-            pip = [str(python), "-m", "pip", "install", "--progress-bar", "off", "-c", str(constraints)]
-            run(pip + [f"transformers=={transformers}"], capture=False)
+            install_layer(python, base_python, [f"transformers=={transformers}"], constraints)
             log(f"transformers {transformers} venv built in {time.monotonic() - started:.0f} s")
     return venv_python(directory)
+
+
+def install_layer(python: Path, base_python: Path, requirements: list[str], constraints: Path) -> None:
+    """Make the venv of ``python`` a layer on ``base_python``'s, with ``requirements`` in it.
+
+    A .pth adds the base's site-packages after the layer's own, so what the layer holds (the
+    transformers pin and what it needs at other versions: tokenizers, huggingface_hub, ...) shadows
+    the base's copies, and torch and the rest come from the base, installed once. pip resolves
+    against both, then installs what it chose into the layer with ``--ignore-installed``: it sees
+    the base's copies it shadows as installed, and a plain install would try to uninstall them
+    ("Not uninstalling transformers at .../base-..., outside environment ...")."""
+    (site_packages(python) / "sglang_overlay_base.pth").write_text(
+        f"import site; site.addsitedir({str(site_packages(base_python))!r})\n"
+    )
+    pip = [str(python), "-m", "pip", "install", "-c", str(constraints)]
+    with tempfile.TemporaryDirectory(prefix="sglang-overlay-layer-") as tmp:
+        report = Path(tmp) / "report.json"
+        run(pip + ["-q", "--dry-run", "--report", str(report), *requirements])
+        chosen = [
+            f"{i['metadata']['name']}=={i['metadata']['version']}" for i in json.loads(report.read_text())["install"]
+        ]
+    if chosen:
+        run(pip + ["--progress-bar", "off", "--no-deps", "--ignore-installed", *chosen], capture=False)
 
 
 def patched_tree(version: str, dest: Path, overlay: Overlay, cache: Cache) -> Path:
