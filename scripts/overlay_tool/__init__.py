@@ -7,7 +7,7 @@
 - ``gitutil``: running commands and git, byte helpers (project-agnostic);
 - ``locks``: one builder per cache entry (a flock beside it), atomic writes (project-agnostic);
 - ``releases``: patches/releases.toml: Release, Variant, Overlay, version_key;
-- ``cache``: upstream release wheels and release trees (git repositories tagged vX);
+- ``cache``: upstream release wheels and release trees (git repositories tagged vX), what fetching costs;
 - ``apply``: Target, FilePlan; apply, revert, status;
 - ``patches``: checkout, refresh (export_patches), check;
 - ``envs``: CPU venvs: per release, the shared base venv and its transformers layers (``venv_entry``: one
