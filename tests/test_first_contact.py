@@ -1,11 +1,12 @@
 """What a new user meets first: venv / demo of a release that does not run on CPU, a pipe closed
-early, matrix's progress lines, what `check` will fetch. CPU-only, no sglang and no
+early, matrix's progress lines, what `check` will fetch, what git ignores. CPU-only, no sglang and no
 network needed; each test takes well under a second or two.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -182,6 +183,29 @@ def test_the_commands_the_tool_runs_write_to_stderr_so_stdout_is_the_result() ->
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "/the/venv/bin/python\n"
     assert "pip: Collecting torch" in proc.stderr and "pip: a warning" in proc.stderr
+
+
+def test_what_the_readme_commands_leave_in_a_clone_is_ignored_by_git() -> None:
+    """README's install commands leave venvs, a wheel and the build stage in the clone (79-262 MB each);
+    `git status` must not offer them for a commit, and no tracked file may match an ignore pattern."""
+    if subprocess.run(["git", "rev-parse", "--git-dir"], cwd=REPO, capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout")
+    readme = "".join(re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S))  # its commands
+    venvs = set(re.findall(r"python3 -m venv (\S+)", readme)) | set(
+        re.findall(r"overlay\.py venv \S+ ([^\s)]+)", readme)
+    )
+    assert {".venv", ".venv-light", ".venvs/0.5.23"} <= venvs  # what README says today
+    default = Overlay.load(REPO).default
+    made = [
+        *(f"{v}/bin/python" for v in venvs),
+        f"sglang-{default}+overlay.1-cp311-cp311-linux_x86_64.whl",  # `pip wheel --no-deps .`
+        "build/sglang-overlay/build.json",  # the build backend's stage (setup.py's STAGE)
+        "build/lib/sglang/__init__.py",  # setuptools' own build folder
+    ]
+    proc = subprocess.run(["git", "check-ignore", "--no-index", *made], cwd=REPO, capture_output=True, text=True)
+    assert sorted(proc.stdout.split()) == sorted(made)
+    tracked = subprocess.run(["git", "ls-files", "-ci", "--exclude-standard"], cwd=REPO, capture_output=True, text=True)
+    assert tracked.stdout == ""
 
 
 def _fixture_overlay(root: Path) -> Overlay:
