@@ -175,3 +175,18 @@ def test_a_layer_shadows_the_base_without_pip_trying_to_uninstall_the_base_copie
     installed = sorted(p.name for p in site_packages(venv_python(layer)).glob("*.dist-info"))
     assert installed == ["transformers-1.0.dist-info"]
     assert (site_packages(venv_python(base)) / "transformers-9.0.dist-info").is_dir()  # the base is untouched
+
+
+def test_a_damaged_release_tree_is_built_again(tmp_path: Path) -> None:
+    """A tree that is not whole (an older tool's half-built one, or damaged) is replaced, not an error."""
+    from overlay_tool.cache import Cache
+
+    cache = Cache(tmp_path / "cache")
+    (cache.root / "releases" / "1.0" / ".git").mkdir(parents=True)  # not a repository
+    (cache.root / "wheels").mkdir()
+    _fake_wheel(
+        cache.root / "wheels" / "sglang-1.0-py3-none-any.whl", {"sglang/version.py": "v = 1\n"}, "sglang", "1.0"
+    )
+    repo = cache.release_tree("1.0")
+    assert (repo / "python" / "sglang" / "version.py").read_text() == "v = 1\n"
+    assert subprocess.run(["git", "tag"], cwd=repo, capture_output=True, text=True).stdout == "v1.0\n"

@@ -105,7 +105,7 @@ class Cache:
 
     @staticmethod
     def _tree_ready(repo: Path, version: str) -> bool:
-        return (repo / ".git").is_dir() and bool(git("tag", "--list", f"v{version}", cwd=repo).strip())
+        return (repo / ".git").is_dir() and bool(git("tag", "--list", f"v{version}", cwd=repo, check=False).strip())
 
     def _build_tree(self, repo: Path, version: str) -> None:
         wheel = self.wheel(version)
@@ -131,7 +131,7 @@ class Cache:
                 env=GIT_IDENTITY,
             )
             git("tag", f"v{version}", cwd=staging)
-            if repo.exists():  # an incomplete tree (a run killed before this change); we hold the lock
+            if repo.exists():  # not a whole tree (an older tool's, or damaged); this run holds the lock
                 shutil.rmtree(repo)
             staging.rename(repo)
         finally:
