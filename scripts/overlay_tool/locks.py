@@ -49,7 +49,7 @@ def entry_lock(entry: Path, what: str) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 100, 0).decode(errors="replace").strip()
-            log(f"waiting for another overlay.py{f' ({holder})' if holder else ''} building {what} (lock: {path})")
+            log(f"waiting for another overlay.py{f' ({holder})' if holder else ''} building {what}; lock file {path}")
             started = time.monotonic()
             fcntl.flock(fd, fcntl.LOCK_EX)
             log(f"waited {time.monotonic() - started:.0f} s for {what}")
