@@ -237,7 +237,7 @@ def test_check_says_how_many_releases_it_will_fetch_before_it_does(tmp_path: Pat
     assert first.returncode == 0, first.stderr
     assert first.stderr.splitlines()[0] == (
         f"check: 1 of the 2 release(s) are not in the cache ({cache.root}) yet: fetching them takes about "
-        "0.1 GB on disk and about 1 min. `check X ...` works on the releases named only"
+        "0.1 GB on disk and about 1 min on a quiet machine. `check X ...` works on the releases named only"
     )
     assert first.stdout == "patches are up to date and apply cleanly\n"
     again = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)

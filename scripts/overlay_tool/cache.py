@@ -26,7 +26,8 @@ GIT_IDENTITY = {
 # `git am` takes the author from each patch; the committer side is fixed.
 COMMITTER_IDENTITY = {k: v for k, v in GIT_IDENTITY.items() if k.startswith("GIT_COMMITTER")}
 # What fetching one release costs, on average (all 52 on a cold cache: 386 MB of wheels, 2.4 GB of release
-# trees, 3 min), for what `check` and `matrix` say before they start.
+# trees; `check` took 3 min on a quiet machine, 10 min at load average 5 on 2 cores), for what `check` and
+# `matrix` say before they start.
 WHEEL_MB, TREE_MB, FETCH_S = 7.4, 46, 3.5
 
 
@@ -156,5 +157,6 @@ class Cache:
         return (
             f"{verb}: {len(trees)} of the {len(versions)} release(s) are not in the cache ({self.root}) yet: "
             f"fetching them {download}takes about {len(trees) * (WHEEL_MB + TREE_MB) / 1000:.1f} GB on disk and "
-            f"about {max(1, round(len(trees) * FETCH_S / 60))} min. `{verb} X ...` works on the releases named only"
+            f"about {max(1, round(len(trees) * FETCH_S / 60))} min on a quiet machine. `{verb} X ...` works on the "
+            "releases named only"
         )
