@@ -1,14 +1,16 @@
 """What a new user meets first: venv / demo of a release that does not run on CPU, a pipe closed
-early, and matrix's progress lines. CPU-only, no sglang and no network needed; each test takes
-well under a second or two.
+early, matrix's progress lines, what `check` will fetch, what git ignores. CPU-only, no sglang and no
+network needed; each test takes well under a second or two.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -181,3 +183,66 @@ def test_the_commands_the_tool_runs_write_to_stderr_so_stdout_is_the_result() ->
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "/the/venv/bin/python\n"
     assert "pip: Collecting torch" in proc.stderr and "pip: a warning" in proc.stderr
+
+
+def test_what_the_readme_commands_leave_in_a_clone_is_ignored_by_git() -> None:
+    """README's install commands leave venvs, a wheel and the build stage in the clone (79-262 MB each);
+    `git status` must not offer them for a commit, and no tracked file may match an ignore pattern."""
+    if subprocess.run(["git", "rev-parse", "--git-dir"], cwd=REPO, capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout")
+    readme = "".join(re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S))  # its commands
+    venvs = set(re.findall(r"python3 -m venv (\S+)", readme)) | set(
+        re.findall(r"overlay\.py venv \S+ ([^\s)]+)", readme)
+    )
+    assert {".venv", ".venv-light", ".venvs/0.5.23"} <= venvs  # what README says today
+    default = Overlay.load(REPO).default
+    made = [
+        *(f"{v}/bin/python" for v in venvs),
+        f"sglang-{default}+overlay.1-cp311-cp311-linux_x86_64.whl",  # `pip wheel --no-deps .`
+        "build/sglang-overlay/build.json",  # the build backend's stage (setup.py's STAGE)
+        "build/lib/sglang/__init__.py",  # setuptools' own build folder
+    ]
+    proc = subprocess.run(["git", "check-ignore", "--no-index", *made], cwd=REPO, capture_output=True, text=True)
+    assert sorted(proc.stdout.split()) == sorted(made)
+    tracked = subprocess.run(["git", "ls-files", "-ci", "--exclude-standard"], cwd=REPO, capture_output=True, text=True)
+    assert tracked.stdout == ""
+
+
+def _fixture_overlay(root: Path) -> Overlay:
+    """An overlay of two releases without patches, one variant whose base is 1.0."""
+    (root / "patches" / "one").mkdir(parents=True)
+    (root / "patches" / "releases.toml").write_text(
+        'default = "1.0"\n[runtime]\ntorch = "2.13.0"\ntorchvision = "0.28.0"\npackages = []\n'
+        '[variants.one]\nbase = "1.0"\n'
+        '[releases."1.0"]\nvariant = "one"\ntransformers = "4.0"\ncpu = false\ncpu_note = "fixture: no CPU"\n'
+        '[releases."2.0"]\nvariant = "one"\ntransformers = "4.0"\ncpu = false\ncpu_note = "fixture: no CPU"\n'
+    )
+    (root / "python" / "sglang").mkdir(parents=True)
+    (root / "python" / "sglang" / "overlay_fixture.py").write_text("HOOKED = True\n")
+    return Overlay.load(root)
+
+
+def test_check_says_how_many_releases_it_will_fetch_before_it_does(tmp_path: Path) -> None:
+    """`check` with no release fetched all 52 (3 min, 2.5 GB) without a word: it says how many releases are
+    not in the cache yet and about how much fetching them costs, then checks as before."""
+    _fixture_overlay(tmp_path / "overlay")
+    cache = Cache(tmp_path / "cache")
+    _fake_release_tree(cache, "1.0")
+    (cache.root / "wheels").mkdir()
+    with zipfile.ZipFile(cache.root / "wheels" / "sglang-2.0-py3-none-any.whl", "w") as zf:  # cached, not unpacked
+        zf.writestr("sglang/version.py", '__version__ = "2.0"\n')
+    argv = [sys.executable, str(OVERLAY_PY), "--overlay-root", str(tmp_path / "overlay"), "check"]
+    env = {**os.environ, "SGLANG_OVERLAY_CACHE": str(cache.root)}
+    first = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+    assert first.returncode == 0, first.stderr
+    assert first.stderr.splitlines()[0] == (
+        f"check: 1 of the 2 release(s) are not in the cache ({cache.root}) yet: fetching them takes about "
+        "0.1 GB on disk and about 1 min on a quiet machine. `check X ...` works on the releases named only"
+    )
+    assert first.stdout == "patches are up to date and apply cleanly\n"
+    again = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+    assert (again.returncode, again.stdout, again.stderr) == (0, first.stdout, "")
+    # A wheel to download too: said with its size (nothing is downloaded here).
+    notice = cache.fetch_notice(["1.0", "2.0", "3.0"], "matrix")
+    assert notice.startswith("matrix: 1 of the 3 release(s) are not in the cache")
+    assert "downloads 1 wheel(s) from PyPI (about 7 MB)" in notice

@@ -5,13 +5,17 @@
 
 - ``errors``: OverlayError (exit 1), UnsupportedRelease and NotOnCPU (exit 2);
 - ``gitutil``: running commands and git, byte helpers (project-agnostic);
+- ``locks``: one builder per cache entry (a flock beside it), atomic writes (project-agnostic);
 - ``releases``: patches/releases.toml: Release, Variant, Overlay, version_key;
-- ``cache``: upstream release wheels and release trees (git repositories tagged vX);
+- ``cache``: upstream release wheels and release trees (git repositories tagged vX), what fetching costs;
 - ``apply``: Target, FilePlan; apply, revert, status;
 - ``patches``: checkout, refresh (export_patches), check;
-- ``envs``: CPU venvs: per release, the shared base venv and its transformers layers; patched trees, the demo;
+- ``envs``: CPU venvs: per release, the shared base venv and its transformers layers (``venv_entry``: one
+  builder at a time); patched trees, the demo;
+- ``lint``: ruff over the project's own code, in a cached venv;
 - ``matrix``: the release matrix, PyPI's newest release, the table;
-- ``export_changes`` / ``export_pr``: the upstream PR branch (upstream layer only);
+- ``export_changes`` / ``export_opt_fixes`` / ``export_check`` / ``export_pr``: the upstream PR branches
+  (upstream layer only) and upstream's own checks on them;
 - ``build_backend``: the PEP 517 backend of the fork wheel (pyproject.toml);
 - ``cli``: argparse verbs and exit codes.
 

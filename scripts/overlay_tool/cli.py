@@ -8,7 +8,7 @@ Verbs (``python scripts/overlay.py VERB --help`` for each):
   status TARGET       applied, not applied, or partly applied
   checkout X DIR      a patched upstream git checkout to edit patches in
   refresh CHECKOUT    regenerate patches/<variant>/ from a patched checkout
-  check [X ...]       fail when patches/ is stale or does not apply
+  check [X ...]       fail when patches/ is stale or does not apply (default: every release)
   venv X DIR          a CPU virtual environment with release X, patched
   demo [X]            run the demo (native OPT vs HuggingFace) in matrix's shared venvs
   matrix [X ...]      fetch, apply, byte-compile and test each release (--newest: PyPI's newest)
@@ -72,6 +72,13 @@ def verb(cls: type[Verb]) -> type[Verb]:
     """Register a verb (in the order of the command line's help)."""
     VERBS[cls.name] = cls()
     return cls
+
+
+def _say_what_fetching_costs(versions: Sequence[str], cache: Cache, verb: str) -> None:
+    """Before a verb fetches many releases (``check``, ``matrix --all`` on a cold cache): how many, how much."""
+    notice = cache.fetch_notice(versions, verb)
+    if notice:
+        log(notice)
 
 
 def _venvs_argument(parser: argparse.ArgumentParser, what: str) -> None:
@@ -174,10 +181,14 @@ class Check(Verb):
     name, help = "check", "fail when patches/ is stale or does not apply"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("versions", nargs="*")
+        parser.add_argument("versions", nargs="*", help="releases (default: every supported release)")
 
     def run(self, args: argparse.Namespace, ctx: Context) -> int:
-        problems = check(args.versions or ctx.overlay.versions(), ctx.overlay, ctx.cache)
+        versions = args.versions or ctx.overlay.versions()
+        for version in versions:
+            ctx.overlay.release(version)
+        _say_what_fetching_costs(versions, ctx.cache, self.name)
+        problems = check(versions, ctx.overlay, ctx.cache)
         for problem in problems:
             print(problem)
         if problems:
@@ -260,6 +271,7 @@ class Matrix(Verb):
         versions = versions or ctx.overlay.versions()
         for version in versions:
             ctx.overlay.release(version)
+        _say_what_fetching_costs(versions, ctx.cache, self.name)
         return matrix(versions, ctx.overlay, ctx.cache, ctx.venvs, args.pytest_args.split(), level=args.level)
 
 

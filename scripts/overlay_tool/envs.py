@@ -12,14 +12,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from .apply import apply, status
 from .cache import Cache
 from .errors import OverlayError
 from .gitutil import log, read_bytes, run, sha256
-from .releases import Overlay
+from .locks import entry_lock, write_atomic
+from .releases import Overlay, Release
 
 VENV_MARKER = "sglang-overlay.json"
 TORCHVISION_SHIM = "sglang_overlay_torchvision"
@@ -55,9 +57,16 @@ def runtime_deps(overlay: Overlay) -> dict:
 def make_venv(version: str, directory: Path, overlay: Overlay, cache: Cache) -> Path:
     """A venv where ``import sglang`` is release ``version`` with the overlay applied, on CPU.
 
-    A release that does not run on CPU is refused (NotOnCPU) before anything is downloaded or created."""
+    A release that does not run on CPU is refused (NotOnCPU) before anything is downloaded or created.
+    One run at a time builds or mends ``directory`` (``locks``); a second one for the same directory
+    waits, then reuses it."""
     release = overlay.cpu_release(version, "venv")
-    runtime = overlay.runtime
+    with entry_lock(directory, f"the venv {directory}"):
+        return _make_venv(release, directory, overlay, cache)
+
+
+def _make_venv(release: Release, directory: Path, overlay: Overlay, cache: Cache) -> Path:
+    version, runtime = release.version, overlay.runtime
     python = venv_python(directory)
     deps = {**runtime_deps(overlay), "transformers": release.transformers, "sglang": version}
     marker = directory / VENV_MARKER
@@ -67,11 +76,10 @@ def make_venv(version: str, directory: Path, overlay: Overlay, cache: Cache) -> 
             sp = site_packages(python)
             revert_to_upstream(sp / "sglang", version, cache)
             log(apply(sp / "sglang", overlay, cache))
-            marker.write_text(json.dumps({"deps": deps, "overlay": overlay.fingerprint(release)}, indent=1))
+            write_atomic(marker, json.dumps({"deps": deps, "overlay": overlay.fingerprint(release)}, indent=1))
         log(f"venv {directory} is ready for sglang {version}")
         return python
-    if directory.exists():
-        shutil.rmtree(directory)
+    _clear(directory)
     log(f"creating venv {directory} for sglang {version} (CPU torch {runtime['torch']})")
     run([sys.executable, "-m", "venv", str(directory)], capture=False)
     constraints = directory / "constraints.txt"
@@ -83,7 +91,7 @@ def make_venv(version: str, directory: Path, overlay: Overlay, cache: Cache) -> 
     run(pip + ["--no-deps", f"torchvision=={runtime['torchvision']}", str(cache.wheel(version))], capture=False)
     install_torchvision_shim(python, overlay)
     log(apply(site_packages(python) / "sglang", overlay, cache))
-    marker.write_text(json.dumps({"deps": deps, "overlay": overlay.fingerprint(release)}, indent=1))
+    write_atomic(marker, json.dumps({"deps": deps, "overlay": overlay.fingerprint(release)}, indent=1))
     log(f"venv {directory} built in {time.monotonic() - started:.0f} s")
     return python
 
@@ -114,76 +122,104 @@ def _ready(directory: Path, deps: dict) -> bool:
         return False
 
 
-def _new_venv(directory: Path, deps: dict, what: str) -> Optional[Path]:
-    """None when ``directory`` is a ready venv for ``deps``; else an empty venv there, and its python."""
+def _clear(directory: Path) -> None:
+    """Remove what is left of an incomplete venv (a run killed while building it) before building it
+    again; the caller holds its lock. A directory that is not a venv is refused, nothing deleted."""
+    if not directory.exists():
+        return
+    if any(directory.iterdir()) and not (directory / "pyvenv.cfg").is_file():
+        raise OverlayError(
+            f"{directory} exists and is not a venv (no pyvenv.cfg); nothing was deleted: "
+            "choose another directory, or delete it yourself"
+        )
+    shutil.rmtree(directory)
+
+
+@contextmanager
+def venv_entry(directory: Path, deps: dict, what: str, with_pip: bool = True) -> Iterator[Optional[Path]]:
+    """A cached venv that one run at a time builds: yields None when ``directory`` is a ready venv for
+    ``deps`` (built by this run or another: a second run waits for the first, then reuses), else the
+    python of a new empty venv there (with pip unless ``with_pip`` is false), for the with-block to
+    fill while the lock is held.
+
+    The marker that makes it ready (VENV_MARKER, with ``deps``) is written when the block ends without
+    an exception, last: a reader sees a whole venv or none. Venvs are built in place, never renamed
+    into place (``locks``: a moved venv's console scripts no longer run). Export's venvs can use it:
+    ``with venv_entry(dir, deps, "...") as python: if python: run([python, "-m", "pip", ...])``."""
     if _ready(directory, deps):
-        return None
-    if directory.exists():
-        shutil.rmtree(directory)
-    log(f"creating {directory}: {what}")
-    run([sys.executable, "-m", "venv", str(directory)], capture=False)
-    return venv_python(directory)
+        yield None
+        return
+    with entry_lock(directory, what):
+        if _ready(directory, deps):
+            log(f"reusing {directory}, which another run built")
+            yield None
+            return
+        _clear(directory)
+        log(f"creating {directory}: {what}")
+        run([sys.executable, "-m", "venv", *([] if with_pip else ["--without-pip"]), str(directory)], capture=False)
+        yield venv_python(directory)
+        write_atomic(directory / VENV_MARKER, json.dumps({"deps": deps}, indent=1))
 
 
 def make_base_env(overlay: Overlay, envs: Path) -> Path:
     """The venv every test environment builds on: CPU torch, torchvision, the runtime packages, the shim."""
     deps = runtime_deps(overlay)
     directory = envs / f"base-{_digest(deps)}"
-    started = time.monotonic()
-    python = _new_venv(directory, deps, f"the shared base venv (CPU torch {deps['torch']})")
-    if python is None:
-        return venv_python(directory)
-    constraints = directory / "constraints.txt"
-    constraints.write_text(f"torch=={deps['torch']}\n")
-    pip = [str(python), "-m", "pip", "install", "--progress-bar", "off", "-c", str(constraints)]
-    run(pip + [f"torch=={deps['torch']}"], capture=False)
-    run(pip + [*deps["packages"], "setuptools", "wheel"], capture=False)
-    run(pip + ["--no-deps", f"torchvision=={deps['torchvision']}"], capture=False)
-    install_torchvision_shim(python, overlay)
-    (directory / VENV_MARKER).write_text(json.dumps({"deps": deps}, indent=1))
-    log(f"base venv built in {time.monotonic() - started:.0f} s")
-    return python
+    with venv_entry(directory, deps, f"the shared base venv (CPU torch {deps['torch']})") as python:
+        if python is not None:
+            started = time.monotonic()
+            constraints = directory / "constraints.txt"
+            constraints.write_text(f"torch=={deps['torch']}\n")
+            pip = [str(python), "-m", "pip", "install", "--progress-bar", "off", "-c", str(constraints)]
+            run(pip + [f"torch=={deps['torch']}"], capture=False)
+            run(pip + [*deps["packages"], "setuptools", "wheel"], capture=False)
+            run(pip + ["--no-deps", f"torchvision=={deps['torchvision']}"], capture=False)
+            install_torchvision_shim(python, overlay)
+            log(f"base venv built in {time.monotonic() - started:.0f} s")
+    return venv_python(directory)
 
 
 def make_deps_env(transformers: str, overlay: Overlay, envs: Path) -> Path:
-    """A venv layered on the base venv (a .pth adds its site-packages) with ``transformers`` on top.
-
-    Its own site-packages comes first on sys.path, so the transformers pin and
-    what it needs (tokenizers, huggingface_hub, ...) shadow the base's copies;
-    torch and the rest come from the base, installed once.
-    """
+    """A venv layered on the base venv (``install_layer``) with ``transformers`` on top."""
     base_python = make_base_env(overlay, envs)
     # The kernels extra: the base venv's newest transformers pulls the newest `kernels`, which older pins
     # import when present and cannot use (transformers 5.12.1 with kernels 0.19: "Either a revision or a
     # version must be specified" at import); the layer carries the kernels its own pin declares.
     deps = {**runtime_deps(overlay), "transformers": transformers, "extras": ["kernels"], "base": str(base_python)}
     directory = envs / f"transformers-{transformers}-{_digest(deps)}"
-    started = time.monotonic()
-    python = _new_venv(directory, deps, f"transformers {transformers} on the shared base venv")
-    if python is None:
-        return venv_python(directory)
+    with venv_entry(directory, deps, f"transformers {transformers} on the shared base venv") as python:
+        if python is not None:
+            started = time.monotonic()
+            constraints = directory / "constraints.txt"
+            constraints.write_text(f"torch=={deps['torch']}\ntransformers=={transformers}\n")
+            install_layer(
+                python, base_python, [f"transformers[{','.join(deps['extras'])}]=={transformers}"], constraints
+            )
+            log(f"transformers {transformers} venv built in {time.monotonic() - started:.0f} s")
+    return venv_python(directory)
+
+
+def install_layer(python: Path, base_python: Path, requirements: list[str], constraints: Path) -> None:
+    """Make the venv of ``python`` a layer on ``base_python``'s, with ``requirements`` in it.
+
+    A .pth adds the base's site-packages after the layer's own, so what the layer holds (the
+    transformers pin and what it needs at other versions: tokenizers, huggingface_hub, ...) shadows
+    the base's copies, and torch and the rest come from the base, installed once. pip resolves
+    against both, then installs what it chose into the layer with ``--ignore-installed``: it sees
+    the base's copies it shadows as installed, and a plain install would try to uninstall them
+    ("Not uninstalling transformers at .../base-..., outside environment ...")."""
     (site_packages(python) / "sglang_overlay_base.pth").write_text(
         f"import site; site.addsitedir({str(site_packages(base_python))!r})\n"
     )
-    constraints = directory / "constraints.txt"
-    constraints.write_text(f"torch=={deps['torch']}\ntransformers=={transformers}\n")
-    run(
-        [
-            str(python),
-            "-m",
-            "pip",
-            "install",
-            "--progress-bar",
-            "off",
-            "-c",
-            str(constraints),
-            f"transformers[{','.join(deps['extras'])}]=={transformers}",
-        ],
-        capture=False,
-    )
-    (directory / VENV_MARKER).write_text(json.dumps({"deps": deps}, indent=1))
-    log(f"transformers {transformers} venv built in {time.monotonic() - started:.0f} s")
-    return python
+    pip = [str(python), "-m", "pip", "install", "-c", str(constraints)]
+    with tempfile.TemporaryDirectory(prefix="sglang-overlay-layer-") as tmp:
+        report = Path(tmp) / "report.json"
+        run(pip + ["-q", "--dry-run", "--report", str(report), *requirements])
+        chosen = [
+            f"{i['metadata']['name']}=={i['metadata']['version']}" for i in json.loads(report.read_text())["install"]
+        ]
+    if chosen:
+        run(pip + ["--progress-bar", "off", "--no-deps", "--ignore-installed", *chosen], capture=False)
 
 
 def patched_tree(version: str, dest: Path, overlay: Overlay, cache: Cache) -> Path:

@@ -4,10 +4,9 @@ upstream's pinned formatters (``export-pr --check`` runs them)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from .envs import VENV_MARKER, _new_venv, venv_python
+from .envs import venv_entry, venv_python
 from .gitutil import run
 from .releases import Overlay
 
@@ -16,12 +15,10 @@ RUFF = "ruff==0.17.6"
 
 def ruff_env(envs: Path) -> Path:
     """A cached venv with the pinned ruff; its ruff executable."""
-    deps = {"ruff": RUFF}
     directory = envs / f"lint-{RUFF.replace('==', '-')}"
-    python = _new_venv(directory, deps, f"the project's linter ({RUFF})")
-    if python is not None:
-        run([str(python), "-m", "pip", "install", "-q", RUFF], capture=False)
-        (directory / VENV_MARKER).write_text(json.dumps({"deps": deps}, indent=1))
+    with venv_entry(directory, {"ruff": RUFF}, f"the project's linter ({RUFF})") as python:
+        if python is not None:
+            run([str(python), "-m", "pip", "install", "-q", RUFF], capture=False)
     return venv_python(directory).parent / "ruff"
 
 
