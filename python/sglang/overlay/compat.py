@@ -170,10 +170,12 @@ def _build_model_runner_era(sa, port: int, tp_rank: int = 0, gpu_id: int = 0):
 
 
 @contextlib.contextmanager
-def native_cpu_ops(device: str) -> Iterator[None]:
-    """While a model is built on the CPU without SGLang's CPU engine (``SGLANG_USE_CPU_ENGINE``, which needs
-    sgl_kernel), two of upstream's CPU-engine assumptions are set aside (0.5.13-0.5.23); GPU builds are
-    untouched:
+def build_scope(device: str) -> Iterator[None]:
+    """What a model's build needs beside upstream's own steps, by device.
+
+    On the GPU, only ``_without_missing_dsl``. On the CPU without SGLang's CPU engine
+    (``SGLANG_USE_CPU_ENGINE``, which needs sgl_kernel), two of upstream's CPU-engine assumptions are set
+    aside (0.5.13-0.5.23):
 
     - the rotary embedding imports a GPU fallback kernel at construction (``vllm._custom_ops`` off CUDA,
       ``rotary_embedding/base.py``), which its CPU forward never calls (it dispatches to ``forward_native``):
@@ -182,12 +184,16 @@ def native_cpu_ops(device: str) -> Iterator[None]:
       (``adjust_config_with_unaligned_cpu_tp``) for the CPU engine's padded loaders, which this path does not
       take, so the checkpoint's k/v no longer fit: where the standard layout serves (heads divisible by the
       ranks, k/v heads replicated over them, as on the GPU), the config is left unpadded."""
+    if device != "cpu":
+        with _without_missing_dsl():
+            yield
+        return
     try:
         from sglang.srt.layers.rotary_embedding import base as rope
         from sglang.srt.model_executor import model_runner
     except ImportError:  # releases whose rotary embedding is one module
         rope = model_runner = None
-    if device != "cpu" or rope is None or getattr(rope, "_is_cpu", True):
+    if rope is None or getattr(rope, "_is_cpu", True):
         yield
         return
     pad = getattr(model_runner, "adjust_config_with_unaligned_cpu_tp", None)
@@ -209,6 +215,29 @@ def native_cpu_ops(device: str) -> Iterator[None]:
             model_runner.adjust_config_with_unaligned_cpu_tp = pad
 
 
+@contextlib.contextmanager
+def _without_missing_dsl() -> Iterator[None]:
+    """0.5.23's Llama-style MLPs build a DualGemm, whose mode selection imports the CuTe DSL (``cutlass``,
+    nvidia-cutlass-dsl) before it checks for the SM100 GPUs its kernel needs: where the package is not
+    installed (the device's staged site: it does not fit a carry), the layer takes upstream's other path
+    (mode None, what it selects on any GPU below SM100) instead of failing the build."""
+    import importlib.util
+
+    try:
+        from sglang.srt.layers import dual_gemm
+    except ImportError:  # releases before the dual GEMM
+        dual_gemm = None
+    if dual_gemm is None or importlib.util.find_spec("cutlass") is not None:
+        yield
+        return
+    select = dual_gemm.DualGemm._select_mode
+    dual_gemm.DualGemm._select_mode = lambda self, gate_up_proj, hidden_size: None
+    try:
+        yield
+    finally:
+        dual_gemm.DualGemm._select_mode = select
+
+
 def build_model_runner(server_args, *, tp_rank: int = 0, dist_port: Optional[int] = None, gpu_id: Optional[int] = None):
     """A ready ModelRunner (memory pools, attention backend) for ``server_args``.
 
@@ -220,7 +249,7 @@ def build_model_runner(server_args, *, tp_rank: int = 0, dist_port: Optional[int
     """
     port = free_port() if dist_port is None else dist_port
     gpu_id = tp_rank if gpu_id is None else gpu_id
-    with native_cpu_ops(server_args.device):
+    with build_scope(server_args.device):
         try:
             from sglang.srt.distributed import bootstrap
         except ImportError:  # up to 0.5.15
