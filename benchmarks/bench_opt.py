@@ -4,7 +4,7 @@
     PYTHONPATH=/tmp/site:. python3 benchmarks/bench_opt.py --shapes opt-125m,opt-350m,opt-1.3b
 
 (scripts/device/run_gpu.sh runs it on the device.) Random weights at the real OPT shapes
-(tests/gpu/common.py), one dtype (default bf16), CUDA events around each measured call,
+(gpu_shared/common.py), one dtype (default bf16), CUDA events around each measured call,
 median of --iters after warm-up.
 
 Workloads (same work on both sides):
@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from tests.gpu import common  # noqa: E402
+from gpu_shared import common  # noqa: E402
 
 
 def log(msg: str) -> None:

@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import torch  # noqa: E402
 
 import bench_opt as bo  # noqa: E402
-from tests.gpu import common  # noqa: E402
+from gpu_shared import common  # noqa: E402
 
 OUT = Path(sys.argv[2] if len(sys.argv) > 2 else "/tmp/gpu-out")
 # Every CUDA graph replay in this process is bracketed by CUDA events (the pre / graph / post split).

@@ -3,7 +3,13 @@
 
     PYTHONPATH=/tmp/site:. python3 benchmarks/mezo_gpu.py [--shape opt-1.3b --batch 16 --prompt 128 --target 128]
 
-Both sides run MeZO on the same random checkpoint (tests/gpu/common.py), model dtype, batch
+Shapes: OPT's (gpu_shared/common.py SHAPES) and the other families' (FAMILY_SHAPES: llama-3.2-1b, llama-3-8b,
+qwen2.5-7b). Task shapes: ``--prompt 48 --target 1`` (SST-2-like: a prompt and one label token), ``--prompt
+256 --target 1``, ``--prompt 128 --target 128``. SGLang's runner keeps prefill CUDA graphs of the scoring
+forward by default (the dense engine: OPT; ``--prefill-graphs 0`` turns them off); other families score
+through SGLang's backend path (ModelRunner.forward).
+
+Both sides run MeZO on the same random checkpoint (gpu_shared/common.py), model dtype, batch
 ``--batch`` x (``--prompt`` + ``--target``) tokens, loss = mean NLL over the target tokens.
 
 - SGLang: ``MeZO(StandaloneRunner, MeZOConfig)`` (sglang/overlay/mezo/trainer.py) as ``train`` runs it:
@@ -36,7 +42,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import torch  # noqa: E402
 
-from tests.gpu import common  # noqa: E402
+from gpu_shared import common  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -62,6 +68,35 @@ def peak_of(fn) -> int:
     fn()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated()
+
+
+def flops_per_token(cfg, seq: int) -> float:
+    """Matmul FLOPs a token costs in a forward of ``seq`` tokens: 2 per weight of every linear layer (the head
+    included, at every position), and causal attention's 2 x layers x width x seq (scores and values, half
+    of the square on average)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Linear, Conv1D)))
+    if model.get_output_embeddings() is not None and not isinstance(model.get_output_embeddings(), torch.nn.Linear):
+        weights += model.get_output_embeddings().weight.numel()
+    layers = cfg.num_hidden_layers
+    width = (
+        cfg.num_attention_heads * getattr(cfg, "head_dim", None) if getattr(cfg, "head_dim", None) else cfg.hidden_size
+    )
+    return 2 * weights + 2 * layers * width * seq
+
+
+# Published MeZO throughputs at the SST-2-like shape (OPT-1.3B, batch 16), quoted beside the table
+# (../shared/notes/anchors.md): official MeZO (princeton-nlp/MeZO, fp16, A100: 79.6 s / 1,000 steps, as zo-vllm
+# reports it) and zo-vllm (arXiv 2605.28760, playeriv65/zo-vllm phase6/README.md: 31.2 s / 1,000 steps with
+# factorized low-rank perturbations, not MeZO's Gaussian z; GPU not named).
+ANCHORS = (
+    ("official MeZO (princeton-nlp/MeZO)", 1000 / 79.6),
+    ("zo-vllm, factorized z (arXiv 2605.28760)", 1000 / 31.2),
+)
 
 
 class HFMeZO:
@@ -127,6 +162,12 @@ def main() -> None:
         help="the z kernel's transcendentals (default: NoisePass.FAST, 1): 0 precise (z's definition), "
         "1 hardware sin/cos, 2 also log",
     )
+    ap.add_argument(
+        "--prefill-graphs",
+        type=int,
+        default=None,
+        help="RunnerConfig.prefill_graphs (default: the runner's, on for OPT on CUDA; 0: off)",
+    )
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     from sglang.overlay.mezo import MeZO, MeZOConfig
@@ -135,7 +176,7 @@ def main() -> None:
     if a.z_math is not None:
         NoisePass.FAST = a.z_math
 
-    dummy = a.dummy or a.shape in ("opt-13b", "opt-30b", "opt-66b")
+    dummy = a.dummy or a.shape in ("opt-13b", "opt-30b", "opt-66b", "llama-3-8b", "qwen2.5-7b")
     path = common.config_only(a.shape) if dummy else common.checkpoint(a.shape)
     load = dict(load_format="dummy") if dummy else {}
     g = torch.Generator().manual_seed(11)
@@ -150,9 +191,10 @@ def main() -> None:
         steps=a.steps,
         weights="dummy" if dummy else "checkpoint",
         z_math=NoisePass.FAST,
+        prefill_graphs=a.prefill_graphs,
     )
 
-    from bench_opt import copy_bandwidth, cuda_time, flops_per_token, matmul_peak_tflops
+    from bench_opt import copy_bandwidth, cuda_time, matmul_peak_tflops
     from sglang.overlay.mezo.noise import Stream
 
     row["matmul_peak_tflops"] = matmul_peak_tflops()
@@ -160,8 +202,17 @@ def main() -> None:
     log(f"in-run ceilings: bf16 matmul {row['matmul_peak_tflops']:.0f} TFLOP/s, copy {row['copy_tb_s']:.2f} TB/s")
 
     # SGLang
-    with common.runner(path, a.dtype, max_total_tokens=a.kv_tokens, mem_fraction_static=a.mem_fraction, **load) as r:
+    with common.runner(
+        path,
+        a.dtype,
+        max_total_tokens=a.kv_tokens,
+        mem_fraction_static=a.mem_fraction,
+        prefill_graphs=a.prefill_graphs,
+        **load,
+    ) as r:
         trainer = MeZO(r, cfg)
+        row["sgl_graphs"] = r.engine is not None and r.engine.graphs is not None
+        r.fit_prefill_graphs([[len(p) + len(t) for p, t in zip(prompts, targets)]])
         assert trainer.noise.uses_kernel(), "the Triton pass kernel is not used"
         weight_bytes = sum(w.numel() * w.element_size() for w in trainer.weights.values())
         row["weight_bytes"], row["weight_tensors"] = weight_bytes, len(trainer.weights)
@@ -203,7 +254,7 @@ def main() -> None:
 
     hf_cfg = AutoConfig.from_pretrained(path)
     seq = a.prompt + a.target
-    loss_flops = a.batch * seq * flops_per_token(hf_cfg, seq, with_head=True)
+    loss_flops = a.batch * seq * flops_per_token(hf_cfg, seq)
     roof = 2 * loss_flops / (row["matmul_peak_tflops"] * 1e12) + 2 * 2 * weight_bytes / (row["copy_tb_s"] * 1e12)
     row["roofline_steps_per_s"] = 1 / roof
     row["fraction_of_roofline"] = row["sgl_steps_per_s"] / row["roofline_steps_per_s"]
@@ -286,6 +337,11 @@ def report(a, row: dict, weight_bytes: int) -> None:
         f"({row['sgl_perturb_share']:.1%} of the step; a pass at the copy bandwidth: "
         f"{2 * weight_bytes / (row['copy_tb_s'] * 1e12) * 1e3:.3f} ms)"
     )
+    if a.shape == "opt-1.3b" and (a.prompt, a.target, a.batch) == (48, 1, 16):
+        for name, steps_per_s in ANCHORS:
+            log(
+                f"anchor, same task shape: {name} {steps_per_s:.1f} steps/s; SGLang here {row['sgl_steps_per_s'] / steps_per_s:.2f}x that"
+            )
     if "sgl_drift" in row and "hf_drift" in row:
         log(
             f"drift after {a.drift_steps} lr=0 steps, max / mean |θ - θ0|: SGLang {row['sgl_drift'][0]:.3e} / "

@@ -8,7 +8,7 @@
 as HF's own half-precision forward does, less a margin. This script measures how much that agreement
 moves from one token set to the next, and which of the native model's GPU paths move it: each token
 set is the test's 7 sequences (2048 tokens) drawn with another seed, and each variant's final hidden
-states at every position go through the same fp32 head (tests/gpu/common.py).
+states at every position go through the same fp32 head (gpu_shared/common.py).
 
 Variants: ``sgl`` (the native OPT as shipped), ``sgl-torch-ln`` (torch's add and LayerNorm instead
 of the fused Triton kernel), ``sgl-backend-attn`` (the Triton backend's extend attention instead of
@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from tests.gpu import common  # noqa: E402
+from gpu_shared import common  # noqa: E402
 
 SGL_VARIANTS = ("sgl", "sgl-torch-ln", "sgl-backend-attn")
 HF_VARIANTS = ("hf-sdpa", "hf-eager")

@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import torch  # noqa: E402
 
-from tests.gpu import common  # noqa: E402
+from gpu_shared import common  # noqa: E402
 
 
 def main() -> None:

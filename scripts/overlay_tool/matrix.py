@@ -34,6 +34,7 @@ RELEASE_TESTS = [
     "tests/test_standalone.py",
     "tests/test_runner_inputs.py",
     "tests/test_mezo.py",
+    "tests/test_families.py",
     "tests/test_upstream_exported.py",
 ]
 PYPI_JSON = "https://pypi.org/pypi/sglang/json"

@@ -1,7 +1,8 @@
 """tests/gpu: tests that need an NVIDIA GPU and a (patched) SGLang importable.
 
 CI has no GPU: every test under this directory is marked ``gpu`` and skipped, with the reason,
-when ``torch.cuda.is_available()`` is false (or torch / sglang cannot be imported). On the device
+when torch cannot be imported or ``torch.cuda.is_available()`` is false. Where there is a GPU, a
+failed ``import sglang`` fails the run (a broken stage must not pass as all-skipped). On the device
 they run through ``bash scripts/device/run_gpu.sh`` (see scripts/device/README.md).
 """
 
@@ -24,7 +25,9 @@ def _why_not() -> "str | None":
     try:
         import sglang  # noqa: F401
     except Exception as e:  # noqa: BLE001
-        return f"needs sglang importable (staged by scripts/device/stage.py): {e}"
+        raise pytest.UsageError(
+            f"a GPU is here but `import sglang` fails ({type(e).__name__}: {e}): stage it (scripts/device/stage.py)"
+        ) from e
     return None
 
 

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from tests.gpu import common
+from gpu_shared import common
 
 SEQS = [[2, 5, 7, 9, 11, 13] * 20, [2, 100, 200, 300], [2] + list(range(1000, 1300))]
 

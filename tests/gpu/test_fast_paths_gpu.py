@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.gpu import common
+from gpu_shared import common
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -229,3 +229,31 @@ def test_zo_noise_kernel_z_is_within_its_bound_of_the_definition(fast, bound):
     diff = (z["w"] - want).abs().max().item()
     print(f"ZO_NOISE z fast={fast}: max |kernel - definition| {diff:.2e}", flush=True)
     assert diff <= bound
+
+
+def test_scoring_batches_padded_to_a_bucket_share_one_graph():
+    """The runner's default keeps prefill graphs on and pads a scoring batch at its end to a multiple of
+    graph_bucket (8): two MeZO-like batches of 16 x (49 ± 6) tokens share one captured graph, and their losses
+    equal an unpadded, graph-less runner's (the padding follows every real token: causal attention leaves
+    their scores as they were; only the GEMM shapes differ)."""
+    import torch
+
+    path = common.checkpoint("opt-125m")
+    g = torch.Generator().manual_seed(17)
+    batches = []
+    for _ in range(2):
+        lengths = torch.randint(43, 56, (16,), generator=g).tolist()
+        prompts = [[2] + torch.randint(3, 50000, (n - 2,), generator=g).tolist() for n in lengths]
+        targets = [[int(torch.randint(3, 50000, (1,), generator=g))] for _ in lengths]
+        batches.append((prompts, targets))
+    with common.runner(path, "float16", prefill_graphs=0, graph_bucket=0) as plain:
+        want = [plain.loss(p, t).item() for p, t in batches]
+    common.free_cuda()
+    with common.runner(path, "float16", prefill_graphs=None) as r:
+        assert r.engine.graphs is not None, "prefill graphs are on by default for OPT on CUDA"
+        got = [[r.loss(p, t).item() for p, t in batches] for _ in range(3)]
+        keys = list(r.engine.graphs.graphs)
+    assert keys == [((56,) * 16, False)], keys
+    for run in got:
+        for a, b in zip(run, want):
+            assert abs(a - b) <= 2e-3 * abs(b), (run, want)

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.gpu import common
+from gpu_shared import common
 
 REPO = Path(__file__).resolve().parents[2]
 SHAPES = [s for s in os.environ.get("OPT_GPU_SHAPES", ",".join(common.SHAPES)).split(",") if s]
@@ -117,7 +117,9 @@ def test_parity_all_positions(shape, dtype):
     assert last_rel < 1e-2, row
     if dtype == "float16":
         assert rel <= REL_TOL, row
-    assert rel32_sgl <= 1.1 * rel32_hf, row
+    # SGLang's error against fp32 is HF's own half-precision error, relatively and absolutely (bf16 puts
+    # HF's forward ~1e-2 from fp32, so 1.1x alone would admit 1e-3 more).
+    assert rel32_sgl <= 1.1 * rel32_hf and rel32_sgl <= rel32_hf + 5e-4, row
     assert only_sgl_wrong - only_hf_wrong <= 3 * math.sqrt(only_sgl_wrong + only_hf_wrong), row
     assert row["argmax_vs_hf_clear"] >= ARGMAX_MIN, row
 
@@ -171,6 +173,7 @@ def test_three_runners_reuse_nccl():
     res = json.loads(lines[-1][len("RESULT ") :])
     print("REUSE " + json.dumps(res), flush=True)
     assert res["alive"] == 3 and res["backend"] == "nccl" and res["world_size"] == 1, res
+    assert res["closed_cleanly"] is True, res
     assert res["equal_all_positions"] == [True, True], res
     assert res["equal_last"] == [True, True], res
 

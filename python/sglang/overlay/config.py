@@ -55,9 +55,15 @@ class RunnerConfig:
     the device's default: on CPU fp32, the ``torch_native`` attention backend
     and a small KV pool; on CUDA the checkpoint's dtype, ``triton`` attention
     and 30% of GPU memory. ``server_args`` passes further ServerArgs fields.
-    ``prefill_graphs`` > 0 (CUDA, models with ``enable_prefill_graphs``: OPT)
-    keeps up to that many CUDA graphs of the model for batches of whole
-    prompts whose lengths repeat (fixed-length scoring windows, benchmarks).
+    ``prefill_graphs`` > 0 (CUDA, the models the dense scoring engine takes: OPT)
+    keeps up to that many CUDA graphs of the decoder for scoring batches whose
+    lengths repeat; None (the default): 8 where the engine takes the model on
+    CUDA, else none; 0: off. While graphs are on, a scoring batch's sequences
+    are padded at their end to one length, a multiple of ``graph_bucket``
+    (0: no padding), so batches of similar lengths share a graph (MeZO's
+    batches: 16 x 49 tokens ran its loss forward in 5.8 ms with a graph, 10.0
+    without, on an H100). The padding comes after every real token, so causal
+    attention leaves the scores of the real tokens as they were.
 
     Tensor parallelism (one process per rank, as SGLang's one-batch benchmark
     runs them): ``tp_size`` ranks, this one ``tp_rank``; on CUDA it uses GPU
@@ -82,7 +88,8 @@ class RunnerConfig:
     max_running_requests: int = 64
     distributed: str = "fresh"
     random_seed: int = 0
-    prefill_graphs: int = 0
+    prefill_graphs: Optional[int] = None
+    graph_bucket: int = 8
     server_args: dict = field(default_factory=dict)
     tp_size: int = 1
     tp_rank: int = 0
@@ -152,10 +159,12 @@ class RunnerConfig:
             raise ValueError(f"mem_fraction_static must be in (0, 1], got {self.mem_fraction_static}")
         if self.max_running_requests < 1:
             raise ValueError(f"max_running_requests must be >= 1, got {self.max_running_requests}")
-        if self.prefill_graphs < 0:
-            raise ValueError(f"prefill_graphs must be >= 0, got {self.prefill_graphs}")
+        if self.prefill_graphs is not None and self.prefill_graphs < 0:
+            raise ValueError(f"prefill_graphs must be >= 0 or None (the device's default), got {self.prefill_graphs}")
         if self.prefill_graphs and cpu:
             raise ValueError("prefill_graphs are CUDA graphs: use device='cuda' or prefill_graphs=0")
+        if not isinstance(self.graph_bucket, int) or self.graph_bucket < 0:
+            raise ValueError(f"graph_bucket must be an int >= 0 (0: no padding), got {self.graph_bucket!r}")
         if self.cuda_graphs and cpu:
             raise ValueError("cuda_graphs are CUDA graphs: use device='cuda' or cuda_graphs=False")
         if self.cuda_graph_batch_sizes is not None:

@@ -58,6 +58,10 @@ class _Created:
     groups: bool = False
 
 
+# Prefill CUDA graphs kept when RunnerConfig.prefill_graphs is None and the dense engine takes the model.
+DEFAULT_PREFILL_GRAPHS = 8
+MAX_PREFILL_GRAPHS = 64  # what fit_prefill_graphs keeps at most (they share one memory pool)
+
 _LIVE_RUNNERS: list["StandaloneRunner"] = []
 _CREATED = _Created()
 
@@ -124,14 +128,17 @@ class StandaloneRunner:
             page_size=compat.page_size(runner),
         )
         self.engine = DenseEngine.attach(self.runner.model)
-        if self.config.prefill_graphs:
+        graphs = self.config.prefill_graphs
+        if graphs is None:  # the default: on where the engine takes the model, on CUDA
+            graphs = DEFAULT_PREFILL_GRAPHS if self.engine is not None and self.config.device == "cuda" else 0
+        if graphs:
             if self.engine is None:
                 self.close()
                 raise ValueError(
                     f"{type(self.runner.model).__name__} has no prefill CUDA graphs (the dense engine takes the "
                     "native OPT without quantization): build with prefill_graphs=0"
                 )
-            enable_graphs(self.engine, self.config.prefill_graphs)
+            enable_graphs(self.engine, graphs)
 
     def _reuse_allowed(self):
         if self.config.distributed != "reuse":
@@ -168,10 +175,35 @@ class StandaloneRunner:
         """fp32 logits at every position: one ``[len(seq), vocab]`` tensor per sequence."""
         seqs = self._checked(seqs, "seqs")
         self._sync_weights()
+        padded = self._padded(seqs)
         out: list[torch.Tensor] = []
-        for part in self._batches([len(s) for s in seqs], "seqs"):
-            out += score(self.runner, [seqs[i] for i in part], engine=self.engine).all_logits(self.vocab_size)
+        for part in self._batches([len(s) for s in padded], "seqs"):
+            logits = score(self.runner, [padded[i] for i in part], engine=self.engine).all_logits(self.vocab_size)
+            out += [row[: len(seqs[i])] for i, row in zip(part, logits)]
         return out
+
+    def fit_prefill_graphs(self, batches: Sequence[Sequence[int]]) -> None:
+        """Keep enough prefill graphs for scoring batches of these sequence lengths (one list per batch, as they
+        will be scored), each padded to its bucket: a trainer that cycles through its data replays a graph a
+        step instead of capturing one. Nothing where prefill graphs are off; at most MAX_PREFILL_GRAPHS."""
+        if self.engine is None or self.engine.graphs is None:
+            return
+        shapes = {(len(lengths), self._bucketed(max(lengths))) for lengths in batches if lengths}
+        graphs = self.engine.graphs
+        graphs.max_graphs = min(max(graphs.max_graphs, len(shapes) + 2), MAX_PREFILL_GRAPHS)
+
+    def _bucketed(self, length: int) -> int:
+        bucket = self.config.graph_bucket
+        return min(-(-length // bucket) * bucket, self.limits.context_len) if bucket else length
+
+    def _padded(self, seqs: list[list[int]]) -> list[list[int]]:
+        """``seqs`` padded at their end (token 0) to one length, the longest rounded up to a multiple of
+        ``graph_bucket`` (at most the context length), where prefill graphs are on: batches of similar
+        lengths then share a graph. Causal attention leaves the real tokens' scores as they were."""
+        if not self.config.graph_bucket or self.engine is None or self.engine.graphs is None:
+            return seqs
+        length = self._bucketed(max(len(s) for s in seqs))
+        return [s + [0] * (length - len(s)) for s in seqs]
 
     def token_logprobs(self, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """log p(target[t] | prompt, target[:t]) for every target token, one tensor per pair."""
@@ -182,13 +214,17 @@ class StandaloneRunner:
         seqs = [p + t for p, t in zip(prompts, targets)]
         inputs.within_context([len(s) for s in seqs], "prompts + targets", self.limits)
         self._sync_weights()
+        seqs = self._padded(seqs)
         out: list[torch.Tensor] = []
         for part in self._batches([len(s) for s in seqs], "prompts + targets"):
-            out += self._token_logprobs([prompts[i] for i in part], [targets[i] for i in part])
+            out += self._token_logprobs([prompts[i] for i in part], [targets[i] for i in part], [seqs[i] for i in part])
         return out
 
-    def _token_logprobs(self, prompts: list[list[int]], targets: list[list[int]]) -> list[torch.Tensor]:
-        fwd = score(self.runner, [p + t for p, t in zip(prompts, targets)], engine=self.engine)
+    def _token_logprobs(
+        self, prompts: list[list[int]], targets: list[list[int]], seqs: list[list[int]]
+    ) -> list[torch.Tensor]:
+        """The targets' log-probs from one forward of ``seqs`` (each prompt + target, maybe padded after)."""
+        fwd = score(self.runner, seqs, engine=self.engine)
         rows, start = [], 0
         for prompt, target, length in zip(prompts, targets, fwd.lengths):
             rows.extend(range(start + len(prompt) - 1, start + len(prompt) - 1 + len(target)))

@@ -46,6 +46,13 @@ class Launch:
         above=0,
         maximum=1,
     )
+    prefill_graphs: Optional[int] = setting(
+        None,
+        "CUDA graphs of the scoring forward for repeated batch shapes (OPT on CUDA; batches padded to a multiple "
+        "of 8 tokens so that they share graphs): 0 turns them off; the default keeps one per batch shape of the "
+        "data",
+        minimum=0,
+    )
     tp_size: int = setting(
         1,
         "tensor parallelism: launch with torchrun, tp-size processes per replica; more "
@@ -186,6 +193,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             runner_config,
             log_level="verbose" if launch.verbose else "quiet",
             mem_fraction_static=launch.mem_fraction_static,
+            prefill_graphs=launch.prefill_graphs,
         )
         runner_config = runner_config.resolved()  # validated once, config.json read once
         limits = ModelLimits.of(runner_config.checkpoint_config())

@@ -1,4 +1,5 @@
-"""Shared pieces of the GPU tests and benchmarks: OPT shapes, random checkpoints, runners.
+"""Shared pieces of the GPU tests and benchmarks: model shapes (OPT's and other families'), random
+checkpoints, runners.
 
 Runners come from the overlay's public in-process API (``sglang.overlay``). Nothing here
 imports torch or sglang at module level, so CPU collection of tests/gpu never depends on them.
@@ -70,24 +71,132 @@ SHAPES: Dict[str, Dict[str, Any]] = {
         do_layer_norm_before=True,
     ),
 }
+_LLAMA3_ROPE = dict(
+    rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+)
+# Published shapes of the other families (random weights, HF init): name -> (config class, fields).
+FAMILY_SHAPES: Dict[str, tuple[str, Dict[str, Any]]] = {
+    "llama-3.2-1b": (
+        "LlamaConfig",
+        dict(
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128256,
+            rope_theta=500000.0,
+            rope_scaling=_LLAMA3_ROPE,
+            tie_word_embeddings=True,
+            rms_norm_eps=1e-5,
+            max_position_embeddings=4096,
+        ),
+    ),
+    "llama-3-8b": (
+        "LlamaConfig",
+        dict(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128256,
+            rope_theta=500000.0,
+            rms_norm_eps=1e-5,
+            max_position_embeddings=4096,
+        ),
+    ),
+    "qwen2.5-7b": (
+        "Qwen2Config",
+        dict(
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            vocab_size=152064,
+            rope_theta=1000000.0,
+            rms_norm_eps=1e-6,
+            max_position_embeddings=4096,
+        ),
+    ),
+}
+_SMALL = dict(
+    hidden_size=1024,
+    intermediate_size=2816,
+    num_hidden_layers=8,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    vocab_size=32000,
+    max_position_embeddings=4096,
+)
+# The GPU parity test's family shapes (tests/gpu/test_families_gpu.py): family -> (config class, fields).
+SMALL_FAMILY_SHAPES: Dict[str, tuple[str, Dict[str, Any]]] = {
+    "llama": ("LlamaConfig", dict(_SMALL)),
+    "llama3": (
+        "LlamaConfig",
+        dict(_SMALL, rope_scaling=dict(_LLAMA3_ROPE, original_max_position_embeddings=1024), tie_word_embeddings=True),
+    ),
+    "qwen2": ("Qwen2Config", dict(_SMALL)),
+    "qwen3": ("Qwen3Config", dict(_SMALL, head_dim=64)),
+    "mistral": ("MistralConfig", dict(_SMALL)),
+    "gemma": ("GemmaConfig", dict(_SMALL, head_dim=64)),
+    "gpt2": (
+        "GPT2Config",
+        dict(n_embd=1024, n_layer=8, n_head=16, vocab_size=32000, n_positions=4096, bos_token_id=2, eos_token_id=2),
+    ),
+}
+SMALL_FAMILIES = tuple(SMALL_FAMILY_SHAPES)
 # The parity test's token set: 7 sequences of mixed lengths, 2048 tokens, in one EXTEND batch.
 PARITY_LENGTHS = [512, 300, 128, 37, 5, 1000, 66]
 COMMON = dict(vocab_size=50272, max_position_embeddings=2048, pad_token_id=1, bos_token_id=2, eos_token_id=2)
 MODEL_ROOT = Path(os.environ.get("OPT_GPU_MODELS", "/tmp/opt-gpu-models"))
 
 
+def hf_config(name: str):
+    """The HF config of shape ``name`` (an OPT shape, or one of FAMILY_SHAPES)."""
+    import transformers
+
+    if name in FAMILY_SHAPES:
+        config_class, fields = FAMILY_SHAPES[name]
+        return getattr(transformers, config_class)(**fields)
+    return transformers.OPTConfig(**COMMON, **SHAPES[name])
+
+
 def checkpoint(name: str, seed: int = 0) -> Path:
-    """A random OPT of shape ``name`` saved (fp16 safetensors) with save_pretrained; cached on disk."""
+    """A random model of shape ``name`` saved (fp16 safetensors) with save_pretrained; cached on disk."""
     import torch
-    from transformers import OPTConfig, OPTForCausalLM
+    from transformers import AutoModelForCausalLM
 
     path = MODEL_ROOT / name
     if (path / "config.json").is_file():
         return path
     torch.manual_seed(seed)
     with torch.device("cuda"):
-        model = OPTForCausalLM(OPTConfig(**COMMON, **SHAPES[name]))  # HF init (std 0.02) in fp32
+        model = AutoModelForCausalLM.from_config(hf_config(name))  # HF init in fp32
     model.to(torch.float16).save_pretrained(path)
+    del model
+    free_cuda()
+    return path
+
+
+def family_checkpoint(family: str, seed: int = 0) -> Path:
+    """A random model of SMALL_FAMILY_SHAPES[family] (HF init, then every parameter moved by N(0, 0.02²): biases
+    and norms away from 0 and 1), saved in fp32 with save_pretrained; cached on disk."""
+    import torch
+    import transformers
+
+    path = MODEL_ROOT / f"family-{family}"
+    if (path / "config.json").is_file():
+        return path
+    config_class, fields = SMALL_FAMILY_SHAPES[family]
+    torch.manual_seed(seed)
+    with torch.device("cuda"):
+        model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, config_class)(**fields))
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(torch.randn_like(param) * 0.02)
+    model.save_pretrained(path)
     del model
     free_cuda()
     return path
@@ -96,32 +205,36 @@ def checkpoint(name: str, seed: int = 0) -> Path:
 def config_only(name: str) -> Path:
     """A folder with only the config.json of shape ``name``: for shapes too large to save here (the
     device's disk is 64 GiB), loaded with ``load_format="dummy"`` (SGLang) or ``hf_from_config``."""
-    from transformers import OPTConfig
-
     path = MODEL_ROOT / f"{name}-config"
     if not (path / "config.json").is_file():
-        OPTConfig(**COMMON, **SHAPES[name], architectures=["OPTForCausalLM"]).save_pretrained(path)
+        config = hf_config(name)
+        if not getattr(config, "architectures", None):
+            from transformers import AutoModelForCausalLM
+
+            config.architectures = [AutoModelForCausalLM._model_mapping[type(config)].__name__]
+        config.save_pretrained(path)
     return path
 
 
 def hf_from_config(path, dtype: str):
-    """An HF OPT with random weights (HF init) built on the GPU in ``dtype`` from ``path``'s config alone."""
+    """An HF model with random weights (HF init) built on the GPU in ``dtype`` from ``path``'s config alone."""
     import torch
-    from transformers import AutoConfig, OPTForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("cuda"):
-        model = OPTForCausalLM._from_config(AutoConfig.from_pretrained(path), dtype=getattr(torch, dtype))
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=getattr(torch, dtype))
     return model.eval()
 
 
-def token_sets(count: int):
-    """``count`` sets of PARITY_LENGTHS random sequences (seeds 1234, 1235, ...), each starting with BOS."""
+def token_sets(count: int, vocab: int = 50000):
+    """``count`` sets of PARITY_LENGTHS random sequences (seeds 1234, 1235, ...), each starting with token 2,
+    the others in [3, vocab)."""
     import torch
 
     sets = []
     for i in range(count):
         g = torch.Generator().manual_seed(1234 + i)
-        sets.append([[2] + torch.randint(3, 50000, (n - 1,), generator=g).tolist() for n in PARITY_LENGTHS])
+        sets.append([[2] + torch.randint(3, vocab, (n - 1,), generator=g).tolist() for n in PARITY_LENGTHS])
     return sets
 
 
@@ -139,9 +252,10 @@ def runner(
     distributed: str = "fresh",
     max_total_tokens: int = 8192,
     mem_fraction_static: float = 0.5,
-    prefill_graphs: int = 0,
+    prefill_graphs: "int | None" = 0,
     cuda_graphs: bool = False,
     cuda_graph_batch_sizes=None,
+    graph_bucket: int = 8,
     **server_args: Any,
 ):
     """A StandaloneRunner on the GPU (triton attention; decode CUDA graphs off unless ``cuda_graphs``,
@@ -158,6 +272,7 @@ def runner(
             mem_fraction_static=mem_fraction_static,
             distributed=distributed,
             prefill_graphs=prefill_graphs,
+            graph_bucket=graph_bucket,
             cuda_graphs=cuda_graphs,
             cuda_graph_batch_sizes=cuda_graph_batch_sizes,
             server_args=server_args,
@@ -167,9 +282,10 @@ def runner(
 
 def hf_model(path, dtype: str, attn: str = "sdpa"):
     import torch
-    from transformers import OPTForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    return OPTForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), attn_implementation=attn).cuda().eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), attn_implementation=attn)
+    return model.cuda().eval()
 
 
 def fp32_head(hidden, weight, vocab: int):
@@ -185,8 +301,9 @@ def hf_logits(model, seqs):
     out = []
     with torch.no_grad():
         for ids in seqs:
-            hidden = model.model.decoder(input_ids=torch.tensor([ids], device="cuda"), use_cache=False)[0][0]
-            out.append(fp32_head(hidden, model.lm_head.weight, model.config.vocab_size).cpu())
+            hidden = model.base_model(input_ids=torch.tensor([ids], device="cuda"), use_cache=False)[0][0]
+            head = model.get_output_embeddings().weight
+            out.append(fp32_head(hidden, head, model.config.vocab_size).cpu())
     return torch.cat(out)
 
 
