@@ -174,6 +174,9 @@ def checkpoint(name: str, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(hf_config(name))  # HF init in fp32
+        with torch.no_grad():  # biases and norms away from 0 and 1, so that their routing shows
+            for param in model.parameters():
+                param.add_(torch.randn_like(param) * 0.02)
     model.to(torch.float16).save_pretrained(path)
     del model
     free_cuda()

@@ -266,6 +266,35 @@ def test_evaluations_during_a_run_score_the_trained_weights(tiny_opt, tmp_path) 
             reference.step(*BATCHES[k % 2])
 
 
+def test_accuracy_takes_the_candidate_of_highest_total_not_mean_log_likelihood(tiny_opt) -> None:
+    """Candidates where the rules disagree, built from HF's own distribution on the same weights: A is the
+    least likely single token after the prompt, B three greedy tokens (each likelier than A, so B's mean
+    is higher, but their product lower). The paper's rule, the total, picks A; a per-token mean would pick B."""
+    import torch
+    from transformers import OPTForCausalLM
+
+    from sglang.overlay.mezo.data import EvalExample
+    from sglang.overlay.mezo.eval import evaluate
+
+    hf = OPTForCausalLM.from_pretrained(tiny_opt, dtype=torch.float32).eval()
+    prompt = [2, 40, 41, 42]
+
+    def logprobs(seq):
+        with torch.no_grad():
+            return torch.log_softmax(hf(torch.tensor([seq])).logits[0], -1)
+
+    first = logprobs(prompt)[-1]
+    a = [int(first.argmin())]
+    b = []
+    for _ in range(3):
+        b.append(int(logprobs(prompt + b)[-1].argmax()))
+    score = lambda c: [float(logprobs(prompt + c)[len(prompt) - 1 + i, t]) for i, t in enumerate(c)]  # noqa: E731
+    assert sum(score(b)) < sum(score(a)) and sum(score(b)) / 3 > sum(score(a)), "the rules must disagree here"
+    with runner(tiny_opt) as r:
+        result = evaluate(r, [EvalExample(prompt, None, [b, a], 1), EvalExample(prompt, None, [a, b], 0)])
+    assert result.predictions == (1, 0) and result.accuracy == 1.0
+
+
 @pytest.mark.parametrize(
     "line, message",
     [

@@ -112,6 +112,18 @@ def test_bad_input_is_a_value_error_naming_it(pair, call, message) -> None:
     assert close(runner.logits([[2, 11, 12]]), hf_logits(hf, [[2, 11, 12]]), 1e-4), "the runner is still alive"
 
 
+def test_the_limits_themselves_are_valid_input(pair) -> None:
+    """A sequence of exactly the context length, token ids 0 and vocab - 1, a prompt + target that fills the
+    context, and generation up to it, are answered, and equal HF's (the checks refuse past the limits only)."""
+    runner, hf = pair
+    full = [2] + [0, VOCAB - 1] * ((CONTEXT - 2) // 2) + [7]
+    assert len(full) == CONTEXT
+    assert close(runner.logits([full, [0], [VOCAB - 1]]), hf_logits(hf, [full, [0], [VOCAB - 1]]), atol=1e-4)
+    prompts, targets = [full[:100]], [full[100:]]
+    assert close(runner.token_logprobs(prompts, targets), hf_logprobs(hf, prompts, targets), atol=1e-4)
+    assert runner.generate([full[:120]], CONTEXT - 120) == hf_greedy(hf, [full[:120]], CONTEXT - 120)
+
+
 def test_a_sequence_larger_than_the_pool_says_which_field_to_raise(pair, tmp_path: Path) -> None:
     from sglang.overlay import RunnerConfig, StandaloneRunner
     from tests.support.runtime import make_tiny_opt

@@ -41,6 +41,30 @@ def test_normal_is_standard_normal_and_decorrelated() -> None:
     assert torch.equal(z[5:9], normal(12345, torch.arange(5, 9) + (1 << 40)))  # a function of the offset
 
 
+def test_z_is_normal_with_no_short_period_and_no_lag_correlation() -> None:
+    """Over 2^20 offsets: no correlation at lags 1 to 8 (one Philox call's four words and its neighbours),
+    at 2^k up to 2^16, or between two seeds (|r| < 4e-3, 4 sigma); the Kolmogorov-Smirnov distance to the
+    standard normal below its 1% critical value (a short period, repeated pairs or a wrong Box-Muller
+    branch fail one of these)."""
+    import math
+
+    import torch
+
+    from sglang.overlay.mezo.noise import normal
+
+    n = 1 << 20
+    z = normal(777, torch.arange(n) + (3 << 36)).double()
+    for lag in [*range(1, 9), *(1 << k for k in range(4, 17))]:
+        r = (z[:-lag] * z[lag:]).mean().item()
+        assert abs(r) < 4e-3, (lag, r)
+    other = normal(778, torch.arange(n) + (3 << 36)).double()
+    assert abs((z * other).mean().item()) < 4e-3
+    ecdf = torch.arange(1, n + 1, dtype=torch.float64) / n
+    cdf = 0.5 * (1 + torch.erf(z.sort().values / math.sqrt(2)))
+    distance = max((ecdf - cdf).abs().max().item(), (cdf - (ecdf - 1 / n)).abs().max().item())
+    assert distance < 1.63 / math.sqrt(n), distance
+
+
 def test_the_pass_draws_each_counter_once_and_equals_the_definition() -> None:
     """normal_range (the torch pass: one Philox call per 4 offsets, in blocks whose high counter word is
     fixed) equals normal() offset by offset: unaligned starts and ends, a block boundary, and a range whose
@@ -142,3 +166,26 @@ def test_the_triton_kernel_computes_the_definition() -> None:
         assert max_diff <= 1e-6, (name, result)
     for name, (max_diff, differ) in result["torch.float16"].items():
         assert differ <= 0.01 and max_diff <= 2**-8, (name, result)
+
+
+FAST_CHECK = r"""
+import torch
+from sglang.overlay.mezo import noise as zo_noise
+n, base = 1 << 14, (1 << 34) - (1 << 13)
+z = {"w": torch.zeros(n)}
+zo_noise.NoisePass(z, {"w": base})._kernel_pass([zo_noise.Stream(99, 1.0, 0.0)], 1.0, fast=zo_noise.NoisePass.FAST)
+print("RESULT", float((z["w"] - zo_noise.normal(99, torch.arange(base, base + n))).abs().max()))
+"""
+
+
+def test_the_default_kernels_angle_reduction_is_z() -> None:
+    """The default kernel (NoisePass.FAST: sin / cos of 2 pi (u - 1/2), negated, instead of 2 pi u) against
+    the definition, under Triton's interpreter, which computes those functions precisely: the reduction's
+    algebra is exact but for rounding (the hardware functions themselves are checked on the GPU)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", FAST_CHECK], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert float(lines[-1].split()[1]) <= 2e-6, lines[-1]

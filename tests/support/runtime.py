@@ -33,11 +33,16 @@ def free_port() -> int:
 
 
 def make_tiny_opt(path: Path, seed: int = 0, **overrides: Any) -> Path:
-    """Save a random OPTForCausalLM (HF ``save_pretrained``) and return its directory."""
+    """Save a random OPTForCausalLM (HF ``save_pretrained``) and return its directory: HF's init, then every
+    parameter moved by N(0, 0.05²), so that biases and LayerNorm weights are away from 0 and 1 (at HF's init
+    a q/k bias swap or two swapped LayerNorms change nothing, and no test could see them)."""
     from transformers import OPTConfig, OPTForCausalLM
 
     torch.manual_seed(seed)
     model = OPTForCausalLM(OPTConfig(**{**TINY_OPT, **overrides})).to(torch.float32)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
     model.save_pretrained(path)
     return Path(path)
 

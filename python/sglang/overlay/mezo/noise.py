@@ -33,6 +33,7 @@ definition's precise functions (within 1e-6 of torch's).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
@@ -43,6 +44,9 @@ try:
     import triton.language as tl
 except ImportError:  # no Triton: the torch implementation everywhere
     triton = None
+# Under Triton's interpreter (tests on the CPU) the kernel's hardware sin / cos are torch's precise ones:
+# the angle reduction of NoisePass.FAST is checked there, the hardware functions on the GPU.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 _MASK32 = 0xFFFFFFFF
 _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
@@ -273,7 +277,7 @@ class NoisePass:
             BLOCK=self.BLOCK,
             ROUNDS=rounds,
             NOISE=noise,
-            FAST=fast,
+            FAST=-fast if _INTERPRETED else fast,
         )
 
     def _build_table(self):
@@ -348,6 +352,8 @@ if triton is not None:
             return r01 * tl.cos(t01), r01 * tl.sin(t01), r23 * tl.cos(t23), r23 * tl.sin(t23)
         t01 = 6.283185307179586 * (u1 - 0.5)
         t23 = 6.283185307179586 * (u3 - 0.5)
+        if FAST < 0:  # Triton's interpreter, which has no hardware functions: the reduced angle's algebra alone
+            return -r01 * tl.cos(t01), -r01 * tl.sin(t01), -r23 * tl.cos(t23), -r23 * tl.sin(t23)
         return (
             -r01 * libdevice.fast_cosf(t01),
             -r01 * libdevice.fast_sinf(t01),
