@@ -152,6 +152,9 @@ def test_the_mezo_command_line_without_the_runtime_helps_and_says_what_to_instal
     ):
         assert flag in proc.stdout
     assert "learning rate (default: 1e-06)" in proc.stdout and "(default: 0.001)" in proc.stdout
+    assert "Model families: OPT, GPT-2, Llama 2 / 3, Mistral, Qwen2 / Qwen2.5, Qwen3, Gemma" in " ".join(
+        proc.stdout.split()
+    )
     proc = _bare(
         fork_site, run.format(argv=["mezo", "--model", "m", "--data", "d.jsonl", "--steps", "1", "--out", "o"])
     )

@@ -16,22 +16,10 @@ from typing import Any, Optional
 import torch
 
 from sglang.overlay import compat
+from sglang.overlay.families import FAMILIES
 from sglang.overlay.quiet import LOG_LEVELS
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
-
-# The model families the runner serves, by HF architecture: each is tested on CPU against HuggingFace on the
-# same weights (runner logits, MeZO; tests/test_families.py) on every CPU release. Others may run; they are
-# refused unless RunnerConfig(check_family=False).
-FAMILIES = {
-    "OPTForCausalLM": "OPT",
-    "GPT2LMHeadModel": "GPT-2",
-    "LlamaForCausalLM": "Llama 2 / 3",
-    "MistralForCausalLM": "Mistral",
-    "Qwen2ForCausalLM": "Qwen2 / Qwen2.5",
-    "Qwen3ForCausalLM": "Qwen3",
-    "GemmaForCausalLM": "Gemma",
-}
 
 
 class SettingError(ValueError):

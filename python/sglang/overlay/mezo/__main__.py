@@ -17,6 +17,7 @@ from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from sglang.overlay.families import FAMILIES
 from sglang.overlay.mezo.config import MeZOConfig, Requirement, RunConfig, requirements, setting
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -87,7 +88,10 @@ def _value_parser(requirement: Requirement):
 def build_parser() -> argparse.ArgumentParser:
     """The parser, one flag per command-line field of ``SECTIONS``."""
     parser = argparse.ArgumentParser(
-        prog="python -m sglang.overlay.mezo", description="MeZO (zeroth-order SGD) on SGLang's in-process runner."
+        prog="python -m sglang.overlay.mezo",
+        description="MeZO (zeroth-order SGD) on SGLang's in-process runner. Model families: "
+        + ", ".join(FAMILIES.values())
+        + " (tested on every release 0.5.13 - 0.5.23 that runs on the CPU, and on the GPU with 0.5.23).",
     )
     for cls, title in SECTIONS:
         group = parser.add_argument_group(title, cls.__doc__.split("\n")[0])
