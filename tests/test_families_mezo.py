@@ -8,16 +8,13 @@ family's forward on every release."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.support.families import FAMILIES, make_tiny
 from tests.support.mezo import PROMPTS, STEPS, TARGETS, TOL, max_weight_diff
-from tests.support.ranks import TP_TIMEOUT, omp_bind
+from tests.support.ranks import run_ranks
 
 pytestmark = pytest.mark.sglang
 
@@ -79,37 +76,18 @@ def test_tensor_parallel_gqa_llama_equals_one_rank(kv_heads: int, tmp_path: Path
     """Llama with 4 query heads and ``kv_heads`` k/v heads at TP = 2 (gloo, two processes): each rank perturbs
     its shards at their HF offsets (with 1 k/v head both ranks hold it, and perturb it alike); 20 steps give
     TP = 1's losses and weights within 1e-5."""
-    import torch
 
     from sglang.overlay import RunnerConfig, StandaloneRunner
-    from sglang.overlay.compat import free_port
     from sglang.overlay.mezo import MeZO, MeZOConfig
-    from tests.support.runtime import wait_all
 
     model_dir = make_tiny("llama", tmp_path / "model", num_key_value_heads=kv_heads)
     with StandaloneRunner(RunnerConfig(model_path=str(model_dir), device="cpu")) as runner:
         trainer = MeZO(runner, MeZOConfig(**FULL))
         want = trainer.train([(PROMPTS, TARGETS)], STEPS, progress=False)
         want_state = trainer.hf_state_dict()
-    port = free_port()
-    env = dict(os.environ, SGLANG_CPU_OMP_THREADS_BIND=omp_bind(2))
-    code = "import sys; from tests.support.ranks import tp_mezo_main; tp_mezo_main(*sys.argv[1:], hyper='family')"
-    root = Path(__file__).resolve().parents[1]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", code, str(model_dir), str(rank), str(port), str(tmp_path / f"{rank}.pt")],
-            cwd=root,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in (0, 1)
-    ]
-    wait_all(procs, TP_TIMEOUT)
+    results = run_ranks("tp_mezo_main", model_dir, tmp_path, hyper="family")
     head = 16  # hidden 64 / 4 heads
-    for rank in (0, 1):
-        got = torch.load(tmp_path / f"{rank}.pt")
+    for got in results:
         assert got["shards"]["model.layers.0.self_attn.k_proj.weight"] == (head * max(1, kv_heads // 2), 64)
         assert got["shards"]["model.layers.0.self_attn.q_proj.weight"] == (2 * head, 64)
         assert got["shards"]["model.layers.0.mlp.down_proj.weight"] == (64, 64), "down_proj is not a column shard"

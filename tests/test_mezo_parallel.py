@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.mezo import EVAL, PROMPTS, STEPS, TARGETS, TOL, load_saved, max_weight_diff
-from tests.support.ranks import TP_HYPER, TP_TIMEOUT, omp_bind
+from tests.support.ranks import TP_HYPER, TP_TIMEOUT, run_ranks
 
 pytestmark = pytest.mark.sglang
 
@@ -21,15 +21,7 @@ def test_tp2_trajectory_equals_tp1(build, tiny_opt: Path, tmp_path: Path) -> Non
     """Two processes (gloo), one TP rank each, every rank perturbing its shards (q/k/v/fc1 rows, out_proj/fc2
     columns, vocabulary rows) at their HF offsets: TP = 2 draws TP = 1's z, and 20 steps give TP = 1's losses
     and weights within 1e-5."""
-    import os
-    import subprocess
-    import sys
-
-    import torch
-
-    from sglang.overlay.compat import free_port
     from sglang.overlay.mezo import MeZO, MeZOConfig
-    from tests.support.runtime import wait_all
 
     runner = build(tiny_opt)
     trainer = MeZO(runner, MeZOConfig(**TP_HYPER))
@@ -37,33 +29,8 @@ def test_tp2_trajectory_equals_tp1(build, tiny_opt: Path, tmp_path: Path) -> Non
     want_state = trainer.hf_state_dict()
     runner.close()  # the ranks run in their own interpreters
 
-    root = Path(__file__).resolve().parents[1]
-    port = free_port()
-    env = dict(os.environ)
-    env.setdefault("SGLANG_CPU_OMP_THREADS_BIND", omp_bind(2))
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                "import sys; from tests.support.ranks import tp_mezo_main; "
-                "tp_mezo_main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])",
-                str(tiny_opt),
-                str(rank),
-                str(port),
-                str(tmp_path / f"rank{rank}.pt"),
-            ],
-            cwd=root,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in (0, 1)
-    ]
-    wait_all(procs, TP_TIMEOUT)
-    for rank in (0, 1):
-        res = torch.load(tmp_path / f"rank{rank}.pt")
+    results = run_ranks("tp_mezo_main", tiny_opt, tmp_path)
+    for res in results:
         assert res["shards"]["model.decoder.layers.0.fc2.weight"] == (64, 64), "fc2 is not a column shard"
         assert res["shards"]["model.decoder.layers.0.self_attn.q_proj.weight"] == (32, 64)
         for (plus, minus), step in zip(res["losses"], want):

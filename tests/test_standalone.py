@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.ranks import PROMPTS, TARGETS, TP_SEQS, TP_TIMEOUT, omp_bind
+from tests.support.ranks import PROMPTS, TARGETS, TP_SEQS, run_ranks
 
 pytestmark = pytest.mark.sglang
 
@@ -354,48 +354,14 @@ def test_tp2_matches_tp1_on_cpu(runner, tiny_opt: Path, tmp_path: Path) -> None:
     """Two processes (gloo), one rank each: the same logits, log-probs and greedy tokens as one rank.
 
     The vocab-parallel head's logits are gathered over the TP group on every rank."""
-    import os
-    import subprocess
-    import sys
-
     import torch
-
-    from sglang.overlay.compat import free_port as _free_port
-    from tests.support.runtime import wait_all
 
     want_logits = runner.logits(TP_SEQS)
     want_logprobs = runner.token_logprobs(PROMPTS, TARGETS)
     want_generated = runner.generate(PROMPTS, 3)
     runner.close()  # the ranks run in their own interpreters; free this one's cores
 
-    root = Path(__file__).resolve().parents[1]
-    port = _free_port()
-    env = dict(os.environ)
-    env.pop("SGLANG_ALLOW_REUSE_DISTRIBUTED", None)
-    env.setdefault("SGLANG_CPU_OMP_THREADS_BIND", omp_bind(2))  # SGLang binds each CPU rank's threads
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                "import sys; from tests.support.ranks import tp_rank_main; "
-                "tp_rank_main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])",
-                str(tiny_opt),
-                str(rank),
-                str(port),
-                str(tmp_path / f"rank{rank}.pt"),
-            ],
-            cwd=root,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in (0, 1)
-    ]
-    wait_all(procs, TP_TIMEOUT)
-
-    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    ranks = run_ranks("tp_rank_main", tiny_opt, tmp_path)
     vocab = want_logits[0].shape[-1]
     for res in ranks:
         assert res["shard_rows"] < vocab, "the head is not sharded: not a TP=2 run"

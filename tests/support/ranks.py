@@ -3,6 +3,12 @@ tensor-parallel rank or data-parallel replica each, in its own interpreter, savi
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
 from tests.support.mezo import PROMPTS as MEZO_PROMPTS
 from tests.support.mezo import STEPS
 from tests.support.mezo import TARGETS as MEZO_TARGETS
@@ -26,14 +32,43 @@ def omp_bind(ranks: int) -> str:
     return "|".join(",".join(map(str, cpus[i * share : (i + 1) * share])) for i in range(ranks))
 
 
-def tp_rank_main(model: str, rank: int, port: int, out: str) -> None:
+def run_ranks(entry: str, model: Path, out: Path, ranks: int = 2, **kwargs: Any) -> list[Any]:
+    """Run ``entry`` (a function of this module) as ``ranks`` tensor-parallel ranks, each in its own interpreter
+    and on its own cores (SGLANG_CPU_OMP_THREADS_BIND, unless set), as ``entry(model, rank, port, file,
+    **kwargs)`` with one free port; every rank must exit 0 within TP_TIMEOUT. Returns what each saved."""
+    import torch
+
+    from sglang.overlay.compat import free_port
+    from tests.support.runtime import wait_all
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "SGLANG_ALLOW_REUSE_DISTRIBUTED"}
+    env.setdefault("SGLANG_CPU_OMP_THREADS_BIND", omp_bind(ranks))
+    code = f"import sys; from tests.support.ranks import {entry}; {entry}(*sys.argv[1:], **{kwargs!r})"
+    root = Path(__file__).resolve().parents[2]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(model), str(rank), str(port), str(out / f"rank{rank}.pt")],
+            cwd=root,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(ranks)
+    ]
+    wait_all(procs, TP_TIMEOUT)
+    return [torch.load(out / f"rank{rank}.pt") for rank in range(ranks)]
+
+
+def tp_rank_main(model: str, rank: str, port: str, out: str) -> None:
     """One rank of the TP=2 test (its own interpreter): a fresh runner, then a second one that reuses
     the world; saves both ranks' results to ``out``."""
     import torch
 
     from sglang.overlay import RunnerConfig, StandaloneRunner
 
-    config = RunnerConfig(model_path=model, device="cpu", tp_size=2, tp_rank=rank, dist_port=port)
+    config = RunnerConfig(model_path=model, device="cpu", tp_size=2, tp_rank=int(rank), dist_port=int(port))
     first = StandaloneRunner(config)
     res = dict(
         shard_rows=first.model.lm_head.weight.shape[0],
@@ -42,7 +77,7 @@ def tp_rank_main(model: str, rank: int, port: int, out: str) -> None:
         generated=first.generate(PROMPTS, 3),
     )
     with StandaloneRunner(
-        RunnerConfig(model_path=model, device="cpu", tp_size=2, tp_rank=rank, distributed="reuse")
+        RunnerConfig(model_path=model, device="cpu", tp_size=2, tp_rank=int(rank), distributed="reuse")
     ) as second:
         res["reused_logits"] = second.logits(TP_SEQS)
     first.close()
