@@ -153,7 +153,10 @@ def make_deps_env(transformers: str, overlay: Overlay, envs: Path) -> Path:
     torch and the rest come from the base, installed once.
     """
     base_python = make_base_env(overlay, envs)
-    deps = {**runtime_deps(overlay), "transformers": transformers, "base": str(base_python)}
+    # The kernels extra: the base venv's newest transformers pulls the newest `kernels`, which older pins
+    # import when present and cannot use (transformers 5.12.1 with kernels 0.19: "Either a revision or a
+    # version must be specified" at import); the layer carries the kernels its own pin declares.
+    deps = {**runtime_deps(overlay), "transformers": transformers, "extras": ["kernels"], "base": str(base_python)}
     directory = envs / f"transformers-{transformers}-{_digest(deps)}"
     started = time.monotonic()
     python = _new_venv(directory, deps, f"transformers {transformers} on the shared base venv")
@@ -174,7 +177,7 @@ def make_deps_env(transformers: str, overlay: Overlay, envs: Path) -> Path:
             "off",
             "-c",
             str(constraints),
-            f"transformers=={transformers}",
+            f"transformers[{','.join(deps['extras'])}]=={transformers}",
         ],
         capture=False,
     )
