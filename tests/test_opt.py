@@ -1,9 +1,11 @@
 """SGLang's native OPT model (python/sglang/srt/models/opt.py) on a real ModelRunner.
 
-Each test builds a CPU fp32 ModelRunner on a tiny random OPT checkpoint and
-compares it with HF ``OPTForCausalLM`` on the same weights: logits at every
-position of a batch of unequal lengths, then one decode step against HF's
-``past_key_values``. Broken checkpoints and configs must fail loudly.
+Each test builds a CPU fp32 ModelRunner on a tiny random OPT checkpoint (every
+bias and LayerNorm parameter random too) and compares it with HF
+``OPTForCausalLM`` on the same weights: logits at every position of a batch of
+unequal lengths, then one decode step against HF's ``past_key_values``. Broken
+checkpoints and configs must fail loudly; the flows that load a subset on
+purpose (dummy weights then updates, fp8 KV-cache scales, pipeline ranks) work.
 """
 
 from __future__ import annotations
@@ -43,9 +45,9 @@ def build():
 
     built = []
 
-    def _build(model_path: Path):
+    def _build(model_path: Path, **server_args):
         built.append(model_path)
-        return runtime.build_runner(model_path)
+        return runtime.build_runner(model_path, **server_args)
 
     yield _build
     if built:
@@ -71,7 +73,7 @@ def test_logits_match_hf_at_every_position_and_after_decode(variant, build, tmp_
     from tests.support import checkpoints, logits, runtime
 
     overrides, layout = VARIANTS[variant]
-    src = runtime.make_tiny_opt(tmp_path / "src", seed=1, **overrides)
+    src = runtime.make_tiny_opt(tmp_path / "src", seed=1, perturb=True, **overrides)
     runner = build(checkpoints.relayout(src, tmp_path / layout, layout))
     assert type(runner.model).__module__ == "sglang.srt.models.opt"
     hf = hf_model(src)
@@ -191,3 +193,79 @@ def test_registry_resolves_native_opt():
     cls, arch = ModelRegistry.resolve_model_cls(["OPTForCausalLM"])
     assert (cls, arch) == (OPTForCausalLM, "OPTForCausalLM")
     assert cls.__module__ == "sglang.srt.models.opt"
+
+
+def test_dummy_weights_then_partial_updates(build, tmp_path):
+    """load_format="dummy" never calls load_weights; the loader's post_load_weights() makes later
+    calls updates, so update_weights_from_tensor may send one tensor (the weight sync of RL trainers)."""
+    import torch
+
+    from tests.support import checkpoints, runtime
+
+    src = runtime.make_tiny_opt(tmp_path / "src", perturb=True)
+    runner = build(src, load_format="dummy")
+    state = checkpoints.read_state_dict(src)
+    name = "model.decoder.layers.1.self_attn.k_proj.bias"
+    ok, message = runner.update_weights_from_tensor([(name, state[name])])
+    assert ok, message
+    qkv = runner.model.model.decoder.layers[1].self_attn.qkv_proj.bias
+    assert torch.equal(qkv[64:128], state[name])
+    # The whole checkpoint as an update then gives HF's logits.
+    ok, message = runner.update_weights_from_tensor(list(state.items()))
+    assert ok, message
+    with torch.no_grad():
+        expected = hf_model(src)(torch.tensor([SEQS[0]])).logits[0, -1]
+    from tests.support import logits
+
+    assert max_diff(logits.prefill(runner, [SEQS[0]]).next_token_logits[0], expected) <= TOL
+
+
+def test_online_fp8_kv_cache_scales_are_not_checkpoint_tensors(build, tmp_path):
+    """Fp8Config(is_checkpoint_fp8_serialized=False) gives each attention k_scale / v_scale parameters
+    marked _skip_weight_check; a bf16/fp32 HF checkpoint has none and loads."""
+    from transformers import OPTConfig
+
+    from sglang.srt.layers.quantization.fp8 import Fp8Config
+    from sglang.srt.models.opt import OPTForCausalLM
+    from tests.support import checkpoints, runtime
+
+    src = runtime.make_tiny_opt(tmp_path / "src", perturb=True)
+    build(src)  # distributed state and server args for the model's layers
+    model = OPTForCausalLM(OPTConfig.from_pretrained(src), Fp8Config(is_checkpoint_fp8_serialized=False))
+    skipped = [n for n, p in model.named_parameters() if getattr(p, "_skip_weight_check", False)]
+    assert "model.decoder.layers.0.self_attn.attn.k_scale" in skipped, skipped
+    loaded = model.load_weights(checkpoints.read_state_dict(src).items())
+    assert not any(name.endswith(("k_scale", "v_scale")) for name in loaded)
+
+
+def test_pipeline_parallel_two_ranks_load_their_layers(tmp_path):
+    """PP=2, two gloo processes: each rank loads its layer of the whole checkpoint (HF's tensors
+    exactly, fused q/k/v included), needs no tensor of the other rank's layer, and raises naming a
+    tensor of its own layer that the checkpoint lacks."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.support import runtime
+
+    src = runtime.make_tiny_opt(tmp_path / "src", perturb=True)
+    port = str(runtime.free_port())
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.support.opt_pp", str(src), "--rank", str(rank), "--port", port],
+            cwd=Path(__file__).resolve().parents[1],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = runtime.wait_all(procs, timeout=600)
+    for rank, output in enumerate(outputs):
+        result = json.loads(next(ln for ln in output.splitlines() if ln.startswith("RESULT "))[7:])
+        assert result == {
+            "layers": [rank, rank + 1],
+            "matches_hf": True,
+            "other_layer_missing_ok": True,
+            "own_layer_missing": f"model.decoder.layers.{rank}.fc2.bias",
+        }, result

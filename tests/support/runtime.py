@@ -32,12 +32,23 @@ def free_port() -> int:
     return _free_port()
 
 
-def make_tiny_opt(path: Path, seed: int = 0, **overrides: Any) -> Path:
-    """Save a random OPTForCausalLM (HF ``save_pretrained``) and return its directory."""
+def make_tiny_opt(path: Path, seed: int = 0, perturb: bool = False, **overrides: Any) -> Path:
+    """Save a random OPTForCausalLM (HF ``save_pretrained``) and return its directory.
+
+    ``perturb``: every parameter away from HF's initial value, where HF's init is a constant (biases 0,
+    LayerNorm weights 1 and biases 0), so that a loader or a forward that swaps, drops or misplaces
+    one of them gives other logits."""
     from transformers import OPTConfig, OPTForCausalLM
 
     torch.manual_seed(seed)
     model = OPTForCausalLM(OPTConfig(**{**TINY_OPT, **overrides})).to(torch.float32)
+    if perturb:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith(".bias"):
+                    param.normal_(0.0, 0.1)
+                elif "layer_norm" in name:  # LayerNorm weights
+                    param.normal_(1.0, 0.1)
     model.save_pretrained(path)
     return Path(path)
 
