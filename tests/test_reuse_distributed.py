@@ -85,10 +85,14 @@ EXISTING = {
 
 
 def _assert_names_only(err: Dict[str, Any], detail: str) -> None:
-    """A reuse ValueError whose only difference is ``detail`` ("name: existing X, requested Y")."""
+    """A reuse ValueError whose only difference is ``detail`` ("name: existing X, requested Y"), besides
+    the widths requested with it (``err["also"]``: the published configuration needs them together)."""
     assert err["type"] == "ValueError", (detail, err)
     assert detail in err["message"], (detail, err["message"])
-    assert err["message"].count(": existing ") == 1, err["message"]
+    also = err.get("also", [])
+    assert err["message"].count(": existing ") == 1 + len(also), err["message"]
+    for name in also:
+        assert f"{name}: existing 1, requested 2" in err["message"], (name, err["message"])
     assert ENV in err["message"]
 
 

@@ -120,6 +120,8 @@ SHARDED_WIDTHS = (
     "attention_context_model_parallel_size",
     "moe_data_model_parallel_size",
 )
+# Widths the published configuration accepts only together with another one.
+PUBLISHED_TOGETHER = {"moe_data_model_parallel_size": {"attention_context_model_parallel_size": 2}}
 # What each mismatch case requests instead of what exists (every width 1, the defaults).
 MISMATCHES = {
     "tensor_model_parallel_size": 2,
@@ -172,19 +174,22 @@ def _request(model: Path, world_rank: int = 0, **requested: Any) -> None:
         ps.initialize_model_parallel(**requested)
 
 
-def _mismatches(model: Path, names, world_rank: int = 0) -> Dict[str, Any]:
-    """Each of ``names`` requested alone with the value of MISMATCHES: the error, or "absent" where the
-    release has no such width or argument."""
+def _mismatches(model: Path, names, world_rank: int = 0, **existing: Any) -> Dict[str, Any]:
+    """Each of ``names`` requested with the value of MISMATCHES, everything else as ``existing`` (what
+    the groups were built with, where it is not the default): the error, or "absent" where the release
+    has no such width or argument."""
     out: Dict[str, Any] = {}
     for name in names:
+        # Runtime-context era: ServerArgs refuses moe_dp_size != attn_cp_size unless moe_dp_size is 1.
+        also = dict(PUBLISHED_TOGETHER.get(name, {})) if is_runtime_context_era() else {}
         try:
-            _request(model, world_rank, **{name: MISMATCHES[name]})
+            _request(model, world_rank, **{**existing, **also, name: MISMATCHES[name]})
         except KeyError:
             out[name] = "absent"
         except Exception as e:  # noqa: BLE001 - the scenario reports any error
-            out[name] = {"type": type(e).__name__, "message": str(e)}
+            out[name] = {"type": type(e).__name__, "message": str(e), "also": sorted(also)}
         else:
-            out[name] = {"type": None, "message": None}
+            out[name] = {"type": None, "message": None, "also": sorted(also)}
     return out
 
 
@@ -351,7 +356,7 @@ def tp2(model: Path, rank: int, port: int) -> None:
             world_size=2, rank=1 - rank, backend="gloo", local_rank=rank, distributed_init_method=_init_method(port)
         )
     )
-    widths = _mismatches(model, SHARDED_WIDTHS, world_rank=rank)
+    widths = _mismatches(model, SHARDED_WIDTHS, world_rank=rank, tensor_model_parallel_size=2)
     torch.distributed.barrier()
     destroy_distributed()
     _result(
