@@ -5,7 +5,8 @@ bias and LayerNorm parameter random too) and compares it with HF
 ``OPTForCausalLM`` on the same weights: logits at every position of a batch of
 unequal lengths, then one decode step against HF's ``past_key_values``. Broken
 checkpoints and configs must fail loudly; the flows that load a subset on
-purpose (dummy weights then updates, fp8 KV-cache scales, pipeline ranks) work.
+purpose (dummy weights then updates, fp8 KV-cache scales) work; pipeline ranks:
+tests/test_opt_pipeline.py.
 """
 
 from __future__ import annotations
@@ -221,52 +222,36 @@ def test_dummy_weights_then_partial_updates(build, tmp_path):
     assert max_diff(logits.prefill(runner, [SEQS[0]]).next_token_logits[0], expected) <= TOL
 
 
-def test_online_fp8_kv_cache_scales_are_not_checkpoint_tensors(build, tmp_path):
+def test_online_fp8_kv_cache_scales_are_not_checkpoint_tensors(tmp_path):
     """Fp8Config(is_checkpoint_fp8_serialized=False) gives each attention k_scale / v_scale parameters
     marked _skip_weight_check; a bf16/fp32 HF checkpoint has none and loads."""
+    from unittest import mock
+
     from transformers import OPTConfig
 
     from sglang.srt.layers.quantization.fp8 import Fp8Config
     from sglang.srt.models.opt import OPTForCausalLM
     from tests.support import checkpoints, runtime
+    from tests.support.reuse_scenarios import _request
 
     src = runtime.make_tiny_opt(tmp_path / "src", perturb=True)
-    build(src)  # distributed state and server args for the model's layers
-    model = OPTForCausalLM(OPTConfig.from_pretrained(src), Fp8Config(is_checkpoint_fp8_serialized=False))
-    skipped = [n for n, p in model.named_parameters() if getattr(p, "_skip_weight_check", False)]
-    assert "model.decoder.layers.0.self_attn.attn.k_scale" in skipped, skipped
-    loaded = model.load_weights(checkpoints.read_state_dict(src).items())
-    assert not any(name.endswith(("k_scale", "v_scale")) for name in loaded)
+    from sglang.srt.distributed import parallel_state as ps
 
-
-def test_pipeline_parallel_two_ranks_load_their_layers(tmp_path):
-    """PP=2, two gloo processes: each rank loads its layer of the whole checkpoint (HF's tensors
-    exactly, fused q/k/v included), needs no tensor of the other rank's layer, and raises naming a
-    tensor of its own layer that the checkpoint lacks."""
-    import json
-    import subprocess
-    import sys
-
-    from tests.support import runtime
-
-    src = runtime.make_tiny_opt(tmp_path / "src", perturb=True)
-    port = str(runtime.free_port())
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "tests.support.opt_pp", str(src), "--rank", str(rank), "--port", port],
-            cwd=Path(__file__).resolve().parents[1],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in (0, 1)
-    ]
-    outputs = runtime.wait_all(procs, timeout=600)
-    for rank, output in enumerate(outputs):
-        result = json.loads(next(ln for ln in output.splitlines() if ln.startswith("RESULT "))[7:])
-        assert result == {
-            "layers": [rank, rank + 1],
-            "matches_hf": True,
-            "other_layer_missing_ok": True,
-            "own_layer_missing": f"model.decoder.layers.{rank}.fc2.bias",
-        }, result
+    ps.init_distributed_environment(
+        world_size=1,
+        rank=0,
+        local_rank=0,
+        backend="gloo",
+        distributed_init_method=f"tcp://127.0.0.1:{runtime.free_port()}",
+    )
+    try:
+        _request(src, 0, tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
+        # The logits processor and pooler are not under test and read server config.
+        with mock.patch("sglang.srt.models.opt.LogitsProcessor"), mock.patch("sglang.srt.models.opt.Pooler"):
+            model = OPTForCausalLM(OPTConfig.from_pretrained(src), Fp8Config(is_checkpoint_fp8_serialized=False))
+        skipped = [n for n, p in model.named_parameters() if getattr(p, "_skip_weight_check", False)]
+        assert "model.decoder.layers.0.self_attn.attn.k_scale" in skipped, skipped
+        loaded = model.load_weights(checkpoints.read_state_dict(src).items())
+        assert not any(name.endswith(("k_scale", "v_scale")) for name in loaded)
+    finally:
+        runtime.destroy_distributed()

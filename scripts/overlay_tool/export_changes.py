@@ -1,12 +1,14 @@
 """What ``export-pr`` ships: one upstream branch per change, each reviewable alone.
 
 The repository has three layers; only the upstream layer is exported, as changes to upstream's
-code at the base tag:
+code at the base tag, specialised to it:
 
-- ``distributed-reuse``: ``srt/distributed/reuse.py`` + the reuse and expert-location hook patches
-  of the release's variant;
-- ``opt-fixes``: upstream's own ``srt/models/opt.py`` at the tag with the fixes of
-  export_opt_fixes (not this repository's opt.py, whose speed work and release compat stay here);
+- ``distributed-reuse``: ``srt/distributed/reuse.py`` without its overlay-only blocks (export_reuse)
+  + the reuse and expert-location hook patches of the release's variant (which declare the variable
+  in ``srt/environ.py``) + the variable's row in the environment-variables docs page;
+- ``opt-fixes``: upstream's own ``srt/models/opt.py`` at the tag with the defect fixes of
+  export_opt_fixes.FIXES (not this repository's opt.py, whose speed work and release compat stay here);
+- ``opt-strict-loading``: strict weight loading (export_opt_fixes.STRICT), stacked on ``opt-fixes``;
 - ``self-pp-teardown``: the variant's patch that destroys the self-PP group, where it has one.
 
 Each branch also adds its upstream-style unit tests, kept in ``upstream/test/registered/unit/``
