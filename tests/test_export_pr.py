@@ -352,12 +352,14 @@ def test_unittest_outcomes_are_parsed_per_test() -> None:
         "test_b (__main__.TestX.test_b)\nGuards: b. ... FAIL\n"
         "test_c (test_opt.TestY.test_c) ... ERROR\n"
         "test_d (__main__.TestX.test_d) ... skipped 'no GPU'\n"
+        "test_e (__main__.TestX.test_e)\nGuards: e. ... [CI Test Method] TestX.test_e\nsome output\nok\n"
     )
     assert export_check.test_outcomes(output) == {
         "test_a (TestX)": "ok",
         "test_b (TestX)": "FAIL",
         "test_c (TestY)": "ERROR",
         "test_d (TestX)": "skipped 'no GPU'",
+        "test_e (TestX)": "ok",  # CustomTestCase prints its marker before the outcome
     }
 
 

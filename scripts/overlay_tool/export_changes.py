@@ -171,6 +171,7 @@ CHANGES: tuple[Change, ...] = (
 # written for upstream's API up to 0.5.18 (sizes as arguments, ``load_model`` as the benchmark calls it).
 # A variant whose upstream does it another way gets these edits: (text, that era's text, the test files
 # it applies to; every exported test when empty).
+# attn-dp (0.5.9 - 0.5.14): the one-batch benchmark is sglang/bench_one_batch.py.
 # self-pp (0.5.19, 0.5.20): the sizes are arguments, but layers read the TP width from the published
 # config (get_parallel().tp_size): publish a test config first with the runtime context's
 # override_server_args ("a temporary dummy config for tests"); the benchmark's entry publishes its
@@ -188,7 +189,10 @@ _HELPER_CALL = (
 _CUSTOM = "from sglang.test.test_utils import CustomTestCase\n"
 _PORT_ARGS = "    port_args = PortArgs.init_new(server_args)\n"
 _SERVER_ARGS_IMPORT = "from sglang.srt.server_args import PortArgs, ServerArgs\n"
+_LOAD_MODEL_IMPORT = "from sglang.benchmark.one_batch import load_model\n"
 TEST_API_EDITS: dict[str, tuple[tuple[str, str, tuple[str, ...]], ...]] = {
+    # up to 0.5.14 the one-batch benchmark is the module sglang/bench_one_batch.py
+    "attn-dp": ((_LOAD_MODEL_IMPORT, "from sglang.bench_one_batch import load_model\n", ("test_reuse.py",)),),
     "self-pp": (
         (_CUSTOM, "from sglang.srt.runtime_context import get_context\n" + _CUSTOM, ()),
         (

@@ -263,18 +263,29 @@ def test_environment(test_python: Path) -> str:
     return proc.stdout.strip() or f"(could not be read: {_tail(proc.stderr, 1)})"
 
 
+OUTCOME = re.compile(r"(?:^|\.\.\. )(ok|FAIL|ERROR|skipped\b.*|expected failure|unexpected success)$")
+TEST_HEADER = re.compile(r"^(test\w*) \(([\w.]+)\)")
+
+
 def test_outcomes(output: str) -> dict[str, str]:
-    """``unittest -v`` output -> {"test_x (Class)": "ok" | "FAIL" | "ERROR" | "skipped ..."}."""
-    found = {}
-    for m in re.finditer(
-        r"^(test\w*) \(([\w.]+)\)(?:\n.*?)?\s\.\.\.\s(ok|FAIL|ERROR|skipped.*|expected failure|unexpected success)$",
-        output,
-        re.M,
-    ):
-        parts = m.group(2).split(".")
-        if parts[-1] == m.group(1):  # Python 3.11+: module.Class.test
-            parts = parts[:-1]
-        found[f"{m.group(1)} ({parts[-1]})"] = m.group(3)
+    """``unittest -v`` output -> {"test_x (Class)": "ok" | "FAIL" | "ERROR" | "skipped ..."}: each test's
+    header line, then the first outcome after it (on that line after " ... ", or on a line of its own
+    when the test printed in between, as CustomTestCase does)."""
+    found: dict[str, str] = {}
+    current = None
+    for line in output.splitlines():
+        header = TEST_HEADER.match(line)
+        if header:
+            parts = header.group(2).split(".")
+            if parts[-1] == header.group(1):  # Python 3.11+: module.Class.test
+                parts = parts[:-1]
+            current = f"{header.group(1)} ({parts[-1]})"
+        if current is None:
+            continue
+        outcome = OUTCOME.search(line.strip())
+        if outcome:
+            found[current] = outcome.group(1)
+            current = None
     return found
 
 
@@ -297,10 +308,7 @@ def run_test_file(root: Path, rel: str, test_python: Path, verbose: bool = False
     except subprocess.TimeoutExpired:
         return False, f"timed out after {TEST_TIMEOUT} s"
     output = proc.stdout + proc.stderr
-    if verbose:  # the per-test lines, then the tail
-        lines = [ln for ln in output.splitlines() if re.search(r" \.\.\. (ok|FAIL|ERROR|skipped)", ln)]
-        return proc.returncode == 0, "\n".join(lines) + "\n" + _tail(output, 25)
-    return proc.returncode == 0, _tail(output, 25)
+    return proc.returncode == 0, output if verbose else _tail(output, 25)
 
 
 def _summary(output: str) -> str:
@@ -360,7 +368,7 @@ def run_checks(work: Path, base_rev: str, lint_python: Path, test_python: Path) 
         own = [f for f in files if f.startswith("test/registered/") and Path(f).name.startswith("test_")]
         for rel in own:
             ok, out = run_test_file(work, rel, test_python, verbose=True)
-            result = CheckResult(f"exported test {rel}", ok, out, _summary(out))
+            result = CheckResult(f"exported test {rel}", ok, _tail(out, 25), _summary(out))
             # The same file on the base: which tests fail there, i.e. guard something the branch changes.
             target = base.path() / rel
             target.parent.mkdir(parents=True, exist_ok=True)

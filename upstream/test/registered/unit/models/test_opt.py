@@ -37,11 +37,11 @@ def _initialize_model_parallel(tp_size=1, pp_size=1, rank=0, **kwargs) -> None:
     )
 
 
-def _init_world(port: int, world_size: int = 1, rank: int = 0) -> None:
+def _init_world(init_method: str, world_size: int = 1, rank: int = 0) -> None:
     parallel_state.init_distributed_environment(
         world_size=world_size,
         rank=rank,
-        distributed_init_method=f"tcp://127.0.0.1:{port}",
+        distributed_init_method=init_method,
         local_rank=rank,
         backend="gloo",
     )
@@ -102,7 +102,7 @@ def assert_matches_hf(test, model: OPTForCausalLM, hf_state: dict) -> None:
 class TestOPT(CustomTestCase):
     @classmethod
     def setUpClass(cls):
-        _init_world(_free_port())
+        _init_world(f"tcp://127.0.0.1:{_free_port()}")
         _initialize_model_parallel()
 
     @classmethod
@@ -171,9 +171,9 @@ class TestOPT(CustomTestCase):
         self.assertEqual((model.start_layer, model.end_layer), (0, 3))
 
 
-def _pipeline_rank(rank: int, port: int, checkpoint: str) -> None:
+def _pipeline_rank(rank: int, init_method: str, checkpoint: str) -> None:
     """One rank of a two-rank pipeline: load the whole HF checkpoint, check this rank's layers."""
-    _init_world(port, world_size=2, rank=rank)
+    _init_world(init_method, world_size=2, rank=rank)
     try:
         _initialize_model_parallel(pp_size=2, rank=rank)
         hf_state = torch.load(checkpoint)
@@ -193,8 +193,9 @@ class TestOPTPipelineParallel(CustomTestCase):
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = os.path.join(tmp, "opt.pt")
             torch.save(_hf_state(_config()), checkpoint)
+            init_method = f"tcp://127.0.0.1:{_free_port()}"
             torch.multiprocessing.spawn(
-                _pipeline_rank, args=(_free_port(), checkpoint), nprocs=2
+                _pipeline_rank, args=(init_method, checkpoint), nprocs=2
             )
 
 

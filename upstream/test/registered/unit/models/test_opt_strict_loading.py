@@ -35,11 +35,11 @@ def _initialize_model_parallel(tp_size=1, pp_size=1, rank=0, **kwargs) -> None:
     )
 
 
-def _init_world(port: int, world_size: int = 1, rank: int = 0) -> None:
+def _init_world(init_method: str, world_size: int = 1, rank: int = 0) -> None:
     parallel_state.init_distributed_environment(
         world_size=world_size,
         rank=rank,
-        distributed_init_method=f"tcp://127.0.0.1:{port}",
+        distributed_init_method=init_method,
         local_rank=rank,
         backend="gloo",
     )
@@ -81,7 +81,7 @@ def _without(state: dict, name: str) -> list:
 class TestOPTStrictLoading(CustomTestCase):
     @classmethod
     def setUpClass(cls):
-        _init_world(_free_port())
+        _init_world(f"tcp://127.0.0.1:{_free_port()}")
         _initialize_model_parallel()
 
     @classmethod
@@ -105,7 +105,10 @@ class TestOPTStrictLoading(CustomTestCase):
             _build().load_weights(weights)
 
     def test_later_calls_may_update_a_subset(self):
-        """Guards: only the first call, the checkpoint load, must be complete (weight updates are partial)."""
+        """Guards: only the first call, the checkpoint load, must be complete (weight updates are partial).
+
+        Passes without strict loading, which checks nothing; fails if every call is checked.
+        """
         model = _build()
         model.load_weights(list(_hf_state().items()))
         update = torch.full((32, 16), 0.5)
@@ -113,7 +116,11 @@ class TestOPTStrictLoading(CustomTestCase):
         torch.testing.assert_close(model.model.decoder.layers[0].fc1.weight, update)
 
     def test_dummy_weights_then_a_partial_update(self):
-        """Guards: after post_load_weights() (load_format="dummy" calls it, never load_weights) updates may be partial."""
+        """Guards: after post_load_weights() (load_format="dummy" calls it, never load_weights) updates may be partial.
+
+        Without strict loading post_load_weights() does not exist; fails if it does not mark the
+        weights initialized.
+        """
         model = _build()
         model.post_load_weights()  # what the loaders that bypass load_weights() call
         update = torch.full((32, 16), 0.5)
@@ -121,7 +128,10 @@ class TestOPTStrictLoading(CustomTestCase):
         torch.testing.assert_close(model.model.decoder.layers[0].fc1.weight, update)
 
     def test_online_fp8_kv_cache_scales_need_no_checkpoint_tensor(self):
-        """Guards: parameters marked _skip_weight_check (online fp8 KV-cache scales) are not required."""
+        """Guards: parameters marked _skip_weight_check (online fp8 KV-cache scales) are not required.
+
+        Passes without strict loading, which checks nothing; fails if the check requires them.
+        """
         model = _build(Fp8Config(is_checkpoint_fp8_serialized=False))
         skipped = [
             name
@@ -132,9 +142,9 @@ class TestOPTStrictLoading(CustomTestCase):
         model.load_weights(list(_hf_state().items()))
 
 
-def _pipeline_rank(rank: int, port: int, checkpoint: str) -> None:
+def _pipeline_rank(rank: int, init_method: str, checkpoint: str) -> None:
     """One rank of a two-rank pipeline: another rank's tensor may be missing, its own may not."""
-    _init_world(port, world_size=2, rank=rank)
+    _init_world(init_method, world_size=2, rank=rank)
     try:
         _initialize_model_parallel(pp_size=2, rank=rank)
         state = torch.load(checkpoint)
@@ -158,8 +168,9 @@ class TestOPTStrictLoadingPipelineParallel(CustomTestCase):
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = os.path.join(tmp, "opt.pt")
             torch.save(_hf_state(), checkpoint)
+            init_method = f"tcp://127.0.0.1:{_free_port()}"
             torch.multiprocessing.spawn(
-                _pipeline_rank, args=(_free_port(), checkpoint), nprocs=2
+                _pipeline_rank, args=(init_method, checkpoint), nprocs=2
             )
 
 
