@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-from overlay_tool import export_changes, export_check, export_opt_fixes, export_pr  # noqa: E402
+from overlay_tool import export_changes, export_check, export_opt_fixes, export_pr, export_reuse  # noqa: E402
 from overlay_tool.cache import GIT_IDENTITY, Cache  # noqa: E402
 from overlay_tool.errors import OverlayError  # noqa: E402
 from overlay_tool.gitutil import git  # noqa: E402
@@ -212,9 +212,13 @@ def test_findings_in_the_bases_own_code_are_not_held_against_the_branch(fixture_
 def test_exported_tests_are_rewritten_for_the_variants_api() -> None:
     text = (REPO / export_changes.TESTS_DIR / "test/registered/unit/distributed/test_reuse.py").read_text()
     assert export_changes.exported_test_text(text, "bootstrap") == text
-    new = export_changes.exported_test_text(text, "runtime-context")
-    assert "publish_build_topology(tp_size=tp_size, pp_size=pp_size)" in new
-    assert "tensor_model_parallel_size=" not in new
+    new = export_changes.exported_test_text(text, "runtime-context", "test_reuse.py")
+    assert "publish_build_topology(world_rank=rank, tp_size=tp_size, pp_size=pp_size)" in new
+    assert "tensor_model_parallel_size=tp_size" not in new
+    assert 'publish(server_args, role="scheduler", ranks=SpawnRanks(world_rank=0, gpu_id=0))' in new
+    # Edits for one file leave the others alone (test_opt.py builds no ModelRunner).
+    opt = (REPO / export_changes.TESTS_DIR / "test/registered/unit/models/test_opt.py").read_text()
+    assert "SpawnRanks" not in export_changes.exported_test_text(opt, "runtime-context", "test_opt.py")
     with pytest.raises(OverlayError, match="_initialize_model_parallel"):
         export_changes.exported_test_text(
             text.replace("parallel_state.initialize_model_parallel(", "build("), "self-pp"
@@ -229,14 +233,19 @@ def test_opt_fixes_apply_to_upstreams_file(version: str) -> None:
     text = opt.read_text()
     fixed = export_opt_fixes.fixed_opt(text, f"v{version}")
     assert "return nn.Identity()" not in fixed and "self.model.embed_tokens" not in fixed
+    assert 'hasattr(self.model, "start_layer")' not in fixed
+    assert "loaded_params" not in fixed  # strict loading is its own branch
+    strict = export_opt_fixes.fixed_opt(fixed, f"v{version}", export_opt_fixes.STRICT)
+    assert "_skip_weight_check" in strict and "def post_load_weights" in strict
     if version == "0.5.23":  # upstream's own newer code is kept
-        assert 'resolve_linear_parallel_group("tp")' in fixed
-    changed = [
-        ln
-        for ln in difflib.unified_diff(text.splitlines(), fixed.splitlines(), lineterm="")
-        if ln[:1] in "+-" and ln[:3] not in ("+++", "---")
-    ]
-    assert 20 < len(changed) < 80
+        assert 'resolve_linear_parallel_group("tp")' in strict
+
+    def changed(a: str, b: str) -> int:
+        diff = difflib.unified_diff(a.splitlines(), b.splitlines(), lineterm="")
+        return sum(1 for ln in diff if ln[:1] in "+-" and ln[:3] not in ("+++", "---"))
+
+    assert 20 < changed(text, fixed) < 60
+    assert 20 < changed(fixed, strict) < 60
 
 
 def test_opt_fix_whose_code_is_gone_names_it() -> None:
@@ -281,3 +290,140 @@ def test_rebase_says_when_the_main_is_older_than_the_base(tmp_path: Path) -> Non
     assert forward.startswith("rebases cleanly") and "NOTE" not in forward
     back = export_pr._try_rebase(repo, change, base, old, tmp_path / "scratch2")
     assert back.startswith("rebases cleanly") and "ancestor of the base" in back
+
+
+REUSE_SOURCE = """import os
+
+# overlay-only: begin
+def enabled():
+    return os.environ.get("X") == "1"
+
+
+# overlay-only: upstream
+# from sglang.srt.environ import envs
+#
+#
+# def enabled():
+#     return envs.X.get()
+#
+# overlay-only: end
+
+VALUE = 1
+"""
+
+
+def test_exported_reuse_keeps_only_the_upstream_lines() -> None:
+    out = export_reuse.exported_reuse(REUSE_SOURCE)
+    assert out == (
+        "import os\n\nfrom sglang.srt.environ import envs\n\n\ndef enabled():\n    return envs.X.get()\n\n\nVALUE = 1\n"
+    )
+    for broken in (
+        REUSE_SOURCE.replace("# overlay-only: end\n", ""),
+        REUSE_SOURCE.replace("# overlay-only: upstream\n", ""),
+        REUSE_SOURCE.replace("# def enabled():", "def enabled():"),
+    ):
+        with pytest.raises(OverlayError, match="overlay-only"):
+            export_reuse.exported_reuse(broken)
+    # This repository's file: no fallback, no allow_reuse(), the declared variable.
+    real = export_reuse.exported_reuse((REPO / export_reuse.REUSE_PATH).read_text())
+    assert "envs.SGLANG_ALLOW_REUSE_DISTRIBUTED.get()" in real
+    for gone in ("allow_reuse", "ImportError", "_ALLOWED_BLOCKS", "os.environ", "overlay"):
+        assert gone not in real, gone
+    compile(real, "reuse.py", "exec")
+
+
+def test_env_docs_row_lands_in_the_distributed_table() -> None:
+    page = (
+        "## General Configuration\n\n| Environment Variable | Description | Default Value |\n|---|---|---|\n"
+        "| `A` | a | `1` |\n\n## Distributed Computing\n\n| Environment Variable | Description | Default Value |\n"
+        "|---|---|---|\n| `B` | b | `2` |\n\n## Other\n"
+    )
+    out = export_reuse.docs_with_env_row(page, "docs/references/environment_variables.md")
+    assert out is not None
+    rows = out.split("## Distributed Computing")[1].split("## Other")[0]
+    assert "| `SGLANG_ALLOW_REUSE_DISTRIBUTED` |" in rows and rows.index("`B`") < rows.index("SGLANG_ALLOW")
+    assert export_reuse.docs_with_env_row(out, "x.md") is None  # already there
+    assert export_reuse.docs_with_env_row("## General Configuration\n", "x.md") is None
+
+
+def test_unittest_outcomes_are_parsed_per_test() -> None:
+    output = (
+        "test_a (__main__.TestX.test_a) ... ok\n"
+        "test_b (__main__.TestX.test_b)\nGuards: b. ... FAIL\n"
+        "test_c (test_opt.TestY.test_c) ... ERROR\n"
+        "test_d (__main__.TestX.test_d) ... skipped 'no GPU'\n"
+        "test_e (__main__.TestX.test_e)\nGuards: e. ... [CI Test Method] TestX.test_e\nsome output\nok\n"
+    )
+    assert export_check.test_outcomes(output) == {
+        "test_a (TestX)": "ok",
+        "test_b (TestX)": "FAIL",
+        "test_c (TestY)": "ERROR",
+        "test_d (TestX)": "skipped 'no GPU'",
+        "test_e (TestX)": "ok",  # CustomTestCase prints its marker before the outcome
+    }
+
+
+TEMPLATE = """<!-- Thank you -->
+
+## Motivation
+
+<!-- Describe the purpose. -->
+
+## Modifications
+
+<!-- Detail the changes. -->
+
+## Accuracy Tests
+
+<!-- accuracy -->
+
+## Speed Tests and Profiling
+
+<!-- speed -->
+
+## Checklist
+
+- [ ] Format your code according to the [Format code with pre-commit](https://x).
+- [ ] Add unit tests according to the [Run and add unit tests](https://x).
+- [ ] Update documentation according to [Write documentations](https://x).
+- [ ] Provide accuracy and speed benchmark results according to [Test the accuracy](https://x).
+- [ ] Follow the SGLang code style [guidance](https://x).
+
+## Review and Merge Process
+
+1. Ping Merge Oncalls.
+"""
+
+
+def test_pr_body_is_the_template_filled_with_what_ran(tmp_path: Path) -> None:
+    change = next(c for c in export_changes.CHANGES if c.key == "distributed-reuse")
+    rel = change.tests[0]
+    (tmp_path / rel).parent.mkdir(parents=True)
+    (tmp_path / rel).write_text((REPO / export_changes.TESTS_DIR / rel).read_text())
+    item = export_pr.Built(change, "0" * 40)
+    item.checks = [
+        export_check.CheckResult("pre-commit black (black==26.1.0)", True, "", "1 file(s)"),
+        export_check.CheckResult(
+            f"exported test {rel}",
+            True,
+            "",
+            "Ran 2 tests, OK; 1 of 2 fail at the base",
+            {
+                "test_matching_world_and_groups_are_reused (TestReuseDistributed)": ("ok", "ERROR"),
+                "test_second_initialize_fails_without_opt_in (TestReuseDistributed)": ("ok", "ok"),
+            },
+        ),
+    ]
+    body = export_pr._message(change, "v0.5.18", item, TEMPLATE, "Linux x86_64", "pr", tmp_path)
+    for line in TEMPLATE.splitlines():  # the template is kept whole, its boxes aside
+        assert line.replace("- [ ]", "- [x]") in body or line in body, line
+    assert "- [x] Format your code" in body and "- [x] Add unit tests" in body
+    assert "- [x] Update documentation" in body  # the variable's docs row
+    assert "- [ ] Provide accuracy and speed benchmark results" in body
+    assert "- [ ] Follow the SGLang code style" in body
+    assert "fails on `v0.5.18` (ERROR)" in body and "passes on `v0.5.18` too" in body
+    assert "Guards: the opt-in" in body
+    assert body.index("## Review and Merge Process") > body.index("## Checklist")
+    unmeasured = export_pr._message(change, "v0.5.18", export_pr.Built(change, "0" * 40), TEMPLATE, "", "pr", tmp_path)
+    assert "- [x]" not in unmeasured.replace("- [x] Update documentation", "")
+    assert "not run by this export" in unmeasured

@@ -1,9 +1,12 @@
 """SGLang's native OPT model (python/sglang/srt/models/opt.py) on a real ModelRunner.
 
-Each test builds a CPU fp32 ModelRunner on a tiny random OPT checkpoint and
-compares it with HF ``OPTForCausalLM`` on the same weights: logits at every
-position of a batch of unequal lengths, then one decode step against HF's
-``past_key_values``. Broken checkpoints and configs must fail loudly.
+Each test builds a CPU fp32 ModelRunner on a tiny random OPT checkpoint (every
+bias and LayerNorm parameter random too) and compares it with HF
+``OPTForCausalLM`` on the same weights: logits at every position of a batch of
+unequal lengths, then one decode step against HF's ``past_key_values``. Broken
+checkpoints and configs must fail loudly; the flows that load a subset on
+purpose (dummy weights then updates, fp8 KV-cache scales) work; pipeline ranks:
+tests/test_opt_pipeline.py.
 """
 
 from __future__ import annotations
@@ -43,9 +46,9 @@ def build():
 
     built = []
 
-    def _build(model_path: Path):
+    def _build(model_path: Path, **server_args):
         built.append(model_path)
-        return runtime.build_runner(model_path)
+        return runtime.build_runner(model_path, **server_args)
 
     yield _build
     if built:
@@ -191,3 +194,64 @@ def test_registry_resolves_native_opt():
     cls, arch = ModelRegistry.resolve_model_cls(["OPTForCausalLM"])
     assert (cls, arch) == (OPTForCausalLM, "OPTForCausalLM")
     assert cls.__module__ == "sglang.srt.models.opt"
+
+
+def test_dummy_weights_then_partial_updates(build, tmp_path):
+    """load_format="dummy" never calls load_weights; the loader's post_load_weights() makes later
+    calls updates, so update_weights_from_tensor may send one tensor (the weight sync of RL trainers)."""
+    import torch
+
+    from tests.support import checkpoints, runtime
+
+    src = runtime.make_tiny_opt(tmp_path / "src")
+    runner = build(src, load_format="dummy")
+    state = checkpoints.read_state_dict(src)
+    name = "model.decoder.layers.1.self_attn.k_proj.bias"
+    updater = getattr(runner, "weight_updater", runner)  # ModelRunner's own method up to 0.5.14
+    ok, message = updater.update_weights_from_tensor([(name, state[name])])
+    assert ok, message
+    qkv = runner.model.model.decoder.layers[1].self_attn.qkv_proj.bias
+    assert torch.equal(qkv[64:128], state[name])
+    # The whole checkpoint as an update then gives HF's logits.
+    ok, message = updater.update_weights_from_tensor(list(state.items()))
+    assert ok, message
+    with torch.no_grad():
+        expected = hf_model(src)(torch.tensor([SEQS[0]])).logits[0, -1]
+    from tests.support import logits
+
+    assert max_diff(logits.prefill(runner, [SEQS[0]]).next_token_logits[0], expected) <= TOL
+
+
+def test_online_fp8_kv_cache_scales_are_not_checkpoint_tensors(tmp_path):
+    """Fp8Config(is_checkpoint_fp8_serialized=False) gives each attention k_scale / v_scale parameters
+    marked _skip_weight_check; a bf16/fp32 HF checkpoint has none and loads."""
+    from unittest import mock
+
+    from transformers import OPTConfig
+
+    from sglang.srt.layers.quantization.fp8 import Fp8Config
+    from sglang.srt.models.opt import OPTForCausalLM
+    from tests.support import checkpoints, runtime
+    from tests.support.reuse_scenarios import _request
+
+    src = runtime.make_tiny_opt(tmp_path / "src")
+    from sglang.srt.distributed import parallel_state as ps
+
+    ps.init_distributed_environment(
+        world_size=1,
+        rank=0,
+        local_rank=0,
+        backend="gloo",
+        distributed_init_method=f"tcp://127.0.0.1:{runtime.free_port()}",
+    )
+    try:
+        _request(src, 0, tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
+        # The logits processor and pooler are not under test and read server config.
+        with mock.patch("sglang.srt.models.opt.LogitsProcessor"), mock.patch("sglang.srt.models.opt.Pooler"):
+            model = OPTForCausalLM(OPTConfig.from_pretrained(src), Fp8Config(is_checkpoint_fp8_serialized=False))
+        skipped = [n for n, p in model.named_parameters() if getattr(p, "_skip_weight_check", False)]
+        assert "model.decoder.layers.0.self_attn.attn.k_scale" in skipped, skipped
+        loaded = model.load_weights(checkpoints.read_state_dict(src).items())
+        assert not any(name.endswith(("k_scale", "v_scale")) for name in loaded)
+    finally:
+        runtime.destroy_distributed()

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional
 
 import pytest
 
+from tests.support.reuse_scenarios import MISMATCHES, SHARDED_WIDTHS
 from tests.support.runtime import free_port
 
 pytestmark = pytest.mark.sglang
@@ -61,26 +62,60 @@ def test_second_and_third_runner_reuse_and_match_first(tiny_opt: Path) -> None:
     assert res["equal"] == [True, True]
     # Reuse is logged once per process, not once per runner.
     logs = res["reuse_logs"]
-    assert sum("torch.distributed process group" in m for m in logs) == 1, logs
+    assert sum("existing torch.distributed world" in m for m in logs) == 1, logs
     assert sum("model-parallel groups" in m for m in logs) == 1, logs
+
+
+# What the groups of these tests are built with, and what the mismatch cases request instead
+# (tests/support/reuse_scenarios.py: MISMATCHES).
+EXISTING = {
+    "tensor_model_parallel_size": 1,
+    "pipeline_model_parallel_size": 1,
+    "expert_model_parallel_size": 1,
+    "attention_data_parallel_size": 1,
+    "attention_context_model_parallel_size": 1,
+    "moe_data_model_parallel_size": 1,
+    "decode_context_parallel_size": 1,
+    "backend": "gloo",
+    "duplicate_tp_group": False,
+    "enable_symm_mem": False,
+    "rank_offset": 0,
+    "max_world_size": None,
+}
+
+
+def _assert_names_only(err: Dict[str, Any], detail: str) -> None:
+    """A reuse ValueError whose only difference is ``detail`` ("name: existing X, requested Y"), besides
+    the widths requested with it (``err["also"]``: the published configuration needs them together)."""
+    assert err["type"] == "ValueError", (detail, err)
+    assert detail in err["message"], (detail, err["message"])
+    also = err.get("also", [])
+    assert err["message"].count(": existing ") == 1 + len(also), err["message"]
+    for name in also:
+        assert f"{name}: existing 1, requested 2" in err["message"], (name, err["message"])
+    assert ENV in err["message"]
 
 
 def test_mismatches_raise_value_error_naming_both_values(tiny_opt: Path) -> None:
     res = run_scenario("mismatch", tiny_opt)
     assert res["world_match"]["type"] is None
     assert res["mp_match"]["type"] is None
-    cases = {
+    world = {
         "world_size": "world_size: existing 1, requested 2",
         "rank": "rank: existing 0, requested 1",
         "backend": "backend: existing 'gloo', requested 'nccl'",
-        "tp": "tp: existing 1, requested 2",
-        "pp": "pp: existing 1, requested 2",
+        "local_rank": "local_rank: existing 0, requested 1",
     }
-    for key, detail in cases.items():
-        err = res[key]
-        assert err["type"] == "ValueError", (key, err)
-        assert detail in err["message"], (key, err["message"])
-        assert ENV in err["message"]
+    for key, detail in world.items():
+        _assert_names_only(res[key], detail)
+    # Every argument of initialize_model_parallel the check compares (widths that split the TP group:
+    # test_tp2_two_processes_gloo), each requested alone: the error names it and nothing else.
+    assert {"tensor_model_parallel_size", "pipeline_model_parallel_size", "backend"} <= {
+        name for name, err in res["groups"].items() if err != "absent"
+    }
+    for name, err in res["groups"].items():
+        if err != "absent":  # the release's initialize_model_parallel has no such argument or width
+            _assert_names_only(err, f"{name}: existing {EXISTING[name]!r}, requested {MISMATCHES[name]!r}")
     # Expert-location metadata may be replaced only when reuse is on.
     assert res["eplb"]["type"] is None
     assert res["unset_eplb"]["type"] == "AssertionError"
@@ -154,6 +189,11 @@ def test_tp2_two_processes_gloo(tiny_opt: Path) -> None:
         assert res["rank"] == rank and res["tp_size"] == 2
         assert res["same_group"] is True
         assert res["all_reduce"] == [3.0] * 4
-        assert res["rank_mismatch"]["type"] == "ValueError"
-        assert f"rank: existing {rank}, requested {1 - rank}" in res["rank_mismatch"]["message"]
+        _assert_names_only(res["rank_mismatch"], f"rank: existing {rank}, requested {1 - rank}")
+        existing = dict(EXISTING, tensor_model_parallel_size=2)
+        assert set(res["widths"]) == set(SHARDED_WIDTHS)
+        for name, err in res["widths"].items():
+            if err != "absent":  # the release has no such width
+                _assert_names_only(err, f"{name}: existing {existing[name]!r}, requested {MISMATCHES[name]!r}")
+        assert res["widths"]["expert_model_parallel_size"] != "absent"
         assert res["initialized_after_destroy"] is False

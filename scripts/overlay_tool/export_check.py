@@ -25,7 +25,7 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -87,6 +87,9 @@ class CheckResult:
     ok: bool
     output: str  # the last lines that say what happened
     note: str = ""
+    # exported tests: test id -> (outcome at the tip, outcome at the base), outcomes "ok" / "FAIL" /
+    # "ERROR" / "skipped ..." as unittest -v prints them
+    outcomes: dict = field(default_factory=dict)
 
     def line(self) -> str:
         status = "ok  " if self.ok else "FAIL"
@@ -246,7 +249,47 @@ def run_collection(work: Path, test_python: Path) -> CheckResult:
     )
 
 
-def run_test_file(root: Path, rel: str, test_python: Path) -> tuple[bool, str]:
+ENVIRONMENT = r"""
+import os, platform, sys
+import torch, transformers
+print(f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, no GPU used; Python "
+      f"{platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}")
+"""
+
+
+def test_environment(test_python: Path) -> str:
+    """Where the tests of --check run, in one line."""
+    proc = subprocess.run([str(test_python), "-c", ENVIRONMENT], capture_output=True, text=True)
+    return proc.stdout.strip() or f"(could not be read: {_tail(proc.stderr, 1)})"
+
+
+OUTCOME = re.compile(r"(?:^|\.\.\. )(ok|FAIL|ERROR|skipped\b.*|expected failure|unexpected success)$")
+TEST_HEADER = re.compile(r"^(test\w*) \(([\w.]+)\)")
+
+
+def test_outcomes(output: str) -> dict[str, str]:
+    """``unittest -v`` output -> {"test_x (Class)": "ok" | "FAIL" | "ERROR" | "skipped ..."}: each test's
+    header line, then the first outcome after it (on that line after " ... ", or on a line of its own
+    when the test printed in between, as CustomTestCase does)."""
+    found: dict[str, str] = {}
+    current = None
+    for line in output.splitlines():
+        header = TEST_HEADER.match(line)
+        if header:
+            parts = header.group(2).split(".")
+            if parts[-1] == header.group(1):  # Python 3.11+: module.Class.test
+                parts = parts[:-1]
+            current = f"{header.group(1)} ({parts[-1]})"
+        if current is None:
+            continue
+        outcome = OUTCOME.search(line.strip())
+        if outcome:
+            found[current] = outcome.group(1)
+            current = None
+    return found
+
+
+def run_test_file(root: Path, rel: str, test_python: Path, verbose: bool = False) -> tuple[bool, str]:
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(root / "python"), str(root / "test")]),
@@ -255,11 +298,17 @@ def run_test_file(root: Path, rel: str, test_python: Path) -> tuple[bool, str]:
     env.pop("SGLANG_ALLOW_REUSE_DISTRIBUTED", None)
     try:
         proc = subprocess.run(
-            [str(test_python), rel], cwd=root, env=env, capture_output=True, text=True, timeout=TEST_TIMEOUT
+            [str(test_python), rel, *(["-v"] if verbose else [])],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=TEST_TIMEOUT,
         )
     except subprocess.TimeoutExpired:
         return False, f"timed out after {TEST_TIMEOUT} s"
-    return proc.returncode == 0, _tail(proc.stdout + proc.stderr, 25)
+    output = proc.stdout + proc.stderr
+    return proc.returncode == 0, output if verbose else _tail(output, 25)
 
 
 def _summary(output: str) -> str:
@@ -318,8 +367,19 @@ def run_checks(work: Path, base_rev: str, lint_python: Path, test_python: Path) 
         results.append(run_collection(work, test_python))
         own = [f for f in files if f.startswith("test/registered/") and Path(f).name.startswith("test_")]
         for rel in own:
-            ok, out = run_test_file(work, rel, test_python)
-            results.append(CheckResult(f"exported test {rel}", ok, out, _summary(out)))
+            ok, out = run_test_file(work, rel, test_python, verbose=True)
+            result = CheckResult(f"exported test {rel}", ok, _tail(out, 25), _summary(out))
+            # The same file on the base: which tests fail there, i.e. guard something the branch changes.
+            target = base.path() / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text((work / rel).read_text())
+            _, base_out = run_test_file(base.path(), rel, test_python, verbose=True)
+            target.unlink()
+            at_base = test_outcomes(base_out)
+            result.outcomes = {t: (o, at_base.get(t, "not run")) for t, o in test_outcomes(out).items()}
+            guarded = sum(1 for tip, b in result.outcomes.values() if tip == "ok" and b != "ok")
+            result.note += f"; {guarded} of {len(result.outcomes)} fail at the base"
+            results.append(result)
         for rel in related_unit_tests(work, files, set(own)):
             ok, out = run_test_file(work, rel, test_python)
             note = _summary(out)

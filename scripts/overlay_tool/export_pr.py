@@ -18,6 +18,7 @@ the output says.
 from __future__ import annotations
 
 import argparse
+import ast
 import re
 import shutil
 import subprocess
@@ -29,12 +30,14 @@ from typing import Optional
 from .cache import Cache
 from .errors import OverlayError, UnsupportedRelease
 from .export_changes import CHANGES, TESTS_DIR, UPSTREAM_REPO, Change, exported_test_text, fork_layer_leaks
-from .export_check import CheckResult, make_lint_env, make_test_env, run_checks
-from .export_opt_fixes import FIXES, OPT_PATH, fixed_opt
+from .export_check import CheckResult, make_lint_env, make_test_env, run_checks, test_environment
+from .export_opt_fixes import FIXES, OPT_PATH, STRICT, fixed_opt
+from .export_reuse import ENV_DOCS, ENVIRON_PATH, REUSE_PATH, declares_env, docs_with_env_row, exported_reuse
 from .gitutil import git, git_ok, run
 from .releases import Overlay, Release
 
-TEMPLATE_NOTE = "the section names of upstream's .github/pull_request_template.md"
+TEMPLATE_NOTE = "upstream's .github/pull_request_template.md at the tag, filled in"
+TEMPLATE_PATH = ".github/pull_request_template.md"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -86,6 +89,8 @@ class Built:
     deleted: int = 0
     checks: list[CheckResult] = field(default_factory=list)
     rebase: str = ""
+    base_sha: str = ""  # what the branch starts from: the tag, or the branch it is stacked on
+    notes: list[str] = field(default_factory=list)  # what was left out and why
 
 
 def export_pr_from_args(args: argparse.Namespace, overlay: Overlay, cache: Cache) -> str:
@@ -142,20 +147,36 @@ def export_pr(
     tests_python = (test_python or make_test_env(release.transformers, overlay, envs)) if check else None
 
     built: list[Built] = []
+    environment = test_environment(tests_python) if tests_python else ""
+    template = git("show", f"{base_rev}:{TEMPLATE_PATH}", cwd=upstream, check=False)
+    if not template.strip():
+        notes.append(f"{tag} has no {TEMPLATE_PATH}: the PR bodies use its section names only")
     with tempfile.TemporaryDirectory(prefix="sglang-export-") as tmp_name:
         tmp = Path(tmp_name)
         for change in changes:
-            work = tmp / change.key
-            git("worktree", "add", "-q", "--detach", str(work), base_rev, cwd=upstream)
-            try:
-                item = _build(work, change, patches, source_repo, tag, release.variant, who, tmp)
-                if item is None:
+            start = base_rev
+            if change.depends_on:
+                below = next((b for b in built if b.change.key == change.depends_on), None)
+                if below is None:
+                    notes.append(
+                        f"{prefix}/{change.key}: skipped: it is stacked on {prefix}/{change.depends_on}, "
+                        "which is not exported in this run"
+                    )
                     continue
+                start = below.sha
+            work = tmp / change.key
+            git("worktree", "add", "-q", "--detach", str(work), start, cwd=upstream)
+            try:
+                item, skipped = _build(work, change, patches, source_repo, tag, release.variant, who, tmp)
+                if item is None:
+                    notes.append(f"{prefix}/{change.key}: skipped: {skipped}")
+                    continue
+                item.base_sha = start
                 if lint_python and tests_python:
-                    item.checks = run_checks(work, base_rev, lint_python, tests_python)
-                    _amend_message(work, change, tag, item, who)
+                    item.checks = run_checks(work, start, lint_python, tests_python)
+                _amend_message(work, change, tag, item, who, template, environment, prefix)
                 if onto:
-                    item.rebase = _try_rebase(upstream, item.sha, base_rev, onto, tmp / f"{change.key}-rebase")
+                    item.rebase = _try_rebase(upstream, item.sha, start, onto, tmp / f"{change.key}-rebase")
                 built.append(item)
             finally:
                 git("worktree", "remove", "--force", str(work), cwd=upstream, check=False)
@@ -305,23 +326,48 @@ def _build(
     variant: str,
     who: tuple[str, str],
     tmp: Path,
-) -> Optional[Built]:
-    for patch in change_patches(change, patches):
+) -> tuple[Optional[Built], str]:
+    """The change's commit in ``work``: (the Built item, "") or (None, why nothing of it applies)."""
+    notes: list[str] = []
+    chosen = change_patches(change, patches)
+    for patch in chosen:
         proc = run(["git", "apply", "--index", "--whitespace=nowarn", str(patch)], cwd=work, check=False)
         if proc.returncode != 0:
             raise OverlayError(f"{patch} does not apply to {tag}:\n{proc.stderr.strip()}\nNo branch was written.")
+    if change.patch_words and not chosen and not change.files:
+        return None, f"the {variant} variant of {tag} has no {change.key} patch (nothing to fix at this tag)"
     for rel in change.files:
         (work / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source / rel, work / rel)
+        text = (source / rel).read_text()
+        if rel == REUSE_PATH:
+            environ = work / ENVIRON_PATH
+            if not environ.is_file() or not declares_env(environ.read_text()):
+                return None, (
+                    f"{ENVIRON_PATH} at {tag} does not declare the variable (the {variant} patches add it "
+                    "from 0.5.3.post2 on; before that the release has no srt/environ.py)"
+                )
+            text = exported_reuse(text, rel)
+        (work / rel).write_text(text)
         git("add", "--", rel, cwd=work)
-    if change.opt_fixes:
+    if change.env_docs:
+        page = next((p for p in ENV_DOCS if (work / p).is_file()), None)
+        updated = docs_with_env_row((work / page).read_text(), page) if page else None
+        if updated is None:
+            notes.append(
+                f"docs: no environment-variables page with a distributed section at {tag} "
+                f"({' or '.join(ENV_DOCS)}); the variable's row was not added"
+            )
+        else:
+            (work / page).write_text(updated)
+            git("add", "--", page, cwd=work)
+    if change.opt:
         path = work / OPT_PATH
         if not path.is_file():
-            return None  # releases before 0.5.2 have no opt.py to fix
-        path.write_text(fixed_opt(path.read_text(), tag))
+            return None, f"{OPT_PATH} does not exist at {tag} (releases before 0.5.2 have none)"
+        path.write_text(fixed_opt(path.read_text(), tag, FIXES if change.opt == "fixes" else STRICT))
         git("add", "--", OPT_PATH, cwd=work)
     if git_ok("diff", "--cached", "--quiet", cwd=work):
-        return None  # nothing of this change applies to the release
+        return None, f"nothing of it applies to {tag}"
     for rel in change.tests:
         source_test = source / TESTS_DIR / rel
         if not source_test.is_file():
@@ -330,14 +376,14 @@ def _build(
         (work / rel).write_text(exported_test_text(source_test.read_text(), variant, rel))
         git("add", "--", rel, cwd=work)
     _check_leaks(work)
-    item = Built(change, "")
-    _commit(work, _message(change, tag, item), who, tmp)
+    item = Built(change, "", notes=notes)
+    _commit(work, f"{change.title}\n\n(the description is written after the checks)\n", who, tmp)
     item.sha = git("rev-parse", "HEAD", cwd=work).strip()
     numstat = git("diff", "--numstat", "HEAD^", "HEAD", cwd=work).splitlines()
     item.files = len(numstat)
     item.added = sum(int(n.split()[0]) for n in numstat)
     item.deleted = sum(int(n.split()[1]) for n in numstat)
-    return item
+    return item, ""
 
 
 def _patch_subject(patch: Path) -> str:
@@ -373,72 +419,123 @@ def _commit(work: Path, message: str, who: tuple[str, str], tmp: Path, amend: bo
     git("commit", "-q", "--no-verify", *(["--amend"] if amend else []), "-F", str(msg), cwd=work, env=env)
 
 
-def _amend_message(work: Path, change: Change, tag: str, item: Built, who: tuple[str, str]) -> None:
-    _commit(work, _message(change, tag, item), who, work.parent, amend=True)
+def _amend_message(
+    work: Path,
+    change: Change,
+    tag: str,
+    item: Built,
+    who: tuple[str, str],
+    template: str,
+    environment: str,
+    prefix: str,
+) -> None:
+    message = _message(change, tag, item, template, environment, prefix, work)
+    _commit(work, message, who, work.parent, amend=True)
     item.sha = git("rev-parse", "HEAD", cwd=work).strip()
 
 
-def _message(change: Change, tag: str, item: Built) -> str:
-    modifications = change.modifications or "\n".join(f"- {fix.what}." for fix in FIXES)
-    tests = "\n".join(f"- `{t}` (CPU, `register_cpu_ci`; `python3 {t}`)" for t in change.tests)
-    measured = [c for c in item.checks if c.name.startswith(("exported test", "upstream unit test"))]
-    if measured:
-        accuracy = (
-            "Measured on CPU at the branch tip (based on `"
-            + tag
-            + "`):\n"
-            + "\n".join(f"- {c.name.split(' ', 2)[-1]}: {c.note or ('passed' if c.ok else 'FAILED')}" for c in measured)
+SECTIONS = ("Motivation", "Modifications", "Accuracy Tests", "Speed Tests and Profiling", "Checklist")
+
+
+def _guards(test_text: str) -> dict[str, str]:
+    """test method name -> the first line of its docstring (what it guards)."""
+    found = {}
+    for node in ast.walk(ast.parse(test_text)):
+        if isinstance(node, ast.FunctionDef) and node.name.startswith("test"):
+            doc = ast.get_docstring(node) or ""
+            found[node.name] = doc.strip().splitlines()[0] if doc.strip() else "(no docstring)"
+    return found
+
+
+def _tests_block(change: Change, tag: str, item: Built, environment: str, prefix: str, work: Path) -> str:
+    base = f"`{tag}`" if not change.depends_on else f"`{prefix}/{change.depends_on}`"
+    lines = []
+    own = [c for c in item.checks if c.name.startswith("exported test ")]
+    if not own:
+        lines.append(
+            "**Tests** ("
+            + ", ".join(f"`{t}`" for t in change.tests)
+            + ", CPU, `register_cpu_ci`): not run by this export (it ran without `--check`)."
         )
-    else:
-        accuracy = "Not measured yet."
-    if change.opt_fixes:
-        accuracy += (
-            "\n\nThe new unit test loads HF `OPTForCausalLM` state dicts (both `model.decoder.*` and "
-            "`decoder.*` names, tied and untied heads, project_in/out) and compares every parameter "
-            f"exactly; 7 of its 11 tests fail on `{OPT_PATH}` as it is at `{tag}`."
+        return "\n".join(lines)
+    lines.append(f"**Tests**, run by the export at the branch tip and on {base} ({environment}):")
+    for check in own:
+        rel = check.name.removeprefix("exported test ")
+        guards = _guards((work / rel).read_text()) if (work / rel).is_file() else {}
+        lines.append(f"- `python3 {rel}` (CPU, `register_cpu_ci`): {check.note}")
+        for test, (tip, at_base) in check.outcomes.items():
+            method = test.split(" ")[0]
+            verdict = f"fails on {base} ({at_base})" if at_base != "ok" else f"passes on {base} too"
+            lines.append(f"  - `{test}`: {tip} here, {verdict}. {guards.get(method, '')}")
+    related = [c for c in item.checks if c.name.startswith("upstream unit test ")]
+    if related:
+        lines.append(
+            "- upstream's CPU unit tests that sweep the tree or name a changed module, at the tip: "
+            + "; ".join(f"`{c.name.removeprefix('upstream unit test ')}` {c.note or 'passed'}" for c in related)
         )
-    lint = [c for c in item.checks if c.name.startswith(("pre-commit", "test/run_suite"))]
-    checklist = [
-        "- [x] Format your code according to the pre-commit config"
-        + (": " + ", ".join(c.name.removeprefix("pre-commit ") for c in lint if c.ok) if lint else "."),
-        "- [x] Add unit tests (" + ", ".join(f"`{t}`" for t in change.tests) + ").",
-        "- [ ] Update documentation.",
-        "- [x] Provide accuracy and speed benchmark results (see above).",
-        "- [x] Follow the SGLang code style guidance.",
-    ]
-    speed = (
-        "No change on any default code path: every new line runs only with the opt-in set."
-        if change.key == "distributed-reuse"
-        else "No change to the forward pass; the changes are in weight loading, accessors and teardown."
-    )
-    return "\n".join(
-        [
-            change.title,
-            "",
-            "## Motivation",
-            "",
-            change.motivation,
-            "",
-            "## Modifications",
-            "",
-            modifications,
-            "",
-            tests,
-            "",
-            "## Accuracy Tests",
-            "",
-            accuracy,
-            "",
-            "## Speed Tests and Profiling",
-            "",
-            speed,
-            "",
-            "## Checklist",
-            "",
-            *checklist,
-            "",
-        ]
-    )
+    collection = next((c for c in item.checks if c.name.startswith("test/run_suite")), None)
+    if collection:
+        lines.append(f"- `test/run_suite.py` collection: {collection.note or ('ok' if collection.ok else 'FAILED')}")
+    return "\n".join(lines)
+
+
+def _checklist_ticks(change: Change, item: Built) -> dict[str, str]:
+    """Checklist item keyword -> what ran for it; only items whose check ran and passed are ticked."""
+    hooks = [c for c in item.checks if c.name.startswith("pre-commit ")]
+    tests = [c for c in item.checks if c.name.startswith("exported test ")]
+    ticks = {}
+    if hooks and all(c.ok for c in hooks):
+        ticks["Format your code"] = "ran at the tip: " + ", ".join(c.name.removeprefix("pre-commit ") for c in hooks)
+    if tests and all(c.ok for c in tests):
+        ticks["Add unit tests"] = "ran at the tip: " + ", ".join(
+            f"`{c.name.removeprefix('exported test ')}` ({c.note})" for c in tests
+        )
+    if change.env_docs and not any(n.startswith("docs:") for n in item.notes):
+        ticks["Update documentation"] = "the environment-variables page gains the variable's row"
+    return ticks
+
+
+def _message(
+    change: Change,
+    tag: str,
+    item: Built,
+    template: str,
+    environment: str,
+    prefix: str,
+    work: Path,
+) -> str:
+    fixes = FIXES if change.opt == "fixes" else STRICT
+    modifications = change.modifications or "\n".join(f"- {fix.what}." for fix in fixes)
+    body = {
+        "Motivation": change.motivation,
+        "Modifications": modifications + "\n\n" + _tests_block(change, tag, item, environment, prefix, work),
+        "Accuracy Tests": change.accuracy,
+        "Speed Tests and Profiling": change.speed,
+    }
+    ticks = _checklist_ticks(change, item)
+    if not template.strip():
+        template = "".join(f"## {name}\n\n" for name in SECTIONS)
+    out: list[str] = []
+    lines = template.splitlines()
+    index = 0
+    while index < len(lines):
+        line = lines[index]
+        out.append(line)
+        index += 1
+        name = line[3:].strip() if line.startswith("## ") else ""
+        if name in body:
+            while index < len(lines) and (not lines[index].strip() or lines[index].lstrip().startswith("<!--")):
+                out.append(lines[index])
+                index += 1
+            if out[-1].strip():
+                out.append("")
+            out += [body[name], ""]
+        elif line.lstrip().startswith("- [ ]"):
+            key = next((k for k in ticks if k.lower() in line.lower()), None)
+            if key:
+                out[-1] = line.replace("- [ ]", "- [x]", 1)
+                out.append(f"  - {ticks[key]}")
+    return change.title + "\n\n" + "\n".join(out).rstrip() + "\n"
 
 
 def _try_rebase(upstream: Path, sha: str, base_rev: str, onto: str, scratch: Path) -> str:
@@ -472,15 +569,20 @@ def _report(
     lines = [f"export-pr onto {tag} in {upstream}:", *[f"  {n}" for n in notes]]
     for b in built:
         lines.append(f"{prefix}/{b.change.key}: {b.sha[:12]} {b.change.title}")
+        stacked = f"; stacked on {prefix}/{b.change.depends_on}" if b.change.depends_on else ""
         lines.append(
-            f"  {b.files} file(s), +{b.added} -{b.deleted} lines; author "
+            f"  {b.files} file(s), +{b.added} -{b.deleted} lines{stacked}; author "
             + git("log", "-1", "--format=%an <%ae>", b.sha, cwd=upstream).strip()
         )
+        lines += [f"  NOTE {n}" for n in b.notes]
         if b.rebase:
             lines.append(f"  {b.rebase}")
         if check:
             for c in b.checks:
                 lines.append(c.line())
+                for test, (tip, at_base) in c.outcomes.items():
+                    where = "base" if not b.change.depends_on else b.change.depends_on
+                    lines.append(f"      {test}: {tip}; at the {where}: {at_base}")
                 if not c.ok:
                     lines += ["      " + ln for ln in c.output.splitlines()]
     if not check:

@@ -101,21 +101,96 @@ def _publish_widths(model: Path, world_rank: int = 0, **widths: int) -> None:
     publish(sa, role="scheduler", ranks=SpawnRanks(world_rank=world_rank, gpu_id=0))
 
 
-def _init_model_parallel(model: Path, tp: int = 1, pp: int = 1, world_rank: int = 0) -> None:
-    """Call initialize_model_parallel with these widths, the way each era takes them."""
+# initialize_model_parallel() argument -> the ServerArgs fields that publish it (runtime-context era,
+# where the widths are read from the published configuration instead of being arguments).
+PUBLISHED_WIDTHS = {
+    "tensor_model_parallel_size": lambda n: dict(tp_size=n),
+    "pipeline_model_parallel_size": lambda n: dict(pp_size=n),
+    "expert_model_parallel_size": lambda n: dict(ep_size=n),
+    "attention_data_parallel_size": lambda n: dict(dp_size=n, enable_dp_attention=n > 1),
+    "attention_context_model_parallel_size": lambda n: dict(attn_cp_size=n),
+    "moe_data_model_parallel_size": lambda n: dict(moe_dp_size=n),
+    "decode_context_parallel_size": lambda n: dict(dcp_size=n),
+}
+# Widths that split the TP group: at TP 1 upstream's own checks refuse them before the reuse check
+# (runtime-context era: the published topology must satisfy tp = ep * moe_dp * moe_tp), so tp2() asks.
+SHARDED_WIDTHS = (
+    "expert_model_parallel_size",
+    "attention_data_parallel_size",
+    "attention_context_model_parallel_size",
+    "moe_data_model_parallel_size",
+)
+# Widths the published configuration accepts only together with another one.
+PUBLISHED_TOGETHER = {"moe_data_model_parallel_size": {"attention_context_model_parallel_size": 2}}
+# What each mismatch case requests instead of what exists (every width 1, the defaults).
+MISMATCHES = {
+    "tensor_model_parallel_size": 2,
+    "pipeline_model_parallel_size": 2,
+    "expert_model_parallel_size": 2,
+    "attention_data_parallel_size": 2,
+    "attention_context_model_parallel_size": 2,
+    "moe_data_model_parallel_size": 2,
+    "decode_context_parallel_size": 2,
+    "backend": "nccl",
+    "duplicate_tp_group": True,
+    "enable_symm_mem": True,
+    "rank_offset": 1,
+    "max_world_size": 4,
+}
+
+
+def _init_model_parallel(model: Path, tp: int = 1, pp: int = 1, world_rank: int = 0, **arguments: Any) -> None:
+    """initialize_model_parallel with these widths (and arguments), the way each era takes them."""
+    _request(model, world_rank, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, **arguments)
+
+
+def _request(model: Path, world_rank: int = 0, **requested: Any) -> None:
+    """Call initialize_model_parallel with ``requested`` (its argument names); in the runtime-context era
+    the widths are published first. A name the release does not take raises KeyError."""
+    import inspect
+
     from sglang.srt.distributed import parallel_state as ps
 
+    takes = set(inspect.signature(ps.initialize_model_parallel).parameters)
     if is_runtime_context_era():
         from sglang.srt.runtime_context import get_parallel
 
+        fields: Dict[str, Any] = {}
+        for name in [n for n in requested if n in PUBLISHED_WIDTHS]:
+            fields.update(PUBLISHED_WIDTHS[name](requested.pop(name)))
+        unknown = set(requested) - takes
+        if unknown:
+            raise KeyError(sorted(unknown))
         # Upstream publish() itself rejects widths that contradict the stamped
         # groups; drop the stamp so the request reaches initialize_model_parallel.
         get_parallel().clear_stamp()
-        _publish_widths(model, world_rank=world_rank, tp_size=tp, pp_size=pp)
+        _publish_widths(model, world_rank=world_rank, **fields)
         get_parallel().override_permanently(world_group=ps._WORLD)  # as init_distributed_environment does
-        ps.initialize_model_parallel()
+        ps.initialize_model_parallel(**requested)
     else:
-        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        unknown = set(requested) - takes
+        if unknown:
+            raise KeyError(sorted(unknown))
+        ps.initialize_model_parallel(**requested)
+
+
+def _mismatches(model: Path, names, world_rank: int = 0, **existing: Any) -> Dict[str, Any]:
+    """Each of ``names`` requested with the value of MISMATCHES, everything else as ``existing`` (what
+    the groups were built with, where it is not the default): the error, or "absent" where the release
+    has no such width or argument."""
+    out: Dict[str, Any] = {}
+    for name in names:
+        # Runtime-context era: ServerArgs refuses moe_dp_size != attn_cp_size unless moe_dp_size is 1.
+        also = dict(PUBLISHED_TOGETHER.get(name, {})) if is_runtime_context_era() else {}
+        try:
+            _request(model, world_rank, **{**existing, **also, name: MISMATCHES[name]})
+        except KeyError:
+            out[name] = "absent"
+        except Exception as e:  # noqa: BLE001 - the scenario reports any error
+            out[name] = {"type": type(e).__name__, "message": str(e), "also": sorted(also)}
+        else:
+            out[name] = {"type": None, "message": None, "also": sorted(also)}
+    return out
 
 
 def runners(model: Path, count: int) -> None:
@@ -169,8 +244,10 @@ def mismatch(model: Path) -> None:
         expert_location.set_global_expert_location_metadata(None)
 
     with _env("1"):
-        out["tp"] = _error(lambda: _init_model_parallel(model, tp=2))
-        out["pp"] = _error(lambda: _init_model_parallel(model, pp=2))
+        out["local_rank"] = _error(lambda: world(local_rank=1))
+        # Widths a one-rank world can request (the others need two ranks: tp2()), and every argument.
+        single = [n for n in MISMATCHES if n not in SHARDED_WIDTHS]
+        out["groups"] = _mismatches(model, single)
         out["mp_match"] = _error(lambda: _init_model_parallel(model))
     with _env(None):
         out["unset_mp"] = _error(lambda: _init_model_parallel(model))
@@ -256,18 +333,15 @@ def destroy_recreate(model: Path) -> None:
 
 
 def tp2(model: Path, rank: int, port: int) -> None:
-    """One rank of a 2-process gloo world with tp_size=2; init twice (reuse), all-reduce, destroy."""
+    """One rank of a 2-process gloo world with tp_size=2; init twice (reuse), all-reduce, each width that
+    splits the TP group requested otherwise (a ValueError naming it), destroy."""
     from sglang.srt.distributed import parallel_state as ps
 
     def init() -> None:
         ps.init_distributed_environment(
             world_size=2, rank=rank, backend="gloo", local_rank=rank, distributed_init_method=_init_method(port)
         )
-        if is_runtime_context_era():
-            _publish_widths(model, world_rank=rank, tp_size=2)
-            ps.initialize_model_parallel()
-        else:
-            ps.initialize_model_parallel(tensor_model_parallel_size=2)
+        _request(model, rank, tensor_model_parallel_size=2)
 
     init()
     first_tp = ps.get_tp_group()
@@ -282,9 +356,11 @@ def tp2(model: Path, rank: int, port: int) -> None:
             world_size=2, rank=1 - rank, backend="gloo", local_rank=rank, distributed_init_method=_init_method(port)
         )
     )
+    widths = _mismatches(model, SHARDED_WIDTHS, world_rank=rank, tensor_model_parallel_size=2)
     torch.distributed.barrier()
     destroy_distributed()
     _result(
+        widths=widths,
         rank=rank,
         tp_size=first_tp.world_size,
         same_group=same_group,

@@ -1,61 +1,54 @@
-"""Opt-in reuse of an already initialized distributed setup.
+"""Opt-in reuse of an existing torch.distributed world and model-parallel groups.
 
-By default SGLang builds torch.distributed and its model-parallel groups once
-per process: building a second ModelRunner (or calling
-``initialize_model_parallel`` again) fails with an assertion. Setting
-``SGLANG_ALLOW_REUSE_DISTRIBUTED=1`` lets the process keep what exists when it
-matches what is requested:
+SGLang builds torch.distributed and its model-parallel groups once per process,
+so building a second ``ModelRunner`` in the same process (for instance
+``sglang.benchmark.one_batch.load_model`` called twice) fails with an assertion.
+With ``SGLANG_ALLOW_REUSE_DISTRIBUTED`` true, what exists is checked against
+what is requested and reused:
 
-* ``init_distributed_environment`` checks an existing default process group
-  against the requested world size, rank and backend, and reuses it;
-* ``initialize_model_parallel`` checks the existing groups' widths (TP, PP,
-  MoE EP/DP, attention DP/CP, DCP, shared-expert TP where the release has it)
-  against the requested ones, and returns without building anything;
-* the bootstrap's once-per-process guard and the expert-location metadata
-  guard let a later runner through.
+* ``init_distributed_environment`` compares the requested world with the
+  existing default process group (world size, rank, backend) and, where this
+  module saw the call that built it, with every other argument of that call;
+* ``initialize_model_parallel`` compares every argument that shapes the groups
+  with those of the call that built them, and returns without building.
 
-A mismatch raises ``ValueError`` naming the existing and the requested values.
-With the variable unset or false nothing here changes upstream behaviour.
-In-process callers that build a ModelRunner can ask for the same without
-touching the environment: ``with allow_reuse(): ModelRunner(...)``.
-
-This module has no import-time dependency on ``parallel_state`` so that
-``parallel_state`` can import it.
+A difference raises ``ValueError`` naming each differing argument with both
+values. Every call that builds records its arguments, with reuse on or off, so
+that a later call with reuse on can be compared. With reuse off nothing else
+changes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from typing import Dict, Iterator, List, Optional, Set
+import weakref
+from typing import Any, Dict, Optional
 
 import torch
 import torch.distributed
 
+# overlay-only: begin
+# The overlay applies this file to every SGLang release from 0.4.9 on. Releases
+# before 0.5.3 have no srt/environ.py, and the variants of 0.4.9 - 0.5.3.post1
+# declare no SGLANG_ALLOW_REUSE_DISTRIBUTED there; allow_reuse() is the
+# in-process switch of this repository's runner. export-pr ships the
+# "upstream" lines of each such block instead (scripts/overlay_tool/export_reuse.py).
+import contextlib
+import os
+from typing import Iterator
+
 try:
-    from sglang.srt.utils.common import get_bool_env_var
-except ImportError:  # releases up to 0.5.2: sglang/srt/utils.py is a module
-    from sglang.srt.utils import get_bool_env_var
+    from sglang.srt.environ import envs
+except ImportError:  # releases before 0.5.3
+    envs = None
 
-logger = logging.getLogger(__name__)
-
-REUSE_DISTRIBUTED_ENV = "SGLANG_ALLOW_REUSE_DISTRIBUTED"
-
-# Which reuse messages this process has logged already ("world", "model_parallel").
-_LOGGED: Set[str] = set()
-# How many allow_reuse() blocks are open.
 _ALLOWED_BLOCKS = 0
-
-
-def reuse_distributed_enabled() -> bool:
-    """Whether reuse is allowed: inside ``allow_reuse()``, or
-    ``SGLANG_ALLOW_REUSE_DISTRIBUTED`` is true (get_bool_env_var spellings)."""
-    return _ALLOWED_BLOCKS > 0 or get_bool_env_var(REUSE_DISTRIBUTED_ENV)
 
 
 @contextlib.contextmanager
 def allow_reuse() -> Iterator[None]:
-    """Allow reuse within this block, as SGLANG_ALLOW_REUSE_DISTRIBUTED=1 does."""
+    """Allow reuse within this block, as SGLANG_ALLOW_REUSE_DISTRIBUTED=1 does,
+    without touching the environment."""
     global _ALLOWED_BLOCKS
     _ALLOWED_BLOCKS += 1
     try:
@@ -64,182 +57,208 @@ def allow_reuse() -> Iterator[None]:
         _ALLOWED_BLOCKS -= 1
 
 
-def _log_once(key: str, msg: str, *args) -> None:
-    if key in _LOGGED:
-        return
-    _LOGGED.add(key)
-    logger.info(msg, *args)
+def _env_enabled() -> bool:
+    if envs is not None and hasattr(type(envs), "SGLANG_ALLOW_REUSE_DISTRIBUTED"):
+        return envs.SGLANG_ALLOW_REUSE_DISTRIBUTED.get()
+    return os.environ.get("SGLANG_ALLOW_REUSE_DISTRIBUTED", "false").lower() in (
+        "true",
+        "1",
+        "yes",
+        "y",
+    )
 
 
-def _format(values: Dict[str, object]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in values.items())
+def reuse_distributed_enabled() -> bool:
+    """Whether reuse is on: inside ``allow_reuse()``, or the variable is true."""
+    return _ALLOWED_BLOCKS > 0 or _env_enabled()
 
 
-def _mismatch_error(
-    what: str, existing: Dict[str, object], requested: Dict[str, object]
-) -> ValueError:
-    differing = [k for k in requested if existing.get(k) != requested[k]]
+def _enabled_by() -> str:
+    if _ALLOWED_BLOCKS > 0:
+        return "reuse is allowed (allow_reuse())"
+    return "SGLANG_ALLOW_REUSE_DISTRIBUTED is true"
+
+
+# overlay-only: upstream
+# from sglang.srt.environ import envs
+#
+#
+# def reuse_distributed_enabled() -> bool:
+#     """Whether SGLANG_ALLOW_REUSE_DISTRIBUTED is true."""
+#     return envs.SGLANG_ALLOW_REUSE_DISTRIBUTED.get()
+#
+#
+# def _enabled_by() -> str:
+#     return "SGLANG_ALLOW_REUSE_DISTRIBUTED is true"
+#
+# overlay-only: end
+
+logger = logging.getLogger(__name__)
+
+# The arguments of the init_distributed_environment() call that built the
+# current default process group, and that group (a weak reference).
+_WORLD_ARGS: Optional[Dict[str, Any]] = None
+_WORLD_GROUP: Optional[weakref.ref] = None
+# The arguments of the initialize_model_parallel() call that built the
+# current groups (the last call that found no groups).
+_GROUP_ARGS: Optional[Dict[str, Any]] = None
+# The reuse messages logged in this process ("world", "model_parallel").
+_LOGGED: set = set()
+
+# init_distributed_environment() arguments that only a recorded call can be
+# compared against, each with what it changes in the world it builds, and that
+# effect for the defaults: a world built outside SGLang (your own
+# init_process_group) is reused only with the defaults' effect.
+_WORLD_EFFECTS = {
+    "timeout": (lambda value: value, None),
+    "moe_a2a_backend": (lambda value: value == "nixl", False),  # NIXL's TCP store
+    "recovered_rank": (bool, False),
+    "max_world_size": (lambda value: value, None),
+}
+
+
+def _mismatch_error(what: str, differing: Dict[str, tuple], undo: str) -> ValueError:
     details = "; ".join(
-        f"{k}: existing {existing.get(k)!r}, requested {requested[k]!r}"
-        for k in differing
+        f"{name}: existing {existing!r}, requested {requested!r}"
+        for name, (existing, requested) in differing.items()
     )
     return ValueError(
-        f"{REUSE_DISTRIBUTED_ENV} is set, but the requested {what} differs from the "
-        f"existing one, which cannot be reused: {details}. Existing: {_format(existing)}. "
-        f"Requested: {_format(requested)}. Destroy it first (destroy_model_parallel() "
-        f"and destroy_distributed_environment()) or request the existing layout."
+        f"{_enabled_by()}, but the existing {what} was built with other arguments, "
+        f"so it cannot be reused: {details}. Destroy it first ({undo}) or request "
+        "what exists."
     )
 
 
-def _backend_names(backend: str) -> List[str]:
-    """``"cpu:gloo,cuda:nccl"`` -> ``["cpu:gloo,cuda:nccl", "gloo", "nccl"]``."""
-    backend = str(backend).lower()
-    return [backend] + [part.split(":")[-1] for part in backend.split(",")]
+def _log_once(key: str, msg: str, *args) -> None:
+    if key not in _LOGGED:
+        _LOGGED.add(key)
+        logger.info(msg, *args)
 
 
-def check_reusable_world(*, world_size: int, rank: int, backend: Optional[str]) -> None:
-    """Validate an existing default process group before it is reused.
+def _backend_matches(existing: str, requested: str) -> bool:
+    """``requested`` names the backend of ``existing`` (e.g. "gloo" and
+    "cpu:gloo,cuda:nccl")."""
+    names = [existing.lower()] + [p.split(":")[-1] for p in existing.lower().split(",")]
+    return requested.lower() in names
 
-    A no-op unless reuse is enabled and torch.distributed is initialized.
-    Negative ``world_size``/``rank`` (taken from the environment by torch) are not
-    compared. Raises ``ValueError`` on a mismatch; on a match the caller goes on
-    with the existing group, as upstream does.
+
+def check_reusable_world(**requested: Any) -> None:
+    """Called first in ``init_distributed_environment`` with all its arguments.
+
+    Records the arguments when no default process group exists (this call
+    builds it). When one exists and reuse is on, raises ``ValueError`` unless
+    it matches: world size, rank and backend are read from torch.distributed,
+    the local rank from the world group; the other arguments by what they
+    change in the world (``moe_a2a_backend``: "nixl" or not) with the recorded
+    call, or, for a world built outside SGLang, must change nothing. Negative
+    world size, rank and local rank (upstream's "take it from the environment")
+    and the rendezvous address (``distributed_init_method``) are not compared.
     """
-    if not reuse_distributed_enabled() or not torch.distributed.is_initialized():
+    global _WORLD_ARGS, _WORLD_GROUP
+    if not torch.distributed.is_initialized():
+        _WORLD_ARGS, _WORLD_GROUP = dict(requested), None
         return
-    existing_backend = str(torch.distributed.get_backend())
-    existing = dict(
-        world_size=torch.distributed.get_world_size(),
-        rank=torch.distributed.get_rank(),
-        backend=existing_backend,
+    group = torch.distributed.group.WORLD
+    if _WORLD_ARGS is not None and _WORLD_GROUP is None:
+        _WORLD_GROUP = weakref.ref(group)  # the recorded call built this group
+    if not reuse_distributed_enabled():
+        return
+    recorded = (
+        _WORLD_ARGS if _WORLD_GROUP is not None and _WORLD_GROUP() is group else None
     )
-    requested: Dict[str, object] = {}
-    if world_size is not None and world_size >= 0:
-        requested["world_size"] = world_size
-    if rank is not None and rank >= 0:
-        requested["rank"] = rank
-    if backend is not None:
-        requested["backend"] = str(backend)
-    mismatched = {
-        k: v for k, v in requested.items() if k != "backend" and existing[k] != v
+
+    from sglang.srt.distributed import parallel_state
+
+    existing: Dict[str, Any] = {
+        "world_size": torch.distributed.get_world_size(),
+        "rank": torch.distributed.get_rank(),
     }
-    if "backend" in requested and str(
-        requested["backend"]
-    ).lower() not in _backend_names(existing_backend):
-        mismatched["backend"] = requested["backend"]
-    if mismatched:
-        raise _mismatch_error("torch.distributed world", existing, requested)
+    world = getattr(parallel_state, "_WORLD", None)
+    if world is not None:
+        existing["local_rank"] = world.local_rank
+    differing: Dict[str, tuple] = {}
+    for name, value in requested.items():
+        if name == "distributed_init_method" or value is None and name == "backend":
+            continue
+        if (
+            name in ("world_size", "rank", "local_rank")
+            and value is not None
+            and value < 0
+        ):
+            continue
+        if name == "backend":
+            current = str(torch.distributed.get_backend())
+            if not _backend_matches(current, str(value)):
+                differing[name] = (current, value)
+        elif name in existing:
+            if existing[name] != value:
+                differing[name] = (existing[name], value)
+        elif name in _WORLD_EFFECTS:
+            effect, neutral = _WORLD_EFFECTS[name]
+            if recorded is None:
+                if effect(value) != neutral:
+                    differing[name] = ("unknown (not built by SGLang)", value)
+            elif name in recorded and effect(recorded[name]) != effect(value):
+                differing[name] = (recorded[name], value)
+    if differing:
+        raise _mismatch_error(
+            "torch.distributed world",
+            differing,
+            "destroy_model_parallel() and destroy_distributed_environment()",
+        )
     _log_once(
         "world",
-        "Reusing the existing torch.distributed process group (%s) because %s is set.",
-        _format(existing),
-        REUSE_DISTRIBUTED_ENV,
+        "Reusing the existing torch.distributed world (world_size=%d, rank=%d) "
+        "because %s.",
+        existing["world_size"],
+        existing["rank"],
+        _enabled_by(),
     )
 
 
-def existing_model_parallel_widths() -> Optional[Dict[str, int]]:
-    """Widths of the model-parallel groups that exist in this process, or None.
+def reuse_model_parallel_if_allowed(**requested: Any) -> bool:
+    """Called first in ``initialize_model_parallel`` with every argument that
+    shapes the groups; True means "keep the existing groups, build nothing".
 
-    Derived from the GroupCoordinators the same way ``initialize_model_parallel``
-    builds them (attn_tp = tp // attn_cp // attn_dp, moe_tp = tp // ep // moe_dp).
-    Groups a release does not have are left out.
+    With no groups (this call builds them) records the arguments and returns
+    False. With groups and reuse off returns False (upstream asserts). With
+    reuse on compares the arguments with those of the call that built the
+    groups: equal returns True, different raises ``ValueError`` naming each one.
+    ``backend=None`` stands for the world's backend, as upstream resolves it.
     """
-    from sglang.srt.distributed import parallel_state as ps
+    global _GROUP_ARGS
+    from sglang.srt.distributed import parallel_state
 
-    if getattr(ps, "_TP", None) is None or getattr(ps, "_PP", None) is None:
-        return None
-
-    def width(name: str, default: int = 1) -> int:
-        group = getattr(ps, name, None)
-        return group.world_size if group is not None else default
-
-    tp = width("_TP")
-    attn_cp = width("_ATTN_CP")
-    attn_tp = width("_ATTN_TP", tp)
-    ep = width("_MOE_EP")
-    moe_tp = width("_MOE_TP", tp)
-    widths = dict(
-        tp=tp,
-        pp=width("_PP"),
-        ep=ep,
-        attn_dp=tp // max(attn_cp * attn_tp, 1),
-        attn_cp=attn_cp,
-        moe_dp=tp // max(ep * moe_tp, 1),
-        dcp=width("_DCP"),
-    )
-    if hasattr(ps, "_SHARED_EXPERTS_TP"):
-        widths["shared_experts_tp"] = width("_SHARED_EXPERTS_TP")
-    return widths
-
-
-def _restamp_groups() -> None:
-    """Publish the reused groups to the runtime context, as a fresh build does.
-
-    Releases whose ``initialize_model_parallel`` stamps the groups into
-    ``runtime_context.get_parallel()`` (0.5.21+) lose that stamp on
-    ``clear_stamp``/``reset_context``; write it again. No-op on older releases.
-    """
-    from sglang.srt.distributed import parallel_state as ps
-
-    try:
-        from sglang.srt.runtime_context import get_parallel
-    except ImportError:  # releases before 0.5.14 have no runtime context
-        return
-    parallel = get_parallel()
-    if not hasattr(parallel, "override_permanently"):
-        return
-    built = {
-        "tp_group": ps._TP,
-        "pp_group": ps._PP,
-        "moe_ep_group": getattr(ps, "_MOE_EP", None),
-        "moe_dp_group": getattr(ps, "_MOE_DP", None),
-        "moe_tp_group": getattr(ps, "_MOE_TP", None),
-        "attn_tp_group": getattr(ps, "_ATTN_TP", None),
-        "attn_cp_group": getattr(ps, "_ATTN_CP", None),
-        "shared_experts_tp_group": getattr(ps, "_SHARED_EXPERTS_TP", None),
-        "dcp_group": getattr(ps, "_DCP", None),
-    }
-    parallel.override_permanently(
-        **{name: group for name, group in built.items() if group is not None}
-    )
-
-
-def reuse_model_parallel_if_allowed(
-    *,
-    tp: int,
-    pp: int,
-    ep: int = 1,
-    attn_dp: int = 1,
-    attn_cp: int = 1,
-    moe_dp: int = 1,
-    dcp: int = 1,
-    shared_experts_tp: Optional[int] = None,
-) -> bool:
-    """Return True when ``initialize_model_parallel`` should keep the existing groups.
-
-    False (build as upstream does) unless reuse is enabled, torch.distributed is
-    initialized and the TP and PP groups exist. Raises ``ValueError`` when the
-    existing widths differ from the requested ones.
-    """
-    if not reuse_distributed_enabled() or not torch.distributed.is_initialized():
+    if not parallel_state.model_parallel_is_initialized():
+        _GROUP_ARGS = dict(requested)
         return False
-    existing = existing_model_parallel_widths()
-    if existing is None:
+    if not reuse_distributed_enabled():
         return False
-    requested = dict(
-        tp=tp, pp=pp, ep=ep, attn_dp=attn_dp, attn_cp=attn_cp, moe_dp=moe_dp, dcp=dcp
-    )
-    if "shared_experts_tp" in existing:
-        requested["shared_experts_tp"] = (
-            shared_experts_tp if shared_experts_tp and shared_experts_tp > 1 else 1
+    if _GROUP_ARGS is None:
+        raise ValueError(
+            f"{_enabled_by()}, but the existing model-parallel groups were not built "
+            "by initialize_model_parallel() after this process imported "
+            f"{__name__}, so the requested arguments cannot be compared with them. "
+            "Destroy them first (destroy_model_parallel())."
         )
-    if any(existing.get(k) != v for k, v in requested.items()):
-        raise _mismatch_error("model-parallel layout", existing, requested)
-    _restamp_groups()
+    differing = {
+        name: (_resolved(name, _GROUP_ARGS.get(name)), _resolved(name, value))
+        for name, value in requested.items()
+        if _resolved(name, _GROUP_ARGS.get(name)) != _resolved(name, value)
+    }
+    if differing:
+        raise _mismatch_error(
+            "model-parallel layout", differing, "destroy_model_parallel()"
+        )
     _log_once(
         "model_parallel",
-        "Reusing the existing model-parallel groups (%s) because %s is set.",
-        _format(existing),
-        REUSE_DISTRIBUTED_ENV,
+        "Reusing the existing model-parallel groups because %s.",
+        _enabled_by(),
     )
     return True
+
+
+def _resolved(name: str, value: Any) -> Any:
+    if name == "backend" and value is None:
+        return str(torch.distributed.get_backend())
+    return value

@@ -508,15 +508,25 @@ class OPTForCausalLM(nn.Module):
             **{f"model.decoder.layers.*.{k}": s for k, s in layer.items()},
         }
 
+    def post_load_weights(self) -> None:
+        """Called by SGLang's loaders once every weight is initialized, also by
+        those that never call ``load_weights`` (``load_format="dummy"``, sharded
+        state, remote instances): later ``load_weights`` calls are updates."""
+        self._checkpoint_loaded = True
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load HF OPT tensors, named ``decoder.*`` or ``model.decoder.*``.
 
         ``lm_head.weight`` is ignored when the head is tied to the embeddings,
         as transformers does. A tensor that no parameter takes, one loaded
         twice, or one whose shape differs from the config's raises ValueError
-        naming it. The first call loads the checkpoint, so it also raises
-        ValueError naming every parameter it left unloaded; later calls
-        (weight updates) may load any subset. Returns the names loaded.
+        naming it. Layers of other pipeline ranks are skipped. The first call
+        before the weights are initialized (see ``post_load_weights``) loads
+        the checkpoint, so it also raises ValueError naming every parameter of
+        this rank it left unloaded, except those a quantization method creates
+        and marks ``_skip_weight_check`` (fp8 KV-cache scales); later calls
+        (weight updates, e.g. ``update_weights_from_tensor``) may load any
+        subset. Returns the names loaded.
         """
         params_dict = dict(self.named_parameters())
         shapes = self._checkpoint_shapes()
@@ -570,9 +580,12 @@ class OPTForCausalLM(nn.Module):
 
     @staticmethod
     def _checkpoint_names(params_dict: dict[str, nn.Parameter]) -> set[str]:
-        """The checkpoint tensors that load ``params_dict``, fused ones by shard."""
+        """The checkpoint tensors that load ``params_dict``, fused ones by shard
+        (parameters marked ``_skip_weight_check`` need none)."""
         names = set()
-        for param_name in params_dict:
+        for param_name, param in params_dict.items():
+            if getattr(param, "_skip_weight_check", False):
+                continue  # made by a quantization method, not read from checkpoints
             shards = [
                 param_name.replace(fused, shard)
                 for shard, (fused, _) in _STACKED_PARAMS.items()

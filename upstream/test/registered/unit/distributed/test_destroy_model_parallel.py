@@ -17,9 +17,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _initialize_model_parallel(tp_size: int = 1, pp_size: int = 1) -> None:
+def _initialize_model_parallel(tp_size=1, pp_size=1, rank=0, **kwargs) -> None:
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp_size, pipeline_model_parallel_size=pp_size
+        tensor_model_parallel_size=tp_size,
+        pipeline_model_parallel_size=pp_size,
+        **kwargs,
     )
 
 
@@ -39,6 +41,7 @@ class TestDestroyModelParallel(CustomTestCase):
         parallel_state.destroy_distributed_environment()
 
     def test_self_pp_group_is_destroyed(self):
+        """Guards: destroy_model_parallel() destroys _SELF_PP and resets it to None (it was left alive)."""
         group = parallel_state._SELF_PP
         self.assertIsNotNone(group)
         parallel_state.destroy_model_parallel()
@@ -46,6 +49,7 @@ class TestDestroyModelParallel(CustomTestCase):
         self.assertIsNone(parallel_state._TP)
 
     def test_groups_are_rebuilt_after_destroy(self):
+        """Guards: a rebuild after a destroy makes a new _SELF_PP (it kept the destroyed world's group)."""
         old = parallel_state._SELF_PP
         parallel_state.destroy_model_parallel()
         _initialize_model_parallel()

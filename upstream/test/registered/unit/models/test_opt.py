@@ -1,10 +1,12 @@
-"""Unit tests for OPTForCausalLM: HF weight names, strict loading, accessors."""
+"""Unit tests for the OPT model: pipeline-parallel loading, accessors, prefixes."""
 
 from sglang.test.ci.ci_register import register_cpu_ci
 
-register_cpu_ci(est_time=20, suite="base-a-test-cpu")
+register_cpu_ci(est_time=60, suite="base-a-test-cpu")
 
+import os
 import socket
+import tempfile
 import unittest
 from unittest import mock
 
@@ -14,6 +16,9 @@ from transformers import OPTConfig
 from transformers import OPTForCausalLM as HFOPTForCausalLM
 
 from sglang.srt.distributed import parallel_state
+from sglang.srt.layers.linear import LinearBase
+from sglang.srt.layers.quantization.unquant import UnquantizedLinearMethod
+from sglang.srt.layers.utils import PPMissingLayer
 from sglang.srt.models.opt import OPTForCausalLM, get_activation
 from sglang.test.test_utils import CustomTestCase
 
@@ -24,9 +29,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _initialize_model_parallel(tp_size: int = 1, pp_size: int = 1) -> None:
+def _initialize_model_parallel(tp_size=1, pp_size=1, rank=0, **kwargs) -> None:
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp_size, pipeline_model_parallel_size=pp_size
+        tensor_model_parallel_size=tp_size,
+        pipeline_model_parallel_size=pp_size,
+        **kwargs,
+    )
+
+
+def _init_world(init_method: str, world_size: int = 1, rank: int = 0) -> None:
+    parallel_state.init_distributed_environment(
+        world_size=world_size,
+        rank=rank,
+        distributed_init_method=init_method,
+        local_rank=rank,
+        backend="gloo",
     )
 
 
@@ -44,24 +61,48 @@ def _config(**kwargs) -> OPTConfig:
     return OPTConfig(**values)
 
 
-def _build(config: OPTConfig) -> OPTForCausalLM:
+def _hf_state(config: OPTConfig) -> dict:
+    """An HF checkpoint with every tensor away from its initial value (HF starts
+    biases at 0 and LayerNorm weights at 1, which would hide swapped tensors)."""
+    torch.manual_seed(0)
+    model = HFOPTForCausalLM(config)
+    for param in model.parameters():
+        nn.init.normal_(param, std=0.5)
+    return model.state_dict()
+
+
+def _build(config: OPTConfig, quant_config=None) -> OPTForCausalLM:
     # The logits processor and pooler are not under test and read server config.
     with mock.patch("sglang.srt.models.opt.LogitsProcessor"), mock.patch(
         "sglang.srt.models.opt.Pooler"
     ):
-        return OPTForCausalLM(config)
+        return OPTForCausalLM(config, quant_config)
 
 
-class TestOPTWeightLoading(CustomTestCase):
+def assert_matches_hf(test, model: OPTForCausalLM, hf_state: dict) -> None:
+    """Every parameter of ``model`` equals its HF tensor (fused q/k/v weights and
+    biases included); layers of other pipeline ranks have none."""
+    params = dict(model.named_parameters())
+    checked = 0
+    for i in range(model.start_layer, model.end_layer):
+        prefix = f"model.decoder.layers.{i}.self_attn."
+        for kind in ("weight", "bias"):
+            expected = torch.cat([hf_state[f"{prefix}{p}_proj.{kind}"] for p in "qkv"])
+            torch.testing.assert_close(
+                params[f"{prefix}qkv_proj.{kind}"], expected, rtol=0, atol=0
+            )
+            checked += 1
+    for name, param in params.items():
+        if "qkv_proj" not in name:
+            torch.testing.assert_close(param, hf_state[name], rtol=0, atol=0)
+            checked += 1
+    test.assertEqual(checked, len(params))
+
+
+class TestOPT(CustomTestCase):
     @classmethod
     def setUpClass(cls):
-        parallel_state.init_distributed_environment(
-            world_size=1,
-            rank=0,
-            distributed_init_method=f"tcp://127.0.0.1:{_free_port()}",
-            local_rank=0,
-            backend="gloo",
-        )
+        _init_world(f"tcp://127.0.0.1:{_free_port()}")
         _initialize_model_parallel()
 
     @classmethod
@@ -69,104 +110,32 @@ class TestOPTWeightLoading(CustomTestCase):
         parallel_state.destroy_model_parallel()
         parallel_state.destroy_distributed_environment()
 
-    def _assert_matches_hf(self, model, hf_state):
-        params = dict(model.named_parameters())
-        for i in range(model.config.num_hidden_layers):
-            prefix = f"model.decoder.layers.{i}.self_attn."
-            expected = torch.cat([hf_state[f"{prefix}{p}_proj.weight"] for p in "qkv"])
-            torch.testing.assert_close(
-                params[f"{prefix}qkv_proj.weight"], expected, rtol=0, atol=0
-            )
-        for name, value in hf_state.items():
-            if name in params:
-                torch.testing.assert_close(params[name], value, rtol=0, atol=0)
+    def test_unknown_activation_raises(self):
+        """Guards: get_activation raises ValueError for an unknown name instead of returning nn.Identity()."""
+        self.assertIsInstance(get_activation("relu"), nn.ReLU)
+        with self.assertRaisesRegex(ValueError, "swish"):
+            get_activation("swish")
 
-    def test_loads_model_decoder_names(self):
-        config = _config()
-        hf_state = HFOPTForCausalLM(config).state_dict()
-        model = _build(config)
-        model.load_weights(list(hf_state.items()))
-        self._assert_matches_hf(model, hf_state)
+    def test_quantization_sees_each_layer_at_its_module_path(self):
+        """Guards: the decoder layers' prefix model.decoder.layers and out_proj's prefix (was o_proj)."""
+        seen = {}
 
-    def test_loads_decoder_names_of_opt_model_checkpoints(self):
-        config = _config(tie_word_embeddings=False)
-        hf_state = HFOPTForCausalLM(config).state_dict()
-        weights = [(name.removeprefix("model."), w) for name, w in hf_state.items()]
-        model = _build(config)
-        model.load_weights(weights)
-        self._assert_matches_hf(model, hf_state)
-        torch.testing.assert_close(model.lm_head.weight, hf_state["lm_head.weight"])
+        def get_quant_method(layer, prefix):
+            seen[prefix] = layer
+            return UnquantizedLinearMethod() if isinstance(layer, LinearBase) else None
 
-    def test_loads_project_in_and_out(self):
-        config = _config(word_embed_proj_dim=8, do_layer_norm_before=False)
-        hf_state = HFOPTForCausalLM(config).state_dict()
-        model = _build(config)
-        model.load_weights(list(hf_state.items()))
-        self._assert_matches_hf(model, hf_state)
-
-    def test_unexpected_weight_raises(self):
-        config = _config()
-        weights = list(HFOPTForCausalLM(config).state_dict().items())
-        weights.append(("model.decoder.extra.weight", torch.zeros(2)))
-        with self.assertRaisesRegex(ValueError, "model.decoder.extra.weight"):
-            _build(config).load_weights(weights)
-
-    def test_missing_weight_raises(self):
-        config = _config()
-        weights = [
-            (name, w)
-            for name, w in HFOPTForCausalLM(config).state_dict().items()
-            if name != "model.decoder.layers.1.fc2.weight"
-        ]
-        with self.assertRaisesRegex(ValueError, r"layers\.1\.fc2\.weight"):
-            _build(config).load_weights(weights)
-
-    def test_later_calls_may_update_a_subset(self):
-        config = _config()
-        model = _build(config)
-        model.load_weights(list(HFOPTForCausalLM(config).state_dict().items()))
-        update = torch.full((32, 16), 0.5)
-        model.load_weights([("model.decoder.layers.0.fc1.weight", update)])
-        torch.testing.assert_close(model.model.decoder.layers[0].fc1.weight, update)
-
-    def test_embedding_accessors(self):
-        model = _build(_config())
-        embed_tokens = model.model.decoder.embed_tokens
-        self.assertIs(model.get_input_embeddings(), embed_tokens)
-        self.assertIs(model.get_embed(), embed_tokens.weight)
-        embed, head = model.get_embed_and_head()
-        self.assertIs(embed, embed_tokens.weight)
-        new = nn.Parameter(torch.zeros_like(embed_tokens.weight))
-        with mock.patch("torch.cuda.empty_cache"), mock.patch("torch.cuda.synchronize"):
-            model.set_embed(new)
-        self.assertIs(model.get_embed(), new)
-
-    def test_module_name_from_weight_name(self):
-        model = _build(_config())
-        self.assertEqual(
-            model.get_module_name_from_weight_name(
-                "model.decoder.layers.0.self_attn.k_proj.weight"
-            ),
-            ("model.decoder.layers.0.self_attn.qkv_proj", 3),
-        )
-        self.assertEqual(
-            model.get_module_name_from_weight_name("model.decoder.layers.0.fc1.weight"),
-            ("model.decoder.layers.0.fc1", 1),
-        )
-
-    def test_layer_prefixes_follow_the_module_tree(self):
-        from sglang.srt.models import opt
-
-        with mock.patch.object(
-            opt, "OPTDecoderLayer", side_effect=opt.OPTDecoderLayer
-        ) as layer_cls:
-            _build(_config())
-        prefixes = [call.kwargs["prefix"] for call in layer_cls.call_args_list]
-        self.assertEqual(prefixes, ["model.decoder.layers.0", "model.decoder.layers.1"])
+        quant_config = mock.Mock(get_quant_method=get_quant_method)
+        model = _build(_config(tie_word_embeddings=False), quant_config)
+        modules = dict(model.named_modules())
+        self.assertIn("model.decoder.layers.1.self_attn.out_proj", modules)
+        self.assertEqual(len(seen), 10)  # qkv_proj, out_proj, attn, fc1, fc2 per layer
+        for prefix, layer in seen.items():
+            self.assertIs(modules.get(prefix), layer, prefix)
 
     def test_kv_cache_scales_skip_layers_of_other_ranks(self):
+        """Guards: load_kv_cache_scales skips the PPMissingLayer of another rank (was UnboundLocalError)."""
         model = _build(_config())
-        model.model.decoder.layers[0] = nn.Identity()
+        model.model.decoder.layers[0] = PPMissingLayer()
         scales = [(0, 0.5), (1, 0.25)]
         with mock.patch(
             "sglang.srt.models.opt.kv_cache_scales_loader", return_value=scales
@@ -175,10 +144,59 @@ class TestOPTWeightLoading(CustomTestCase):
         attn = model.model.decoder.layers[1].self_attn.attn
         self.assertEqual((attn.k_scale, attn.v_scale), (0.25, 0.25))
 
-    def test_unknown_activation_raises(self):
-        self.assertIsInstance(get_activation("relu"), nn.ReLU)
-        with self.assertRaisesRegex(ValueError, "swiglu"):
-            get_activation("swiglu")
+    def test_embedding_accessors(self):
+        """Guards: the embedding accessors read model.decoder.embed_tokens (was AttributeError)."""
+        tied = _build(_config())
+        self.assertEqual(
+            tied.get_weights_by_name("lm_head.weight", truncate_size=2),
+            tied.model.decoder.embed_tokens.weight[:2].tolist(),
+        )
+        model = _build(_config(tie_word_embeddings=False))
+        embed_tokens = model.model.decoder.embed_tokens
+        old = embed_tokens.weight
+        self.assertIs(model.get_input_embeddings(), embed_tokens)
+        self.assertIs(model.get_embed(), old)
+        new = nn.Parameter(torch.randn_like(old))
+        with mock.patch("torch.cuda.empty_cache"), mock.patch("torch.cuda.synchronize"):
+            model.set_embed(new)
+            embed, head = model.get_embed_and_head()
+            self.assertIs(embed, new)
+            self.assertIs(head, model.lm_head.weight)
+            model.set_embed_and_head(old, model.lm_head.weight)
+        self.assertIs(model.get_embed(), old)
+
+    def test_start_and_end_layer(self):
+        """Guards: the start_layer / end_layer properties read model.decoder (was AttributeError)."""
+        model = _build(_config(num_hidden_layers=3))
+        self.assertEqual((model.start_layer, model.end_layer), (0, 3))
+
+
+def _pipeline_rank(rank: int, init_method: str, checkpoint: str) -> None:
+    """One rank of a two-rank pipeline: load the whole HF checkpoint, check this rank's layers."""
+    _init_world(init_method, world_size=2, rank=rank)
+    try:
+        _initialize_model_parallel(pp_size=2, rank=rank)
+        hf_state = torch.load(checkpoint)
+        model = _build(_config())
+        assert (model.start_layer, model.end_layer) == (rank, rank + 1)
+        assert isinstance(model.model.decoder.layers[1 - rank], PPMissingLayer)
+        model.load_weights(list(hf_state.items()))
+        assert_matches_hf(unittest.TestCase(), model, hf_state)
+    finally:
+        parallel_state.destroy_model_parallel()
+        parallel_state.destroy_distributed_environment()
+
+
+class TestOPTPipelineParallel(CustomTestCase):
+    def test_each_rank_loads_its_layers_of_a_whole_checkpoint(self):
+        """Guards: load_weights skips other ranks' layers (its hasattr(self.model, "start_layer") was never true: KeyError)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = os.path.join(tmp, "opt.pt")
+            torch.save(_hf_state(_config()), checkpoint)
+            init_method = f"tcp://127.0.0.1:{_free_port()}"
+            torch.multiprocessing.spawn(
+                _pipeline_rank, args=(init_method, checkpoint), nprocs=2
+            )
 
 
 if __name__ == "__main__":
