@@ -14,7 +14,8 @@ What it does (stdlib + pip only):
 1. ``pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux...``
    each pinned wheel below into a wheel cache outside the repo (so it never travels);
 2. unzips them into a staging site dir, dropping the big parts the tests never load
-   (sgl_kernel/flash_ops, flashmla_ops, infllm_ops, sm100/; flashinfer/data, cuda-tile, nccl4py);
+   (sgl_kernel/flash_ops, flashmla_ops, infllm_ops, sm100/; flashinfer/data but the sources its JIT builds
+   common kernels from, cuda-tile, nccl4py);
 3. applies the overlay to the extracted sglang package with
    ``python3 scripts/overlay.py apply <staging>/sglang`` (which verifies the upstream bytes first;
    the pristine tree comes from the cp311 wheel in the overlay cache: ``overlay.py fetch 0.5.17``);
@@ -126,6 +127,16 @@ STRIP = [
     "nccl4py",
     "xgrammar/lib",  # libxgrammar.a (65 MB static library; the bindings .so is what loads)
 ]
+# Kept inside a stripped path: what flashinfer's JIT compiles its common kernels from (sgl_kernel's rmsnorm,
+# which 0.5.23's RMSNorm calls on the GPU, is flashinfer's JIT-built norm module; the device has nvcc).
+# (prefix, top files only): 16 MB + 26 MB + 22 MB of headers, about 4.3 MB in the archives.
+KEEP = [
+    ("flashinfer/data/include/", False),
+    ("flashinfer/data/csrc/", True),
+    ("flashinfer/data/spdlog/include/", False),
+    ("flashinfer/data/cutlass/include/", False),
+    ("flashinfer/data/cccl/", False),
+]
 PLATFORMS = [
     "manylinux_2_39_x86_64",
     "manylinux_2_35_x86_64",
@@ -208,6 +219,9 @@ def requires(wheel: Path) -> list[str]:
 
 
 def stripped(rel: str) -> bool:
+    for prefix, top_only in KEEP:
+        if rel.startswith(prefix) and not (top_only and "/" in rel[len(prefix) :]):
+            return False
     return any(rel == s or rel.startswith(s + "/") or rel.startswith(s + ".") or rel.startswith(s + "-") for s in STRIP)
 
 
