@@ -106,7 +106,6 @@ def tp_mezo_main(model: str, rank: str, port: str, out: str, hyper: str = "tp") 
 
 def dp_mezo_main(model: str, out: str) -> None:
     """One replica of the MeZO DP=2 test (its own interpreter, torchrun's variables in the environment)."""
-    import os
 
     import torch
 
@@ -115,7 +114,7 @@ def dp_mezo_main(model: str, out: str) -> None:
     from sglang.overlay.mezo.dp import DataParallel
 
     dp = DataParallel.from_env()
-    port = int(os.environ["MASTER_PORT"]) + 1 + dp.rank  # the replica's own world, as the CLI places it
+    port = dp.world_port()  # the replica's own world, as the CLI places it
     with StandaloneRunner(RunnerConfig(model_path=model, device="cpu", dist_port=port)) as r:
         trainer = MeZO(r, MeZOConfig(**TP_HYPER), data_parallel=dp)
         results = trainer.train([(MEZO_PROMPTS, MEZO_TARGETS)], STEPS, progress=False)

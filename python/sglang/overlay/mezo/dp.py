@@ -39,8 +39,9 @@ class DataParallel:
     @classmethod
     def from_env(cls, tp_size: int = 1, timeout_s: float = 600.0) -> Optional["DataParallel"]:
         """The replicas of a ``torchrun`` launch (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT): process
-        r is tensor-parallel rank r % tp_size of replica r // tp_size; None without torchrun's variables
-        or with one replica."""
+        r is tensor-parallel rank r % tp_size of replica r // tp_size (one replica: a tensor-parallel
+        group alone, whose ranks still agree on their world's port here); None without torchrun's
+        variables."""
         if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
             return None
         # torchrun's flag makes every later tcp:// init_process_group of this process a client of the
@@ -53,8 +54,6 @@ class DataParallel:
                 f"torchrun started {world} processes, not a multiple of tp_size={tp_size}: start "
                 "replicas x tp_size processes (--nproc-per-node)"
             )
-        if world == tp_size:
-            return None
         host, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ["MASTER_PORT"])
         store = torch.distributed.TCPStore(
             host,
@@ -65,6 +64,22 @@ class DataParallel:
             wait_for_workers=False,
         )
         return cls(rank // tp_size, world // tp_size, store, writer=rank % tp_size == 0)
+
+    def world_port(self) -> int:
+        """The port of this replica's own torch.distributed world, the same on its tensor-parallel ranks and
+        unlike every other replica's: its writer asks the OS for a free port that no replica before it took
+        and publishes it. (MASTER_PORT + 1 + replica, the old rule, collided with the ephemeral ports of the
+        processes' own connections: torchrun --standalone draws MASTER_PORT from that range.)"""
+        from sglang.overlay.compat import free_port
+
+        key = f"port/{self.rank}"
+        if self.writer:
+            taken = {int(self.store.get(f"port/{r}")) for r in range(self.rank)}
+            port = free_port()
+            while port in taken:
+                port = free_port()
+            self.store.set(key, str(port))
+        return int(self.store.get(key))
 
     def share(self, items: Sequence) -> list:
         """This replica's examples of a batch: every ``size``-th, from the ``rank``-th."""
@@ -87,7 +102,7 @@ class DataParallel:
 def launch_layout(model: str, device: str, dtype: Optional[str], tp_size: int) -> tuple[Optional[DataParallel], Any]:
     """(data parallelism, RunnerConfig) of this process: one process without torchrun; under
     torchrun, process r is TP rank r % tp_size of replica r // tp_size, on its replica's own GPUs
-    (LOCAL_RANK's block), its replica's torch.distributed world on port MASTER_PORT + 1 + replica."""
+    (LOCAL_RANK's block), its replica's torch.distributed world on the port ``DataParallel.world_port`` agrees."""
     from sglang.overlay.config import RunnerConfig
 
     rank = int(os.environ.get("RANK", "0"))
@@ -97,13 +112,13 @@ def launch_layout(model: str, device: str, dtype: Optional[str], tp_size: int) -
             f"{tp_size} (more processes make data-parallel replicas)"
         )
     dp = DataParallel.from_env(tp_size=tp_size)
-    if dp is None and tp_size == 1:
+    if dp is None:
         return None, RunnerConfig(model_path=model, device=device, dtype=dtype)
-    replica, tp_rank = rank // tp_size, rank % tp_size
+    tp_rank = rank % tp_size
     local = int(os.environ.get("LOCAL_RANK", str(rank)))
-    # Each replica's own world on a port of its own (MASTER_PORT + 1 + replica): replicas that each asked
-    # the OS for a free port at once could be handed the same one.
-    port = int(os.environ["MASTER_PORT"]) + 1 + replica if "MASTER_PORT" in os.environ else None
+    port = dp.world_port()
+    if dp.size == 1:
+        dp = None  # one replica: nothing to exchange
     config = RunnerConfig(
         model_path=model, device=device, dtype=dtype, tp_size=tp_size, tp_rank=tp_rank, dist_port=port
     )
