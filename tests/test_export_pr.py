@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-from overlay_tool import export_changes, export_check, export_opt_fixes, export_pr, export_reuse  # noqa: E402
+from overlay_tool import export_body, export_changes, export_check, export_opt_fixes, export_pr, export_reuse  # noqa: E402
 from overlay_tool.cache import GIT_IDENTITY, Cache  # noqa: E402
 from overlay_tool.errors import OverlayError  # noqa: E402
 from overlay_tool.gitutil import git  # noqa: E402
@@ -400,7 +400,7 @@ def test_pr_body_is_the_template_filled_with_what_ran(tmp_path: Path) -> None:
     rel = change.tests[0]
     (tmp_path / rel).parent.mkdir(parents=True)
     (tmp_path / rel).write_text((REPO / export_changes.TESTS_DIR / rel).read_text())
-    item = export_pr.Built(change, "0" * 40)
+    item = export_body.Built(change, "0" * 40)
     item.checks = [
         export_check.CheckResult("pre-commit black (black==26.1.0)", True, "", "1 file(s)"),
         export_check.CheckResult(
@@ -414,7 +414,7 @@ def test_pr_body_is_the_template_filled_with_what_ran(tmp_path: Path) -> None:
             },
         ),
     ]
-    body = export_pr._message(change, "v0.5.18", item, TEMPLATE, "Linux x86_64", "pr", tmp_path)
+    body = export_body.pr_message(change, "v0.5.18", item, TEMPLATE, "Linux x86_64", "pr", tmp_path)
     for line in TEMPLATE.splitlines():  # the template is kept whole, its boxes aside
         assert line.replace("- [ ]", "- [x]") in body or line in body, line
     assert "- [x] Format your code" in body and "- [x] Add unit tests" in body
@@ -424,6 +424,8 @@ def test_pr_body_is_the_template_filled_with_what_ran(tmp_path: Path) -> None:
     assert "fails on `v0.5.18` (ERROR)" in body and "passes on `v0.5.18` too" in body
     assert "Guards: the opt-in" in body
     assert body.index("## Review and Merge Process") > body.index("## Checklist")
-    unmeasured = export_pr._message(change, "v0.5.18", export_pr.Built(change, "0" * 40), TEMPLATE, "", "pr", tmp_path)
+    unmeasured = export_body.pr_message(
+        change, "v0.5.18", export_body.Built(change, "0" * 40), TEMPLATE, "", "pr", tmp_path
+    )
     assert "- [x]" not in unmeasured.replace("- [x] Update documentation", "")
     assert "not run by this export" in unmeasured
