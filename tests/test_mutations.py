@@ -77,6 +77,22 @@ MUTATIONS = [
         ("tests/test_opt.py::test_logits_match_hf_at_every_position_and_after_decode[decoder_names]",),
     ),
     Mutation(
+        "reuse comparing only the tensor and pipeline widths",
+        "srt/distributed/reuse.py",
+        "        for name, value in requested.items()\n        if _resolved(name, _GROUP_ARGS.get(name)) != _resolved(name, value)",
+        "        for name, value in requested.items()\n"
+        '        if name in ("tensor_model_parallel_size", "pipeline_model_parallel_size")\n'
+        "        and _resolved(name, _GROUP_ARGS.get(name)) != _resolved(name, value)",
+        ("tests/test_reuse_distributed.py::test_mismatches_raise_value_error_naming_both_values",),
+    ),
+    Mutation(
+        "reuse not comparing the rank",
+        "srt/distributed/reuse.py",
+        "        elif name in existing:\n",
+        '        elif name in existing and name != "rank":\n',
+        ("tests/test_reuse_distributed.py::test_mismatches_raise_value_error_naming_both_values",),
+    ),
+    Mutation(
         "the context check one off",
         "overlay/inputs.py",
         "if length > limits.context_len:",
