@@ -1,5 +1,8 @@
 """SGLANG_ALLOW_REUSE_DISTRIBUTED: reuse a matching torch.distributed world and model-parallel groups.
 
+The hooks are a patch variant's: every release runs the reuse of three runners; the mismatches, the unset
+variable, destroy and rebuild, and TP=2 run on the variant's base release (``variant_base``).
+
 Distributed state is process-global, so every scenario runs in a fresh
 interpreter (tests/support/reuse_scenarios.py) and reports one JSON line.
 """
@@ -96,6 +99,7 @@ def _assert_names_only(err: Dict[str, Any], detail: str) -> None:
     assert ENV in err["message"]
 
 
+@pytest.mark.variant_base
 def test_mismatches_raise_value_error_naming_both_values(tiny_opt: Path) -> None:
     res = run_scenario("mismatch", tiny_opt)
     assert res["world_match"]["type"] is None
@@ -141,6 +145,7 @@ UPSTREAM_SECOND_RUNNER = {
 }
 
 
+@pytest.mark.variant_base
 @pytest.mark.parametrize("value", [None, "false"])
 def test_unset_or_false_keeps_upstream_error(tiny_opt: Path, value: Optional[str]) -> None:
     res = run_scenario("upstream_second_runner", tiny_opt, reuse=value)
@@ -148,6 +153,7 @@ def test_unset_or_false_keeps_upstream_error(tiny_opt: Path, value: Optional[str
     assert res["second"] == {"type": exc_type, "message": message}
 
 
+@pytest.mark.variant_base
 def test_destroy_and_recreate(tiny_opt: Path) -> None:
     res = run_scenario("destroy_recreate", tiny_opt)
     clean = dict(initialized=False, sglang_groups=[], torch_groups=0)
@@ -163,6 +169,7 @@ def test_destroy_and_recreate(tiny_opt: Path) -> None:
     print(f"\nport free after destroying a ModelRunner's world: {res['runner']['port_free']}")
 
 
+@pytest.mark.variant_base
 def test_tp2_two_processes_gloo(tiny_opt: Path) -> None:
     port = str(free_port())
     procs = [
