@@ -147,6 +147,8 @@ class TestOPT(CustomTestCase):
     def test_embedding_accessors(self):
         """Guards: the embedding accessors read model.decoder.embed_tokens (was AttributeError)."""
         tied = _build(_config())
+        with torch.no_grad():  # uninitialized memory may hold NaN, which equals nothing
+            tied.model.decoder.embed_tokens.weight.normal_()
         self.assertEqual(
             tied.get_weights_by_name("lm_head.weight", truncate_size=2),
             tied.model.decoder.embed_tokens.weight[:2].tolist(),
