@@ -188,9 +188,9 @@ def ab_prefill(engine, fns: dict, iters: int, tokens: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ profile
-def kernel_summary(fn, label: str) -> dict:
+def kernel_summary(fn, label: str, top: int = 6) -> dict:
     """One profiled call (after two unprofiled ones, so that a prefill graph is captured already):
-    GPU kernel time by category, and host wall time."""
+    GPU kernel time by category, and host wall time; logs the ``top`` kernels by time."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -235,7 +235,7 @@ def kernel_summary(fn, label: str) -> dict:
         f"PROFILE {label}: wall {wall * 1e3:.2f} ms, GPU kernels {gpu:.2f} ms ({n} launches), "
         + ", ".join(f"{k} {v:.2f}" for k, v in cats.items())
     )
-    for ms, cnt, name in kernels[:6]:
+    for ms, cnt, name in kernels[:top]:
         log(f"    {ms:8.3f} ms  x{cnt:<4d} {name}")
     host = sorted(
         (

@@ -15,7 +15,9 @@ Both sides run MeZO on the same random checkpoint (gpu_shared/common.py), model 
 - SGLang: ``MeZO(StandaloneRunner, MeZOConfig)`` (sglang/overlay/mezo/trainer.py) as ``train`` runs it:
   ``step(defer_update=True)``, so a step is 2 loss forwards (the dense engine) + 2 passes over the
   weights (sglang/overlay/mezo/noise.py: z from (seed, element offset) inside one Triton kernel a pass,
-  the update of each step folded into the next step's first perturbation).
+  the update of each step folded into the next step's first perturbation). ``--z-math`` and ``--z-layout``
+  pick the kernel's variant (benchmarks/zo_kernel_parts.py times them apart); ``--profile`` adds the GPU
+  kernel time of one loss forward and one step by category.
 - HF reference (written here, the paper's scheme): ``OPTForCausalLM(input_ids, labels=...)`` under
   ``no_grad``, z from ``torch.randn`` per parameter, 4 passes a step (+εz, -2εz, +εz, -lr·g·z). Its z is
   not SGLang's (different generators): compare the mean loss (L+ + L-)/2, not L+ and L- apart.
@@ -158,9 +160,21 @@ def main() -> None:
         "--z-math",
         type=int,
         default=None,
-        choices=[0, 1, 2],
-        help="the z kernel's transcendentals (default: NoisePass.FAST, 1): 0 precise (z's definition), "
-        "1 hardware sin/cos, 2 also log",
+        choices=[0, 1, 2, 3],
+        help="the z kernel's transcendentals (default: NoisePass.FAST): 0 precise (z's definition), "
+        "1 hardware sin/cos, 2 also log with a polynomial near u = 1, 3 the hardware log everywhere",
+    )
+    ap.add_argument(
+        "--z-layout",
+        type=int,
+        default=None,
+        choices=[0, 1],
+        help="the z kernel's block layout (default: NoisePass.LAYOUT): 0 joined, 1 rows of four",
+    )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile one loss forward and one step (GPU kernel time by category, the top kernels)",
     )
     ap.add_argument(
         "--prefill-graphs",
@@ -175,6 +189,8 @@ def main() -> None:
 
     if a.z_math is not None:
         NoisePass.FAST = a.z_math
+    if a.z_layout is not None:
+        NoisePass.LAYOUT = a.z_layout
 
     dummy = a.dummy or a.shape in ("opt-13b", "opt-30b", "opt-66b", "llama-3-8b", "qwen2.5-7b")
     path = common.config_only(a.shape) if dummy else common.checkpoint(a.shape)
@@ -191,10 +207,11 @@ def main() -> None:
         steps=a.steps,
         weights="dummy" if dummy else "checkpoint",
         z_math=NoisePass.FAST,
+        z_layout=NoisePass.LAYOUT,
         prefill_graphs=a.prefill_graphs,
     )
 
-    from bench_opt import copy_bandwidth, cuda_time, matmul_peak_tflops
+    from bench_opt import copy_bandwidth, cuda_time, kernel_summary, matmul_peak_tflops
     from sglang.overlay.mezo.noise import Stream
 
     row["matmul_peak_tflops"] = matmul_peak_tflops()
@@ -227,6 +244,11 @@ def main() -> None:
         two = cuda_time(lambda: trainer.noise([Stream(1, 0.0, 0.0), Stream(2, 0.0, 0.0)]), 10) * 1e3
         row["sgl_pass_ms"], row["sgl_fold_pass_ms"] = one, two
         row["sgl_perturb_share"] = (one + two) / 1e3 / t
+        if a.profile:
+            row["profile_loss"] = kernel_summary(lambda: r.loss(prompts, targets).item(), "loss forward", top=16)
+            row["profile_step"] = kernel_summary(
+                lambda: trainer.step(prompts, targets, defer_update=True), "MeZO step", top=8
+            )
         # Drift: train's passes with lr = 0 (fold: the previous step's restore rides in the next
         # perturbation), then the final sync.
         eps = cfg.eps

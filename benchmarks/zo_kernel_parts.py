@@ -10,9 +10,11 @@ events (median of 20 after 5 warm-ups), side by side in one run:
 - copy: the same kernel without noise (``w = k * w``): the table walk, loads and stores;
 - Philox rounds 0 / 10 (10 is z's definition; 0 only times the cost of the rounds, its values are not z),
   one stream and two (the folded pass);
-- hardware transcendentals (``fast`` 1: sin / cos, 2: also log) against the precise ones, with the largest
-  |z - z| against the precise kernel over the model's whole offset range (fp32 zeros plus z);
-- the block size (elements per program), with hardware sin/cos;
+- hardware transcendentals (``fast`` 1: sin / cos, 2: also log with a polynomial near u = 1, 3: the
+  hardware log everywhere) against the precise ones, with the largest |z - z| against the precise kernel
+  over the model's whole offset range (fp32 zeros plus z);
+- the block layouts (``NoisePass.LAYOUT``: joined, rows of four);
+- the block size (elements per program), with the fast functions;
 - a device-to-device copy of the same bytes: the memory floor.
 
 Prints a table: ms per pass and the fraction of the copy floor.
@@ -59,12 +61,17 @@ def main() -> None:
     rows.append(
         ("pass kernel, no noise (w = k w)", cuda_time(lambda: noise._kernel_pass(one, 1.0, noise=False), 20, 5), "")
     )
-    variants = [
-        ("Philox 0, precise", dict(rounds=0)),
-        ("Philox 10, precise (z)", {}),
-        ("Philox 0, fast sin/cos", dict(rounds=0, fast=1)),
-        ("Philox 10, fast sin/cos", dict(fast=1)),
-        ("Philox 10, fast sin/cos/log", dict(fast=2)),
+    variants = [  # (label, _kernel_pass arguments); rounds 7 only times a cheaper Philox: its values are not z
+        ("joined, Philox 0, precise", dict(rounds=0, layout=0)),
+        ("joined, Philox 10, precise (z)", dict(layout=0)),
+        ("joined, fast 1 (sin/cos)", dict(fast=1, layout=0)),
+        ("joined, fast 2 (sin/cos, log + polynomial)", dict(fast=2, layout=0)),
+        ("joined, fast 3 (sin/cos/log)", dict(fast=3, layout=0)),
+        ("rows of four, Philox 10, precise", dict(layout=1)),
+        ("rows of four, fast 1", dict(fast=1, layout=1)),
+        ("rows of four, fast 2", dict(fast=2, layout=1)),
+        ("rows of four, fast 2, Philox 7 (not z)", dict(fast=2, layout=1, rounds=7)),
+        ("rows of four, fast 2, Philox 0 (not z)", dict(fast=2, layout=1, rounds=0)),
     ]
 
     def z(**kw) -> dict[str, torch.Tensor]:
@@ -73,7 +80,7 @@ def main() -> None:
         NoisePass(out, bases)._kernel_pass([Stream(7, 1.0, 0.0)], 1.0, **kw)
         return out
 
-    exact = z()
+    exact = z(layout=0)
     for label, kw in variants:
         for n_label, streams in (("1 stream", one), ("2 streams", two)):
             t = cuda_time(lambda streams=streams, kw=kw: noise._kernel_pass(streams, 1.0, **kw), 20, 5)
@@ -81,12 +88,19 @@ def main() -> None:
             if n_label == "1 stream" and kw.get("rounds", 10) == 10:
                 accuracy = f"{max(float((v - exact[k]).abs().max()) for k, v in z(**kw).items()):.2e}"
             rows.append((f"{label}, {n_label}", t, accuracy))
-    for block in (1024, 4096, 8192):  # the block size, with hardware sin/cos
-        sized = NoisePass(tensors, bases)
-        sized.BLOCK = block
-        for n_label, streams in (("1 stream", one), ("2 streams", two)):
-            t = cuda_time(lambda sized=sized, streams=streams: sized._kernel_pass(streams, 1.0, fast=1), 20, 5)
-            rows.append((f"Philox 10, fast sin/cos, BLOCK {block} (default {NoisePass.BLOCK}), {n_label}", t, ""))
+    for layout in (0, 1):  # the block size, with the fast functions
+        for block in (1024, 4096):
+            sized = NoisePass(tensors, bases)
+            sized.BLOCK = block
+            for n_label, streams in (("1 stream", one), ("2 streams", two)):
+                t = cuda_time(
+                    lambda sized=sized, streams=streams, layout=layout: sized._kernel_pass(
+                        streams, 1.0, fast=2, layout=layout
+                    ),
+                    20,
+                    5,
+                )
+                rows.append((f"layout {layout}, fast 2, BLOCK {block} (default {NoisePass.BLOCK}), {n_label}", t, ""))
     print(
         f"z pass over the {a.shape} weights: {len(tensors)} tensors, {nbytes / 1e9:.2f} GB {a.dtype}, "
         f"{torch.cuda.get_device_name(0)}; copy floor {2 * nbytes / floor / 1e12:.2f} TB/s (read + written)"

@@ -139,25 +139,33 @@ for dtype in (torch.float32, torch.float16):
     ker = {k: v.clone() for k, v in start.items()}
     streams = [zo_noise.Stream(0x123456789ABC, 0.25, -0.5), zo_noise.Stream(1, 0.0, 1e-2)]
     zo_noise.NoisePass(ref, base, decays=["emb"], rows=rows)._torch_pass(streams, 0.75)
+    layout = int(sys.argv[1])
     p = zo_noise.NoisePass(ker, base, decays=["emb"], rows=rows)
-    p._kernel_pass(streams, 0.75)
+    p._kernel_pass(streams, 0.75, layout=layout)
     for one in (streams[:1],):  # one stream too
         zo_noise.NoisePass(ref, base, rows=rows)._torch_pass(one, 1.0)
-        zo_noise.NoisePass(ker, base, rows=rows)._kernel_pass(one, 1.0)
+        zo_noise.NoisePass(ker, base, rows=rows)._kernel_pass(one, 1.0, layout=layout)
     out[str(dtype)] = {k: [float((ker[k].float() - ref[k].float()).abs().max()),
                            float((ker[k] != ref[k]).float().mean())] for k in shapes}
 print("RESULT " + json.dumps(out))
 """
 
 
-def test_the_triton_kernel_computes_the_definition() -> None:
-    """The pass kernel (two streams, decay, a column-sharded tensor, offsets past 2^32) against the torch
-    definition, under Triton's CPU interpreter: fp32 within 1e-6 (transcendentals differ in the last bit),
-    fp16 the same after rounding except where fp32 differed at a rounding boundary. (bf16 is checked on
-    the GPU: the interpreter rounds fp32 to bf16 by truncation, not to nearest even as the GPU does.)"""
+@pytest.mark.parametrize("layout", [0, 1], ids=["joined", "rows_of_four"])
+def test_the_triton_kernel_computes_the_definition(layout: int) -> None:
+    """The pass kernel (two streams, decay, a column-sharded tensor, offsets past 2^32) in each block layout
+    (NoisePass.LAYOUT) against the torch definition, under Triton's CPU interpreter: fp32 within 1e-6
+    (transcendentals differ in the last bit), fp16 the same after rounding except where fp32 differed at a
+    rounding boundary. (bf16 is checked on the GPU: the interpreter rounds fp32 to bf16 by truncation, not
+    to nearest even as the GPU does.)"""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run(
-        [sys.executable, "-c", KERNEL_CHECK], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", KERNEL_CHECK, str(layout)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -169,22 +177,29 @@ def test_the_triton_kernel_computes_the_definition() -> None:
 
 
 FAST_CHECK = r"""
-import torch
+import sys, torch
 from sglang.overlay.mezo import noise as zo_noise
 n, base = 1 << 14, (1 << 34) - (1 << 13)
 z = {"w": torch.zeros(n)}
-zo_noise.NoisePass(z, {"w": base})._kernel_pass([zo_noise.Stream(99, 1.0, 0.0)], 1.0, fast=zo_noise.NoisePass.FAST)
+zo_noise.NoisePass(z, {"w": base})._kernel_pass([zo_noise.Stream(99, 1.0, 0.0)], 1.0, fast=int(sys.argv[1]))
 print("RESULT", float((z["w"] - zo_noise.normal(99, torch.arange(base, base + n))).abs().max()))
 """
 
 
-def test_the_default_kernels_angle_reduction_is_z() -> None:
-    """The default kernel (NoisePass.FAST: sin / cos of 2 pi (u - 1/2), negated, instead of 2 pi u) against
-    the definition, under Triton's interpreter, which computes those functions precisely: the reduction's
-    algebra is exact but for rounding (the hardware functions themselves are checked on the GPU)."""
+@pytest.mark.parametrize("fast", [1, 2])
+def test_the_fast_kernels_algebra_is_z(fast: int) -> None:
+    """The fast kernels (NoisePass.FAST 1: sin / cos of 2 pi (u - 1/2), negated, instead of 2 pi u; 2: also
+    log u by a polynomial in u - 1 above 3/4) against the definition, under Triton's interpreter, which
+    computes the hardware's functions precisely: the reduction and the polynomial are z but for rounding
+    (the hardware functions themselves are checked on the GPU). 2^14 offsets hold about 4,000 u above 3/4."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run(
-        [sys.executable, "-c", FAST_CHECK], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", FAST_CHECK, str(fast)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-4000:]

@@ -181,11 +181,12 @@ def test_generate_matches_stepwise_decode():
     assert generated == stepwise
 
 
+@pytest.mark.parametrize("layout", [0, 1], ids=["joined", "rows_of_four"])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-def test_zo_noise_kernel_matches_definition(dtype):
-    """MeZO's pass kernel (sglang.overlay.mezo.noise) against the torch definition on the GPU: two streams,
-    decay, a column-sharded tensor, offsets past 2^32; fp32 within 2e-6, half precision equal after
-    rounding except where the fp32 results straddle a rounding boundary."""
+def test_zo_noise_kernel_matches_definition(dtype, layout):
+    """MeZO's pass kernel (sglang.overlay.mezo.noise, its default functions, each block layout) against the
+    torch definition on the GPU: two streams, decay, a column-sharded tensor, offsets past 2^32; fp32 within
+    2e-6, half precision equal after rounding except where the fp32 results straddle a rounding boundary."""
     import torch
 
     from sglang.overlay.mezo.noise import NoisePass, Stream
@@ -202,7 +203,7 @@ def test_zo_noise_kernel_matches_definition(dtype):
     NoisePass(ref, base, decays=["emb"], rows=rows)._torch_pass(streams, 0.75)
     kernel = NoisePass(ker, base, decays=["emb"], rows=rows)
     assert kernel.uses_kernel()
-    kernel(streams, 0.75)
+    kernel._kernel_pass(streams, 0.75, fast=NoisePass.FAST, layout=layout)
     for name in shapes:
         diff = (ker[name].float() - ref[name].float()).abs().max().item()
         differ = (ker[name] != ref[name]).float().mean().item()
@@ -213,21 +214,25 @@ def test_zo_noise_kernel_matches_definition(dtype):
             assert differ <= 1e-3 and diff <= 2 * (2**-7 if dtype == "bfloat16" else 2**-10) * 8
 
 
-@pytest.mark.parametrize("fast, bound", [(0, 2e-6), (1, 4e-6)])
-def test_zo_noise_kernel_z_is_within_its_bound_of_the_definition(fast, bound):
-    """z itself (fp32 zeros + z) from the kernel, precise (FAST = 0) and with the hardware's sin / cos (the
-    default, FAST = 1), against the torch definition over 4M offsets whose Philox counters cross 2^32."""
+Z_VARIANTS = [(0, 0, 2e-6), (1, 0, 4e-6), (2, 0, 4e-6), (1, 1, 4e-6), (2, 1, 4e-6)]  # (FAST, LAYOUT, bound)
+
+
+@pytest.mark.parametrize("fast, layout, bound", Z_VARIANTS)
+def test_zo_noise_kernel_z_is_within_its_bound_of_the_definition(fast, layout, bound):
+    """z itself (fp32 zeros + z) from each kernel variant the trainer may run: precise (FAST = 0), the
+    hardware's sin / cos (1), and its log with a polynomial near u = 1 (2), in each block layout, against
+    the torch definition over 4M offsets whose Philox counters cross 2^32."""
     import torch
 
     from sglang.overlay.mezo.noise import NoisePass, Stream, normal
 
-    assert NoisePass.FAST == 1
+    assert (NoisePass.FAST, NoisePass.LAYOUT) in {(f, lay) for f, lay, _ in Z_VARIANTS}, "the default is untested"
     n, base = 1 << 22, (1 << 34) - (1 << 21)
     z = {"w": torch.zeros(n, device="cuda")}
-    NoisePass(z, {"w": base})._kernel_pass([Stream(99, 1.0, 0.0)], 1.0, fast=fast)
+    NoisePass(z, {"w": base})._kernel_pass([Stream(99, 1.0, 0.0)], 1.0, fast=fast, layout=layout)
     want = normal(99, torch.arange(base, base + n, device="cuda"))
     diff = (z["w"] - want).abs().max().item()
-    print(f"ZO_NOISE z fast={fast}: max |kernel - definition| {diff:.2e}", flush=True)
+    print(f"ZO_NOISE z fast={fast} layout={layout}: max |kernel - definition| {diff:.2e}", flush=True)
     assert diff <= bound
 
 

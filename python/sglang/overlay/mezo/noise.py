@@ -168,9 +168,14 @@ class NoisePass:
     BLOCK = 2048
     # The kernel's transcendentals (_normals): 1, the hardware's sin / cos (z within 4e-6 of the definition;
     # 3.46e-6 at most over the opt-1.3b offsets on the H200) made the pass 1.45x faster (one stream) and
-    # MeZO's 1.3b step 1.07x; 0 computes the definition's precise ones; 2 (also the hardware's log, 2e-4
-    # off where u is near 1) is for benchmarks only. benchmarks/mezo_gpu.py --z-math sets it.
+    # MeZO's 1.3b step 1.07x; 0 computes the definition's precise ones; 2 also takes the hardware's log
+    # where u <= 3/4 and a polynomial above (_fast_log); 3 (the hardware's log everywhere, 2e-4 off where u
+    # is near 1) is for benchmarks only. benchmarks/mezo_gpu.py --z-math sets it.
     FAST = 1
+    # How a program holds its block (_zo_pass_kernel): 0, one tensor in the block's order (the 4 normals of
+    # a Philox call interleaved); 1, 4 rows of stride 4 (row c: offsets 4 i + c, z = word c), so that no
+    # value moves between threads. benchmarks/mezo_gpu.py --z-layout sets it.
+    LAYOUT = 0
 
     def __init__(
         self,
@@ -249,11 +254,17 @@ class NoisePass:
                 part.copy_(out)
 
     def _kernel_pass(
-        self, streams: Sequence[Stream], keep: float, rounds: int = 10, noise: bool = True, fast: int = 0
+        self,
+        streams: Sequence[Stream],
+        keep: float,
+        rounds: int = 10,
+        noise: bool = True,
+        fast: int = 0,
+        layout: Optional[int] = None,
     ) -> None:
-        """The Triton pass. ``rounds`` (Philox rounds), ``noise`` (False: only ``k * w``) and ``fast`` (hardware
-        transcendentals, see ``_normals``) exist for benchmarks/zo_kernel_parts.py, which times the kernel's
-        parts; z is defined with 10 rounds and precise transcendentals."""
+        """The Triton pass. ``rounds`` (Philox rounds), ``noise`` (False: only ``k * w``), ``fast`` (hardware
+        transcendentals, see ``_normals``) and ``layout`` (``LAYOUT``) exist for benchmarks/zo_kernel_parts.py,
+        which times the kernel's parts; z is defined with 10 rounds and precise transcendentals."""
         if self._table is None:
             self._table = self._build_table()
         seg_ptr, seg_len, seg_base, seg_decay, blk_seg, blk_g = self._table
@@ -278,6 +289,7 @@ class NoisePass:
             ROUNDS=rounds,
             NOISE=noise,
             FAST=-fast if _INTERPRETED else fast,
+            LAYOUT=self.LAYOUT if layout is None else layout,
         )
 
     def _build_table(self):
@@ -320,7 +332,9 @@ if triton is not None:
         """The four normals of Philox counter (c0, c1, 0, 0) under seed: offsets 4q .. 4q + 3, q = c1:c0.
 
         FAST = 0: precise log / sin / cos (the definition); 1: hardware sin / cos of the argument
-        reduced to [-pi, pi) (sin(2 pi u) = -sin(2 pi (u - 1/2))); 2: also the hardware log."""
+        reduced to [-pi, pi) (sin(2 pi u) = -sin(2 pi (u - 1/2))); 2: also the log of ``_log``; 3: also the
+        hardware log everywhere (benchmarks only). Negative: Triton's interpreter (its |FAST|, with precise
+        functions where the hardware's would run)."""
         seed = seed.to(tl.int64)  # below 2^31 a seed arrives as int32 (never a constexpr: do_not_specialize)
         c2 = c0 * 0
         c3 = c0 * 0
@@ -340,12 +354,8 @@ if triton is not None:
         u1 = _uniform_tl(c1)
         u2 = _uniform_tl(c2)
         u3 = _uniform_tl(c3)
-        if FAST == 2:
-            r01 = tl.sqrt(-2.0 * libdevice.fast_logf(tl.maximum(u0, 1e-7)))
-            r23 = tl.sqrt(-2.0 * libdevice.fast_logf(tl.maximum(u2, 1e-7)))
-        else:
-            r01 = tl.sqrt(-2.0 * tl.log(tl.maximum(u0, 1e-7)))
-            r23 = tl.sqrt(-2.0 * tl.log(tl.maximum(u2, 1e-7)))
+        r01 = tl.sqrt(-2.0 * _log(tl.maximum(u0, 1e-7), FAST))
+        r23 = tl.sqrt(-2.0 * _log(tl.maximum(u2, 1e-7), FAST))
         if FAST == 0:
             t01 = 6.283185307179586 * u1
             t23 = 6.283185307179586 * u3
@@ -360,6 +370,28 @@ if triton is not None:
             -r23 * libdevice.fast_cosf(t23),
             -r23 * libdevice.fast_sinf(t23),
         )
+
+    @triton.jit
+    def _log(u, FAST: tl.constexpr):
+        """log u, u in [1e-7, 1). |FAST| < 2: precise. 2: above 3/4, a polynomial in t = u - 1 (exact there;
+        relative error 1.2e-7, so r = sqrt(-2 log u) keeps its precision where it is small); at or below, the
+        hardware's log (absolute error about 1e-7, where r >= 0.75). 3: the hardware's everywhere (2e-4 off in
+        z where u is near 1). Under the interpreter (FAST < 0) the polynomial is computed as on the GPU and
+        the hardware's log is the precise one."""
+        if FAST == 3:
+            return libdevice.fast_logf(u)
+        if FAST != 2 and FAST != -2:
+            return tl.log(u)
+        t = u - 1.0
+        p = 0.33390906 * t - 0.08952039
+        p = p * t + 0.21425246
+        p = p * t - 0.24869019
+        p = p * t + 0.33338976
+        p = p * t - 0.49999911
+        p = p * t + 1.0
+        if FAST < 0:
+            return tl.where(u > 0.75, p * t, tl.log(u))
+        return tl.where(u > 0.75, p * t, libdevice.fast_logf(u))
 
     @triton.jit
     def _uniform_tl(x):
@@ -410,6 +442,7 @@ if triton is not None:
         ROUNDS: tl.constexpr,
         NOISE: tl.constexpr,
         FAST: tl.constexpr,
+        LAYOUT: tl.constexpr,
     ):
         pid = tl.program_id(0)
         seg = tl.load(blk_seg + pid)
@@ -418,15 +451,73 @@ if triton is not None:
         start = (g0 - tl.load(seg_base + seg)).to(tl.int32)  # the block's first element, -3 .. n
         ptr = tl.load(seg_ptr + seg).to(tl.pointer_type(DTYPE))
         k = tl.where(tl.load(seg_decay + seg) != 0, keep, 1.0)
-        local = start + tl.arange(0, BLOCK)
-        mask = (local >= 0) & (local < n)
-        w = tl.load(ptr + local, mask=mask, other=0.0).to(tl.float32)
-        out = k * w
-        if NOISE:
-            out += (k * a0 + b0) * _noise_block(seed0, g0, BLOCK, ROUNDS, FAST)
-            if TWO:
-                out += (k * a1 + b1) * _noise_block(seed1, g0, BLOCK, ROUNDS, FAST)
-        if DTYPE == tl.float32:
-            tl.store(ptr + local, out, mask=mask)
+        if LAYOUT == 1:
+            _rows_of_four(ptr, start, n, g0, k, seed0, a0, b0, seed1, a1, b1, DTYPE, TWO, BLOCK, ROUNDS, NOISE, FAST)
         else:
-            tl.store(ptr + local, out.to(DTYPE, fp_downcast_rounding="rtne"), mask=mask)
+            local = start + tl.arange(0, BLOCK)
+            mask = (local >= 0) & (local < n)
+            out = k * tl.load(ptr + local, mask=mask, other=0.0).to(tl.float32)
+            if NOISE:
+                out += (k * a0 + b0) * _noise_block(seed0, g0, BLOCK, ROUNDS, FAST)
+                if TWO:
+                    out += (k * a1 + b1) * _noise_block(seed1, g0, BLOCK, ROUNDS, FAST)
+            _store(ptr + local, out, mask, DTYPE)
+
+    @triton.jit
+    def _rows_of_four(
+        ptr,
+        start,
+        n,
+        g0,
+        k,
+        seed0,
+        a0,
+        b0,
+        seed1,
+        a1,
+        b1,
+        DTYPE: tl.constexpr,
+        TWO: tl.constexpr,
+        BLOCK: tl.constexpr,
+        ROUNDS: tl.constexpr,
+        NOISE: tl.constexpr,
+        FAST: tl.constexpr,
+    ):
+        """LAYOUT 1: the block as 4 rows of stride 4. Each thread's Philox call gives the normals of 4
+        consecutive offsets, row c takes word c, and nothing is exchanged between threads. The loads come
+        first, so that they are in flight while Philox runs."""
+        local = start + 4 * tl.arange(0, BLOCK // 4)
+        m0 = (local >= 0) & (local < n)
+        m1 = (local >= -1) & (local < n - 1)
+        m2 = (local >= -2) & (local < n - 2)
+        m3 = (local >= -3) & (local < n - 3)
+        w0 = k * tl.load(ptr + local, mask=m0, other=0.0).to(tl.float32)
+        w1 = k * tl.load(ptr + local + 1, mask=m1, other=0.0).to(tl.float32)
+        w2 = k * tl.load(ptr + local + 2, mask=m2, other=0.0).to(tl.float32)
+        w3 = k * tl.load(ptr + local + 3, mask=m3, other=0.0).to(tl.float32)
+        if NOISE:
+            c0, c1 = _counters(g0, BLOCK // 4)
+            z0, z1, z2, z3 = _normals(seed0, c0, c1, ROUNDS, FAST)
+            f = k * a0 + b0
+            w0 += f * z0
+            w1 += f * z1
+            w2 += f * z2
+            w3 += f * z3
+            if TWO:
+                z0, z1, z2, z3 = _normals(seed1, c0, c1, ROUNDS, FAST)
+                f = k * a1 + b1
+                w0 += f * z0
+                w1 += f * z1
+                w2 += f * z2
+                w3 += f * z3
+        _store(ptr + local, w0, m0, DTYPE)
+        _store(ptr + local + 1, w1, m1, DTYPE)
+        _store(ptr + local + 2, w2, m2, DTYPE)
+        _store(ptr + local + 3, w3, m3, DTYPE)
+
+    @triton.jit
+    def _store(ptr, value, mask, DTYPE: tl.constexpr):
+        if DTYPE == tl.float32:
+            tl.store(ptr, value, mask=mask)
+        else:
+            tl.store(ptr, value.to(DTYPE, fp_downcast_rounding="rtne"), mask=mask)
