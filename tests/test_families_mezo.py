@@ -25,15 +25,9 @@ CASES = [(family, "full") for family in FAMILIES] + [(family, "lora") for family
 
 
 def reference(model_dir: Path, family: str, hyper: dict):
-    import torch
-
     from tests.support.mezo_reference import ReferenceMeZO
 
-    ref = ReferenceMeZO(model_dir, **hyper)
-    if family == "gemma":  # SGLang's Gemma MLP takes the exact GELU (tests/test_families.py)
-        for layer in ref.model.model.layers:
-            layer.mlp.act_fn = torch.nn.GELU(approximate="none")
-    return ref
+    return ReferenceMeZO(model_dir, **hyper)
 
 
 @pytest.mark.parametrize("family, mode", CASES)

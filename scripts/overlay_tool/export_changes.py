@@ -9,6 +9,7 @@ code at the base tag, specialised to it:
 - ``opt-fixes``: upstream's own ``srt/models/opt.py`` at the tag with the defect fixes of
   export_opt_fixes.FIXES (not this repository's opt.py, whose speed work and release compat stay here);
 - ``opt-strict-loading``: strict weight loading (export_opt_fixes.STRICT), stacked on ``opt-fixes``;
+- ``gemma-gelu``: the variant's patch that gives Gemma's MLP the tanh GELU (HF's and the reference's);
 - ``self-pp-teardown``: the variant's patch that destroys the self-PP group, where it has one.
 
 Each branch also adds its upstream-style unit tests, kept in ``upstream/test/registered/unit/``
@@ -150,6 +151,21 @@ CHANGES: tuple[Change, ...] = (
         opt="strict",
         depends_on="opt-fixes",
         tests=("test/registered/unit/models/test_opt_strict_loading.py",),
+    ),
+    Change(
+        "gemma-gelu",
+        "[Model] Gemma: the MLP's GELU is the tanh approximation, as in HF and the reference",
+        '`GemmaMLP` builds `GeluAndMul("none")`, the exact GELU. Gemma is defined with the tanh '
+        "approximation:\nHF's `GemmaMLP` uses `gelu_pytorch_tanh` (its `GemmaConfig` maps even the legacy "
+        '`hidden_act="gelu"` of the\nofficial checkpoints to it, as "meant to target the tanh approximation"), '
+        "and so do vLLM's Gemma and\nGoogle's reference implementation. On a random tiny Gemma in fp32 the "
+        "logits differ from HF's by\n3.6e-5 relative; with the tanh GELU they agree within 3e-7.",
+        '- `GemmaMLP`: `GeluAndMul("tanh")` instead of `GeluAndMul("none")`.',
+        accuracy="No accuracy benchmark was run. The model now computes the activation Gemma was trained "
+        "with; the test compares the MLP with HF's on the same weights.",
+        speed="Not measured: the same kernel family (`gelu_tanh_and_mul` instead of `gelu_and_mul`).",
+        patch_words=("gemma",),
+        tests=("test/registered/unit/models/test_gemma.py",),
     ),
     Change(
         "self-pp-teardown",
