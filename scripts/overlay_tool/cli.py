@@ -37,7 +37,7 @@ from .envs import make_venv, run_demo
 from .errors import OverlayError
 from .gitutil import log
 from .lint import lint
-from .matrix import FULL, RELEASE, matrix, newest_release, require_newest_supported, test_level
+from .matrix import FULL, RELEASE, default_jobs, matrix, newest_release, require_newest_supported, test_level
 from .patches import check, checkout, export_patches
 from .releases import REPO, Overlay
 
@@ -260,6 +260,13 @@ class Matrix(Verb):
         )
         _venvs_argument(parser, "test venvs")
         parser.add_argument("--pytest-args", default="-q", help="arguments for pytest (one string)")
+        parser.add_argument(
+            "--jobs",
+            type=int,
+            default=default_jobs(),
+            help="rows at a time (default: 2 on a machine with 2 CPUs or more, else 1); with more than one, "
+            "a row's test output is printed whole when the row ends",
+        )
 
     def run(self, args: argparse.Namespace, ctx: Context) -> int:
         versions = list(args.versions)
@@ -272,7 +279,9 @@ class Matrix(Verb):
         for version in versions:
             ctx.overlay.release(version)
         _say_what_fetching_costs(versions, ctx.cache, self.name)
-        return matrix(versions, ctx.overlay, ctx.cache, ctx.venvs, args.pytest_args.split(), level=args.level)
+        return matrix(
+            versions, ctx.overlay, ctx.cache, ctx.venvs, args.pytest_args.split(), level=args.level, jobs=args.jobs
+        )
 
 
 @verb

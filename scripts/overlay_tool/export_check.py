@@ -31,6 +31,7 @@ from typing import Optional
 
 from .envs import _digest, make_deps_env, site_packages, venv_python
 from .gitutil import git, run
+from .locks import entry_lock
 
 # pre-commit repo (owner/name) -> (PyPI package, how the rev maps to its version)
 PYPI_HOOK_REPOS = {
@@ -139,16 +140,17 @@ def make_test_env(transformers: str, overlay, envs: Path) -> Path:  # overlay: r
     deps_python = make_deps_env(transformers, overlay, envs)
     directory = envs / f"upstream-tests-{transformers}-{_digest([str(deps_python), *TEST_EXTRAS])}"
     python = venv_python(directory)
-    if not (directory / "ready").exists():
-        run([sys.executable, "-m", "venv", str(directory)])
-        (site_packages(python) / "zz_upstream_tests_layer.pth").write_text(
-            f"import site; site.addsitedir({str(site_packages(deps_python))!r})\n"
-        )
-        constraints = directory / "constraints.txt"
-        torch = run([str(python), "-c", "import torch; print(torch.__version__.split('+')[0])"]).stdout.strip()
-        constraints.write_text(f"torch=={torch}\ntransformers=={transformers}\n")
-        run([str(python), "-m", "pip", "install", "-q", "-c", str(constraints), *TEST_EXTRAS])
-        (directory / "ready").write_text("ok\n")
+    with entry_lock(directory, f"the upstream test venv {directory}"):  # matrix rows may ask at once
+        if not (directory / "ready").exists():
+            run([sys.executable, "-m", "venv", "--clear", str(directory)])
+            (site_packages(python) / "zz_upstream_tests_layer.pth").write_text(
+                f"import site; site.addsitedir({str(site_packages(deps_python))!r})\n"
+            )
+            constraints = directory / "constraints.txt"
+            torch = run([str(python), "-c", "import torch; print(torch.__version__.split('+')[0])"]).stdout.strip()
+            constraints.write_text(f"torch=={torch}\ntransformers=={transformers}\n")
+            run([str(python), "-m", "pip", "install", "-q", "-c", str(constraints), *TEST_EXTRAS])
+            (directory / "ready").write_text("ok\n")
     return python
 
 

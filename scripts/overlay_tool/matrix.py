@@ -15,8 +15,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -130,6 +133,11 @@ def require_newest_supported(overlay: Overlay, newest: str) -> str:
     return newest
 
 
+def default_jobs() -> int:
+    """Rows at a time: 2 where the machine has 2 CPUs or more (a row's pytest is mostly one busy process)."""
+    return 2 if (os.cpu_count() or 1) >= 2 else 1
+
+
 def matrix(
     versions: Sequence[str],
     overlay: Overlay,
@@ -137,17 +145,35 @@ def matrix(
     venvs: Path,
     pytest_args: Sequence[str],
     level: Optional[str] = None,
+    jobs: int = 1,
 ) -> int:
-    """Per release: fetch, apply, byte-compile, then its tests (see ``test_level``); prints a table."""
-    rows = []
+    """Per release: fetch, apply, byte-compile, then its tests (see ``test_level``); prints a table.
+
+    ``jobs`` rows run at a time, the full row first (the longest); with more than one, each row's test
+    output is kept and printed whole when the row ends, and each pytest gets its share of the CPUs
+    (``OMP_NUM_THREADS``, unless set)."""
+    if jobs < 1:
+        raise OverlayError(f"--jobs must be at least 1, got {jobs}")
     releases = [overlay.release(v) for v in versions]
-    versions = sorted(versions, key=lambda v: (overlay.release(v).transformers, version_key(v)))
-    envs: dict[str, Path] = {}
-    for k, version in enumerate(versions, 1):
-        release = overlay.release(version)
+    levels = {}
+    for release in releases:
         lvl = test_level(release, overlay)
-        if level is not None and lvl != COMPILE:
-            lvl = level
+        levels[release.version] = level if level is not None and lvl != COMPILE else lvl
+    ordered = sorted(versions, key=lambda v: (levels[v] != FULL, overlay.release(v).transformers, version_key(v)))
+    envs: dict[str, Path] = {}
+    envs_lock = threading.Lock()
+    print_lock = threading.Lock()
+    threads = None if jobs == 1 or "OMP_NUM_THREADS" in os.environ else str(max(1, (os.cpu_count() or 1) // jobs))
+
+    def deps_env(release: Release) -> Path:
+        with envs_lock:
+            if release.transformers not in envs:
+                envs[release.transformers] = make_deps_env(release.transformers, overlay, venvs)
+            return envs[release.transformers]
+
+    def run_row(version: str) -> dict:
+        release = overlay.release(version)
+        lvl = levels[version]
         row = {
             "release": version,
             "variant": release.variant,
@@ -167,9 +193,7 @@ def matrix(
                 if lvl == COMPILE:
                     row["tests"] = f"n/a: {release.cpu_note or 'does not import on CPU'}"
                 else:
-                    if release.transformers not in envs:
-                        envs[release.transformers] = make_deps_env(release.transformers, overlay, venvs)
-                    python = envs[release.transformers]
+                    python = deps_env(release)
                     selection = RELEASE_TESTS if lvl == RELEASE else []
                     if lvl == FULL:
                         path = fork_site(version, Path(tmp) / "fork", python, overlay, cache)
@@ -182,10 +206,21 @@ def matrix(
                         "PATH": os.pathsep.join(bins),
                         "PYTHONPATH": os.pathsep.join([str(path), *filter(None, [os.environ.get("PYTHONPATH")])]),
                     }
-                    proc = subprocess.run(
-                        [str(python), "-m", "pytest", *pytest_args, *selection], cwd=overlay.root, env=env
-                    )
-                    row["tests"] = "ok" if proc.returncode == 0 else f"FAILED (pytest exit {proc.returncode})"
+                    if threads:
+                        env["OMP_NUM_THREADS"] = threads
+                    command = [str(python), "-m", "pytest", *pytest_args, *selection]
+                    if jobs == 1:
+                        returncode = subprocess.run(command, cwd=overlay.root, env=env).returncode
+                    else:  # the row's output in one piece, when it ends
+                        proc = subprocess.run(
+                            command, cwd=overlay.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+                        )
+                        returncode = proc.returncode
+                        with print_lock:
+                            print(f"== {lvl} tests against sglang {version}: output", flush=True)
+                            sys.stdout.write(proc.stdout.decode(errors="replace"))
+                            sys.stdout.flush()
+                    row["tests"] = "ok" if returncode == 0 else f"FAILED (pytest exit {returncode})"
         except OverlayError as exc:
             log(f"sglang {version}: {exc}")
             for key in ("apply", "compile", "tests"):
@@ -193,15 +228,23 @@ def matrix(
                     row[key] = "FAILED"
                     break
         row["seconds"] = time.monotonic() - started
-        rows.append(row)
-        print(format_progress(k, len(versions), row), flush=True)
+        return row
+
+    rows, started = [], time.monotonic()
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(run_row, version) for version in ordered]
+        for future in as_completed(futures):
+            rows.append(future.result())
+            with print_lock:
+                print(format_progress(len(rows), len(ordered), rows[-1]), flush=True)
     order = {r.version: i for i, r in enumerate(releases)}
     rows.sort(key=lambda r: order[r["release"]])
     print(format_table(rows))
     total = sum(r["seconds"] for r in rows)
     print(
-        f"{len(rows)} release(s) in {total / 60:.1f} min "
-        f"({sum(r['level'] == FULL for r in rows)} full, {sum(r['level'] == RELEASE for r in rows)} release, "
+        f"{len(rows)} release(s) in {(time.monotonic() - started) / 60:.1f} min ({total / 60:.1f} min of rows, "
+        f"{jobs} at a time; "
+        f"{sum(r['level'] == FULL for r in rows)} full, {sum(r['level'] == RELEASE for r in rows)} release, "
         f"{sum(r['level'] == COMPILE for r in rows)} apply+compile only)"
     )
     return 0 if all(r[k] == "ok" or r[k].startswith("n/a") for r in rows for k in ("apply", "compile", "tests")) else 1
