@@ -19,7 +19,7 @@ One pass over the weights computes, in fp32 with one rounding per element,
 ``(seed_s, a_s, b_s)``, where ``k`` is ``keep`` for tensors that decay and 1
 for the others: a perturbation (``k = 1``), MeZO's restore-and-update, and the
 update of one step folded into the next step's first perturbation. On CUDA one
-Triton kernel runs the pass over a table of every tensor, reading and writing
+Triton kernel (``noise_kernel``) runs the pass over a table of every tensor, reading and writing
 each element once and storing no noise; elsewhere (and as the reference) the
 same arithmetic in torch, in blocks of offsets (``normal_range``: one Philox
 call per 4 offsets, Philox's 32x32 -> 64-bit products in int64, the blocks'
@@ -41,7 +41,6 @@ import torch
 
 try:
     import triton
-    import triton.language as tl
 except ImportError:  # no Triton: the torch implementation everywhere
     triton = None
 # Under Triton's interpreter (tests on the CPU) the kernel's hardware sin / cos are torch's precise ones:
@@ -166,13 +165,13 @@ class NoisePass:
     """
 
     BLOCK = 2048
-    # The kernel's transcendentals (_normals): 1, the hardware's sin / cos (z within 4e-6 of the definition;
+    # The kernel's transcendentals (noise_kernel._normals): 1, the hardware's sin / cos (z within 4e-6 of the definition;
     # 3.46e-6 at most over the opt-1.3b offsets on the H200) made the pass 1.45x faster (one stream) and
     # MeZO's 1.3b step 1.07x; 0 computes the definition's precise ones; 2 also takes the hardware's log
-    # where u <= 3/4 and a polynomial above (_fast_log); 3 (the hardware's log everywhere, 2e-4 off where u
+    # where u <= 3/4 and a polynomial above (noise_kernel._log); 3 (the hardware's log everywhere, 2e-4 off where u
     # is near 1) is for benchmarks only. benchmarks/mezo_gpu.py --z-math sets it.
     FAST = 1
-    # How a program holds its block (_zo_pass_kernel): 0, one tensor in the block's order (the 4 normals of
+    # How a program holds its block (noise_kernel.zo_pass_kernel): 0, one tensor in the block's order (the 4 normals of
     # a Philox call interleaved); 1, 4 rows of stride 4 (row c: offsets 4 i + c, z = word c), so that no
     # value moves between threads. benchmarks/mezo_gpu.py --z-layout sets it.
     LAYOUT = 0
@@ -263,13 +262,15 @@ class NoisePass:
         layout: Optional[int] = None,
     ) -> None:
         """The Triton pass. ``rounds`` (Philox rounds), ``noise`` (False: only ``k * w``), ``fast`` (hardware
-        transcendentals, see ``_normals``) and ``layout`` (``LAYOUT``) exist for benchmarks/zo_kernel_parts.py,
+        transcendentals, see ``noise_kernel._normals``) and ``layout`` (``LAYOUT``) exist for benchmarks/zo_kernel_parts.py,
         which times the kernel's parts; z is defined with 10 rounds and precise transcendentals."""
         if self._table is None:
             self._table = self._build_table()
         seg_ptr, seg_len, seg_base, seg_decay, blk_seg, blk_g = self._table
         second = streams[1] if len(streams) == 2 else Stream(0, 0.0, 0.0)
-        _zo_pass_kernel[(blk_seg.numel(),)](
+        from .noise_kernel import TL_DTYPES, zo_pass_kernel
+
+        zo_pass_kernel[(blk_seg.numel(),)](
             blk_seg,
             blk_g,
             seg_ptr,
@@ -283,7 +284,7 @@ class NoisePass:
             float(second.a),
             float(second.b),
             float(keep),
-            DTYPE=_TL_DTYPES[self.dtype],
+            DTYPE=TL_DTYPES[self.dtype],
             TWO=len(streams) == 2,
             BLOCK=self.BLOCK,
             ROUNDS=rounds,
@@ -320,204 +321,3 @@ class NoisePass:
             as_tensor(blk_seg, torch.int32),
             as_tensor(blk_g, torch.int64),
         )
-
-
-if triton is not None:
-    from triton.language.extra import libdevice
-
-    _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-
-    @triton.jit
-    def _normals(seed, c0, c1, ROUNDS: tl.constexpr, FAST: tl.constexpr):
-        """The four normals of Philox counter (c0, c1, 0, 0) under seed: offsets 4q .. 4q + 3, q = c1:c0.
-
-        FAST = 0: precise log / sin / cos (the definition); 1: hardware sin / cos of the argument
-        reduced to [-pi, pi) (sin(2 pi u) = -sin(2 pi (u - 1/2))); 2: also the log of ``_log``; 3: also the
-        hardware log everywhere (benchmarks only). Negative: Triton's interpreter (its |FAST|, with precise
-        functions where the hardware's would run)."""
-        seed = seed.to(tl.int64)  # below 2^31 a seed arrives as int32 (never a constexpr: do_not_specialize)
-        c2 = c0 * 0
-        c3 = c0 * 0
-        k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
-        k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
-        for _ in tl.static_range(ROUNDS):
-            # One 32 x 32 -> 64-bit product gives both words (a single wide multiply on the GPU).
-            p2 = c2.to(tl.uint64) * 0xCD9E8D57
-            p0 = c0.to(tl.uint64) * 0xD2511F53
-            c0 = (p2 >> 32).to(tl.uint32) ^ c1 ^ k0
-            c2 = (p0 >> 32).to(tl.uint32) ^ c3 ^ k1
-            c1 = p2.to(tl.uint32)
-            c3 = p0.to(tl.uint32)
-            k0 = k0 + 0x9E3779B9
-            k1 = k1 + 0xBB67AE85
-        u0 = _uniform_tl(c0)
-        u1 = _uniform_tl(c1)
-        u2 = _uniform_tl(c2)
-        u3 = _uniform_tl(c3)
-        r01 = tl.sqrt(-2.0 * _log(tl.maximum(u0, 1e-7), FAST))
-        r23 = tl.sqrt(-2.0 * _log(tl.maximum(u2, 1e-7), FAST))
-        if FAST == 0:
-            t01 = 6.283185307179586 * u1
-            t23 = 6.283185307179586 * u3
-            return r01 * tl.cos(t01), r01 * tl.sin(t01), r23 * tl.cos(t23), r23 * tl.sin(t23)
-        t01 = 6.283185307179586 * (u1 - 0.5)
-        t23 = 6.283185307179586 * (u3 - 0.5)
-        if FAST < 0:  # Triton's interpreter, which has no hardware functions: the reduced angle's algebra alone
-            return -r01 * tl.cos(t01), -r01 * tl.sin(t01), -r23 * tl.cos(t23), -r23 * tl.sin(t23)
-        return (
-            -r01 * libdevice.fast_cosf(t01),
-            -r01 * libdevice.fast_sinf(t01),
-            -r23 * libdevice.fast_cosf(t23),
-            -r23 * libdevice.fast_sinf(t23),
-        )
-
-    @triton.jit
-    def _log(u, FAST: tl.constexpr):
-        """log u, u in [1e-7, 1). |FAST| < 2: precise. 2: above 3/4, a polynomial in t = u - 1 (exact there;
-        relative error 1.2e-7, so r = sqrt(-2 log u) keeps its precision where it is small); at or below, the
-        hardware's log (absolute error about 1e-7, where r >= 0.75). 3: the hardware's everywhere (2e-4 off in
-        z where u is near 1). Under the interpreter (FAST < 0) the polynomial is computed as on the GPU and
-        the hardware's log is the precise one."""
-        if FAST == 3:
-            return libdevice.fast_logf(u)
-        if FAST != 2 and FAST != -2:
-            return tl.log(u)
-        t = u - 1.0
-        p = 0.33390906 * t - 0.08952039
-        p = p * t + 0.21425246
-        p = p * t - 0.24869019
-        p = p * t + 0.33338976
-        p = p * t - 0.49999911
-        p = p * t + 1.0
-        if FAST < 0:
-            return tl.where(u > 0.75, p * t, tl.log(u))
-        return tl.where(u > 0.75, p * t, libdevice.fast_logf(u))
-
-    @triton.jit
-    def _uniform_tl(x):
-        x = x.to(tl.int32, bitcast=True)
-        x = tl.where(x < 0, ~x, x)
-        return x.to(tl.float32) * 4.6566127342e-10
-
-    @triton.jit
-    def _counters(g0, ROWS: tl.constexpr):
-        """Philox counters (c0, c1) of q = g0 / 4 + row, row < ROWS, in 32-bit words (g0 a multiple of 4)."""
-        q0 = g0 >> 2
-        lo0 = (q0 & 0xFFFFFFFF).to(tl.uint32)
-        hi0 = ((q0 >> 32) & 0xFFFFFFFF).to(tl.uint32)
-        c0 = lo0 + tl.arange(0, ROWS).to(tl.uint32)
-        return c0, hi0 + (c0 < lo0).to(tl.uint32)
-
-    @triton.jit
-    def _noise_block(seed, g0, BLOCK: tl.constexpr, ROUNDS: tl.constexpr, FAST: tl.constexpr):
-        """z of global offsets g0 .. g0 + BLOCK (g0 a multiple of 4), in order.
-
-        (A [BLOCK/4, 4] tile with the four normals selected per column, measured on the H200, was 5x
-        slower: Triton spreads the 4 columns over threads and each computes the row's Philox and
-        Box-Muller again.)"""
-        c0, c1 = _counters(g0, BLOCK // 4)
-        z0, z1, z2, z3 = _normals(seed, c0, c1, ROUNDS, FAST)
-        return tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), [BLOCK])
-
-    # Triton turns an int argument equal to 1 into a constexpr (a Python int, no .to()) unless told not to;
-    # tl.to_tensor would do too, but the device's Triton (torch 2.11) lacks it.
-    @triton.jit(do_not_specialize=["seed0", "seed1"])
-    def _zo_pass_kernel(
-        blk_seg,
-        blk_g,
-        seg_ptr,
-        seg_len,
-        seg_base,
-        seg_decay,
-        seed0,
-        a0,
-        b0,
-        seed1,
-        a1,
-        b1,
-        keep,
-        DTYPE: tl.constexpr,
-        TWO: tl.constexpr,
-        BLOCK: tl.constexpr,
-        ROUNDS: tl.constexpr,
-        NOISE: tl.constexpr,
-        FAST: tl.constexpr,
-        LAYOUT: tl.constexpr,
-    ):
-        pid = tl.program_id(0)
-        seg = tl.load(blk_seg + pid)
-        g0 = tl.load(blk_g + pid)
-        n = tl.load(seg_len + seg).to(tl.int32)  # a segment has fewer than 2^31 elements (_build_table)
-        start = (g0 - tl.load(seg_base + seg)).to(tl.int32)  # the block's first element, -3 .. n
-        ptr = tl.load(seg_ptr + seg).to(tl.pointer_type(DTYPE))
-        k = tl.where(tl.load(seg_decay + seg) != 0, keep, 1.0)
-        if LAYOUT == 1:
-            _rows_of_four(ptr, start, n, g0, k, seed0, a0, b0, seed1, a1, b1, DTYPE, TWO, BLOCK, ROUNDS, NOISE, FAST)
-        else:
-            local = start + tl.arange(0, BLOCK)
-            mask = (local >= 0) & (local < n)
-            out = k * tl.load(ptr + local, mask=mask, other=0.0).to(tl.float32)
-            if NOISE:
-                out += (k * a0 + b0) * _noise_block(seed0, g0, BLOCK, ROUNDS, FAST)
-                if TWO:
-                    out += (k * a1 + b1) * _noise_block(seed1, g0, BLOCK, ROUNDS, FAST)
-            _store(ptr + local, out, mask, DTYPE)
-
-    @triton.jit
-    def _rows_of_four(
-        ptr,
-        start,
-        n,
-        g0,
-        k,
-        seed0,
-        a0,
-        b0,
-        seed1,
-        a1,
-        b1,
-        DTYPE: tl.constexpr,
-        TWO: tl.constexpr,
-        BLOCK: tl.constexpr,
-        ROUNDS: tl.constexpr,
-        NOISE: tl.constexpr,
-        FAST: tl.constexpr,
-    ):
-        """LAYOUT 1: the block as 4 rows of stride 4. Each thread's Philox call gives the normals of 4
-        consecutive offsets, row c takes word c, and nothing is exchanged between threads. The loads come
-        first, so that they are in flight while Philox runs."""
-        local = start + 4 * tl.arange(0, BLOCK // 4)
-        m0 = (local >= 0) & (local < n)
-        m1 = (local >= -1) & (local < n - 1)
-        m2 = (local >= -2) & (local < n - 2)
-        m3 = (local >= -3) & (local < n - 3)
-        w0 = k * tl.load(ptr + local, mask=m0, other=0.0).to(tl.float32)
-        w1 = k * tl.load(ptr + local + 1, mask=m1, other=0.0).to(tl.float32)
-        w2 = k * tl.load(ptr + local + 2, mask=m2, other=0.0).to(tl.float32)
-        w3 = k * tl.load(ptr + local + 3, mask=m3, other=0.0).to(tl.float32)
-        if NOISE:
-            c0, c1 = _counters(g0, BLOCK // 4)
-            z0, z1, z2, z3 = _normals(seed0, c0, c1, ROUNDS, FAST)
-            f = k * a0 + b0
-            w0 += f * z0
-            w1 += f * z1
-            w2 += f * z2
-            w3 += f * z3
-            if TWO:
-                z0, z1, z2, z3 = _normals(seed1, c0, c1, ROUNDS, FAST)
-                f = k * a1 + b1
-                w0 += f * z0
-                w1 += f * z1
-                w2 += f * z2
-                w3 += f * z3
-        _store(ptr + local, w0, m0, DTYPE)
-        _store(ptr + local + 1, w1, m1, DTYPE)
-        _store(ptr + local + 2, w2, m2, DTYPE)
-        _store(ptr + local + 3, w3, m3, DTYPE)
-
-    @triton.jit
-    def _store(ptr, value, mask, DTYPE: tl.constexpr):
-        if DTYPE == tl.float32:
-            tl.store(ptr, value, mask=mask)
-        else:
-            tl.store(ptr, value.to(DTYPE, fp_downcast_rounding="rtne"), mask=mask)
