@@ -52,8 +52,9 @@ class TestGemmaMLP(CustomTestCase):
         parallel_state.destroy_distributed_environment()
 
     def test_mlp_matches_hf(self):
-        """Guards: the MLP's GELU is the tanh approximation, as in HF's GemmaMLP (gelu_pytorch_tanh) and the
-        reference implementation (was the exact GELU, GeluAndMul("none"): 3e-4 off here)."""
+        """Guards: the MLP's GELU is the tanh approximation, as in HF's GemmaMLP
+        (gelu_pytorch_tanh) and the reference implementation; it was the exact GELU,
+        GeluAndMul("none"), 3e-4 off here."""
         config = GemmaConfig(
             hidden_size=16, intermediate_size=32, hidden_act="gelu_pytorch_tanh"
         )
