@@ -171,6 +171,7 @@ def main() -> None:
         choices=[0, 1],
         help="the z kernel's block layout (default: NoisePass.LAYOUT): 0 joined, 1 rows of four",
     )
+    ap.add_argument("--z-block", type=int, default=None, help="offsets per program of the z kernel (NoisePass.BLOCK)")
     ap.add_argument(
         "--profile",
         action="store_true",
@@ -191,6 +192,8 @@ def main() -> None:
         NoisePass.FAST = a.z_math
     if a.z_layout is not None:
         NoisePass.LAYOUT = a.z_layout
+    if a.z_block is not None:
+        NoisePass.BLOCK = a.z_block
 
     dummy = a.dummy or a.shape in ("opt-13b", "opt-30b", "opt-66b", "llama-3-8b", "qwen2.5-7b")
     path = common.config_only(a.shape) if dummy else common.checkpoint(a.shape)
@@ -208,6 +211,7 @@ def main() -> None:
         weights="dummy" if dummy else "checkpoint",
         z_math=NoisePass.FAST,
         z_layout=NoisePass.LAYOUT,
+        z_block=NoisePass.BLOCK,
         prefill_graphs=a.prefill_graphs,
     )
 

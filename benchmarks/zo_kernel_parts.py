@@ -39,6 +39,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="opt-1.3b")
     ap.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"])
+    ap.add_argument(
+        "--blocks-only",
+        action="store_true",
+        help="only the block-size sweep (each layout, fast 2, BLOCK 256 to 4096), not the variants",
+    )
     a = ap.parse_args()
     from transformers import OPTConfig, OPTForCausalLM
 
@@ -81,7 +86,7 @@ def main() -> None:
         return out
 
     exact = z(layout=0)
-    for label, kw in variants:
+    for label, kw in [] if a.blocks_only else variants:
         for n_label, streams in (("1 stream", one), ("2 streams", two)):
             t = cuda_time(lambda streams=streams, kw=kw: noise._kernel_pass(streams, 1.0, **kw), 20, 5)
             accuracy = ""
@@ -89,7 +94,7 @@ def main() -> None:
                 accuracy = f"{max(float((v - exact[k]).abs().max()) for k, v in z(**kw).items()):.2e}"
             rows.append((f"{label}, {n_label}", t, accuracy))
     for layout in (0, 1):  # the block size, with the fast functions
-        for block in (1024, 4096):
+        for block in (256, 512, 1024, 2048, 4096) if a.blocks_only else (1024, 4096):
             sized = NoisePass(tensors, bases)
             sized.BLOCK = block
             for n_label, streams in (("1 stream", one), ("2 streams", two)):

@@ -24,7 +24,7 @@ each element once and storing no noise; elsewhere (and as the reference) the
 same arithmetic in torch, in blocks of offsets (``normal_range``: one Philox
 call per 4 offsets, Philox's 32x32 -> 64-bit products in int64, the blocks'
 temporaries in cache; 3.3M offsets in about 60 ms on one CPU core). The kernel takes sin and cos of the angle reduced to
-[-pi, pi) from the hardware (``NoisePass.FAST``): its z is within 4e-6 of the
+[-pi, pi), and log u where u <= 3/4, from the hardware (``NoisePass.FAST``): its z is within 4e-6 of the
 definition (the same on every rank and layout, since each offset runs the same
 code); with ``FAST = 0``, and under Triton's interpreter, it computes the
 definition's precise functions (within 1e-6 of torch's).
@@ -164,17 +164,23 @@ class NoisePass:
     by torch (the kernel skips them).
     """
 
-    BLOCK = 2048
-    # The kernel's transcendentals (noise_kernel._normals): 1, the hardware's sin / cos (z within 4e-6 of the definition;
-    # 3.46e-6 at most over the opt-1.3b offsets on the H200) made the pass 1.45x faster (one stream) and
-    # MeZO's 1.3b step 1.07x; 0 computes the definition's precise ones; 2 also takes the hardware's log
-    # where u <= 3/4 and a polynomial above (noise_kernel._log); 3 (the hardware's log everywhere, 2e-4 off where u
-    # is near 1) is for benchmarks only. benchmarks/mezo_gpu.py --z-math sets it.
-    FAST = 1
-    # How a program holds its block (noise_kernel.zo_pass_kernel): 0, one tensor in the block's order (the 4 normals of
-    # a Philox call interleaved); 1, 4 rows of stride 4 (row c: offsets 4 i + c, z = word c), so that no
-    # value moves between threads. benchmarks/mezo_gpu.py --z-layout sets it.
-    LAYOUT = 0
+    # The kernel's variant, measured side by side over the opt-1.3b weights (2.63 GB bf16) on an H100
+    # (benchmarks/zo_kernel_parts.py, benchmarks/NOTES.md "2026-12-07, third session"), ms for 1 / 2 streams
+    # against a 1.744 ms copy: joined, FAST 1, BLOCK 2048 (the earlier default) 2.923 / 4.775; rows of four,
+    # FAST 2, BLOCK 1024 (these defaults) 2.540 / 4.012, with the same z (3.46e-6 at most from the precise
+    # kernel, both).
+    # BLOCK: offsets per program (benchmarks/mezo_gpu.py --z-block).
+    BLOCK = 1024
+    # FAST, the transcendentals (noise_kernel._normals): 0 the definition's precise ones; 1 the hardware's
+    # sin / cos (z within 4e-6 of the definition); 2 also the hardware's log where u <= 3/4 and a polynomial
+    # above (noise_kernel._log), with no loss against 1; 3 (the hardware's log everywhere, 2e-4 off where u
+    # is near 1) is for benchmarks only (benchmarks/mezo_gpu.py --z-math).
+    FAST = 2
+    # LAYOUT, how a program holds its block (noise_kernel.zo_pass_kernel): 0, one tensor in the block's order
+    # (the 4 normals of a Philox call interleaved through shared memory); 1, 4 rows of stride 4 (row c:
+    # offsets 4 i + c, z = word c), so that no value moves between threads (benchmarks/mezo_gpu.py
+    # --z-layout).
+    LAYOUT = 1
 
     def __init__(
         self,
