@@ -30,12 +30,13 @@ SECTIONS = ("Motivation", "Modifications", "Accuracy Tests", "Speed Tests and Pr
 
 
 def _guards(test_text: str) -> dict[str, str]:
-    """test method name -> the first line of its docstring (what it guards)."""
+    """test method name -> the first paragraph of its docstring, on one line (what it guards; a docstring
+    wrapped at upstream's 88 columns would otherwise stop mid-sentence)."""
     found = {}
     for node in ast.walk(ast.parse(test_text)):
         if isinstance(node, ast.FunctionDef) and node.name.startswith("test"):
-            doc = ast.get_docstring(node) or ""
-            found[node.name] = doc.strip().splitlines()[0] if doc.strip() else "(no docstring)"
+            doc = (ast.get_docstring(node) or "").strip()
+            found[node.name] = " ".join(doc.split("\n\n")[0].split()) if doc else "(no docstring)"
     return found
 
 
