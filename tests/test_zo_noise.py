@@ -191,7 +191,7 @@ def test_the_fast_kernels_algebra_is_z(fast: int) -> None:
     """The fast kernels (NoisePass.FAST 1: sin / cos of 2 pi (u - 1/2), negated, instead of 2 pi u; 2: also
     log u by a polynomial in u - 1 above 3/4) against the definition, under Triton's interpreter, which
     computes the hardware's functions precisely: the reduction and the polynomial are z but for rounding
-    (the hardware functions themselves are checked on the GPU). 2^14 offsets hold about 4,000 u above 3/4."""
+    (the hardware functions themselves are checked on the GPU). 2^14 offsets hold about 2,000 u above 3/4."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run(
         [sys.executable, "-c", FAST_CHECK, str(fast)],
