@@ -183,8 +183,25 @@ def main() -> None:
         default=None,
         help="RunnerConfig.prefill_graphs (default: the runner's, on for OPT on CUDA; 0: off)",
     )
+    ap.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an SGLang server argument of the runner (VALUE read as JSON where it parses, else a string), "
+        "e.g. cuda_graph_backend_prefill=breakable with disable_cuda_graph=false: upstream's prefill graphs",
+    )
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
+    server_args = {}
+    for item in a.server_arg:
+        name, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--server-arg takes NAME=VALUE, got {item!r}")
+        try:
+            server_args[name] = json.loads(value)
+        except json.JSONDecodeError:
+            server_args[name] = value
     from sglang.overlay.mezo import MeZO, MeZOConfig
     from sglang.overlay.mezo.noise import NoisePass
 
@@ -213,6 +230,7 @@ def main() -> None:
         z_layout=NoisePass.LAYOUT,
         z_block=NoisePass.BLOCK,
         prefill_graphs=a.prefill_graphs,
+        server_args=server_args,
     )
 
     from bench_opt import copy_bandwidth, cuda_time, kernel_summary, matmul_peak_tflops
@@ -230,6 +248,7 @@ def main() -> None:
         mem_fraction_static=a.mem_fraction,
         prefill_graphs=a.prefill_graphs,
         **load,
+        **server_args,
     ) as r:
         trainer = MeZO(r, cfg)
         row["sgl_graphs"] = r.engine is not None and r.engine.graphs is not None

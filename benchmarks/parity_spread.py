@@ -52,15 +52,15 @@ def sgl_variant(name: str):
     from sglang.overlay import dense
     from sglang.srt.layers import add_layernorm
 
-    saved_triton, saved_plan = add_layernorm.triton, dense.DensePrefill.__dict__["plan"]
+    saved_triton, saved_plan = add_layernorm.triton, dense.DensePrefill.__dict__["for_lengths"]
     if name == "sgl-torch-ln":
         add_layernorm.triton = None
-    elif name == "sgl-backend-attn":  # the engine declines: ModelRunner.forward with the backend
-        dense.DensePrefill.plan = classmethod(lambda cls, *args, **kwargs: None)
+    elif name == "sgl-backend-attn":  # the engine declines every plan: ModelRunner.forward with the backend
+        dense.DensePrefill.for_lengths = classmethod(lambda cls, *args, **kwargs: None)
     try:
         yield
     finally:
-        add_layernorm.triton, dense.DensePrefill.plan = saved_triton, saved_plan
+        add_layernorm.triton, dense.DensePrefill.for_lengths = saved_triton, saved_plan
 
 
 def measure(shape: str, dtypes: list[str], sets_count: int) -> list[dict]:

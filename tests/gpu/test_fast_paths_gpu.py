@@ -9,7 +9,9 @@
 - the scoring path (``forward.final_hidden_states`` / ``score`` on the dense engine: no
   attention-backend metadata, no LogitsProcessor) gives the engine's eager hidden states bit for bit
   from graphs; without ``keep_kv`` it leaves the KV pool untouched, with it it writes the K/V (the
-  engine against ModelRunner.forward: test_opt_gpu.py::test_dense_engine_matches_backend);
+  engine against ModelRunner.forward: test_opt_gpu.py::test_dense_engine_matches_backend); ``score``
+  hands the token ids to the engine without a ForwardBatch, and a loss is queued without waiting
+  for the GPU;
 - MeZO's noise-pass kernel against its torch definition;
 - ``StandaloneRunner.generate`` (token ids kept on the device) against one decode step at a time
   with a host round trip per token (tests/support/logits.decode).
@@ -144,8 +146,38 @@ def test_scoring_path_keeps_or_skips_the_kv(graphs):
             assert torch.equal(key[fb.out_cache_loc], ref_key)
             if graphs:
                 assert {(tuple(map(len, seqs)), False), (tuple(map(len, seqs)), True)} <= set(engine.graphs.graphs)
-        scored = forward.score(runner, ragged, engine=engine)
-        assert scored.batch is None and torch.equal(scored.every_hidden_state(), ref)
+            key[fb.out_cache_loc] = 0
+            for i in range(3):  # the token ids straight to the engine (DenseEngine.score), no ForwardBatch
+                scored = forward.score(runner, seqs, engine=engine)
+                assert scored.batch is None and scored.lm_head is r.model.lm_head
+                assert torch.equal(scored.every_hidden_state(), ref), f"score run {i}: max diff " + str(
+                    (scored.every_hidden_state() - ref).abs().max().item()
+                )
+            assert not key[fb.out_cache_loc].any(), "score wrote K/V"
+
+
+@pytest.mark.parametrize("graphs,bucket", [(0, 0), (4, 0), (4, 8)])  # bucket 0: ragged lengths
+def test_loss_is_queued_without_waiting_for_the_gpu(graphs, bucket):
+    """A scoring call queues its work and returns: MeZO's trainer queues a weight pass and the next
+    forward while the GPU still runs the last one, and reads the two losses back once. torch's sync
+    debug mode raises on any operation that waits for the GPU (a ScheduleBatch's preparation, a copy
+    from pageable memory, ``.item()``)."""
+    import torch
+
+    path = common.checkpoint("opt-125m")
+    g = torch.Generator().manual_seed(17)
+    prompts = [[2] + torch.randint(3, 50000, (n,), generator=g).tolist() for n in (47, 30, 47, 12)]
+    targets = [[int(t)] for t in torch.randint(3, 50000, (4,), generator=g)]
+    with common.runner(path, "bfloat16", prefill_graphs=graphs, graph_bucket=bucket) as r:
+        expected = [r.loss(prompts, targets) for _ in range(3)]  # eager, then (graphs) capture + replay
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss = r.loss(prompts, targets)
+            logprobs = r.token_logprobs(prompts, targets)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert torch.equal(loss, expected[-1]) and torch.isfinite(loss)
+        assert torch.equal(-torch.cat(logprobs).mean(), loss)
 
 
 def _plan(engine, forward_batch, runner, write_kv: bool):

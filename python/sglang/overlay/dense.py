@@ -26,6 +26,7 @@ quantized weights, ...): run the batch through ModelRunner.forward then.
 
 from __future__ import annotations
 
+import itertools
 from typing import Optional, Sequence
 
 import torch
@@ -39,6 +40,15 @@ _PLAIN_MHA_POOLS = ("MHATokenToKVPool", "PageMajorMHATokenToKVPool")
 # From this hidden size on, the QKV projection runs as three GEMMs (measured on
 # the H100: 1.3b +2.2% per prefill; benchmarks/NOTES.md, "Round 2").
 SPLIT_QKV_FROM_HIDDEN = 2048
+
+
+def to_device(parts: Sequence[Sequence[int]], device: torch.device) -> list[torch.Tensor]:
+    """Lists of ints as int64 tensors on ``device``, in one copy from pinned memory that does not wait
+    for the device (on the CPU: the tensors themselves)."""
+    host = torch.tensor([value for part in parts for value in part], dtype=torch.int64)
+    if device.type != "cpu":
+        host = host.pin_memory().to(device, non_blocking=True)
+    return list(torch.split(host, [len(part) for part in parts]))
 
 
 class DensePrefill:
@@ -75,7 +85,7 @@ class DensePrefill:
         lens: tuple[int, ...],
         cu_seqlens: Optional[torch.Tensor],
         pool,
-        out_cache_loc: torch.Tensor,
+        out_cache_loc: Optional[torch.Tensor],
         write_kv: bool = True,
     ) -> None:
         self.lens = lens
@@ -98,13 +108,11 @@ class DensePrefill:
     ) -> Optional["DensePrefill"]:
         """The plan of ``forward_batch`` for the ``attention`` layers on
         ``kv_pool`` (the runner's ``token_to_kv_pool``), or None."""
-        if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
-            return None
         if forward_batch.forward_mode.name != "EXTEND":
             return None
         lens = forward_batch.extend_seq_lens_cpu
         prefix = forward_batch.extend_prefix_lens_cpu
-        if not lens or prefix is None or any(prefix) or 0 in lens:
+        if not lens or prefix is None or any(prefix):
             return None
         if any(
             getattr(forward_batch, name, None) is not None
@@ -118,11 +126,10 @@ class DensePrefill:
             return None
         if type(kv_pool).__name__ not in _PLAIN_MHA_POOLS or forward_batch.out_cache_loc is None:
             return None
-        if torch.cuda.is_current_stream_capturing():
+        plan = cls.for_lengths(lens, attention, dtype, device)
+        if plan is None:
             return None
-        if not all(attn.k_scale is None and attn.head_dim % 8 == 0 and attn.head_dim <= 256 for attn in attention):
-            return None
-        plan = cls(tuple(lens), None, kv_pool, forward_batch.out_cache_loc, write_kv)
+        plan.pool, plan.out_cache_loc, plan.write_kv = kv_pool, forward_batch.out_cache_loc, write_kv
         if not plan.equal_lengths:
             # The cumulative lengths are read by the variable-length kernel only.
             plan.cu_seqlens = torch.nn.functional.pad(
@@ -131,13 +138,32 @@ class DensePrefill:
             )
         return plan
 
+    @classmethod
+    def for_lengths(
+        cls,
+        lens: Sequence[int],
+        attention: Sequence[nn.Module],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> Optional["DensePrefill"]:
+        """A plan for whole sequences of ``lens`` tokens that writes no K/V
+        (``cu_seqlens`` is the caller's to set where the lengths differ), or
+        None where torch's kernels do not take the ``attention`` layers."""
+        if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+            return None
+        if not lens or 0 in lens or torch.cuda.is_current_stream_capturing():
+            return None
+        if not all(attn.k_scale is None and attn.head_dim % 8 == 0 and attn.head_dim <= 256 for attn in attention):
+            return None
+        return cls(tuple(lens), None, None, None, write_kv=False)
+
     def static_copy(self) -> "DensePrefill":
         """The same plan on copies of its tensors (a graph's own inputs)."""
         return DensePrefill(
             self.lens,
             None if self.cu_seqlens is None else self.cu_seqlens.clone(),
             self.pool,
-            self.out_cache_loc.clone(),
+            None if self.out_cache_loc is None else self.out_cache_loc.clone(),
             self.write_kv,
         )
 
@@ -220,11 +246,36 @@ class DenseEngine:
         plan = DensePrefill.plan(forward_batch, self.attention, weight.dtype, weight.device, kv_pool, write_kv)
         if plan is None:
             return None
+        return self._decoder(forward_batch.input_ids, forward_batch.positions, plan)
+
+    @torch.no_grad()
+    def score(self, seqs: Sequence[Sequence[int]]) -> Optional[torch.Tensor]:
+        """The final hidden states of every token of whole sequences ``seqs`` (token-id lists), as
+        ``forward`` gives them with ``write_kv=False``, but from the token ids themselves: no
+        ScheduleBatch or ForwardBatch is built (their preparation waits for the GPU, so a forward
+        queued behind MeZO's weight pass could not be prepared while the pass runs), and the ids and
+        positions reach the GPU in one asynchronous copy. None where ``forward`` would give None."""
+        if self.decoder.pp_group.world_size != 1:
+            return None
+        weight = self.decoder.embed_positions.weight
+        lens = [len(seq) for seq in seqs]
+        plan = DensePrefill.for_lengths(lens, self.attention, weight.dtype, weight.device)
+        if plan is None:
+            return None
+        parts = [[token for seq in seqs for token in seq], [pos for length in lens for pos in range(length)]]
+        if not plan.equal_lengths:
+            parts.append([0, *itertools.accumulate(lens)])
+        tensors = to_device(parts, weight.device)
+        if not plan.equal_lengths:
+            plan.cu_seqlens = tensors[2].to(torch.int32)
+        return self._decoder(tensors[0], tensors[1], plan)
+
+    def _decoder(self, input_ids: torch.Tensor, positions: torch.Tensor, plan: DensePrefill) -> torch.Tensor:
         if self.graphs is not None:
-            hidden_states = self.graphs.run(self, forward_batch.input_ids, forward_batch.positions, plan)
+            hidden_states = self.graphs.run(self, input_ids, positions, plan)
             if hidden_states is not None:
                 return hidden_states
-        return self.run(forward_batch.input_ids, forward_batch.positions, plan)
+        return self.run(input_ids, positions, plan)
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, plan: DensePrefill) -> torch.Tensor:
         """The decoder (one PP rank holding every layer) on ``plan``: eagerly, or under capture."""

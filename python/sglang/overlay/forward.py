@@ -136,11 +136,15 @@ def final_hidden_states(model_runner, forward_batch, *, engine=None, keep_kv: bo
 def score(model_runner, seqs: Sequence[Sequence[int]], *, engine=None) -> Forward:
     """One EXTEND forward of ``seqs`` for the final hidden states of every token
     (``every_hidden_state()``, ``all_logits()``), from empty KV pools, keeping no K/V
-    (:func:`final_hidden_states`): nothing decodes after it, so ``batch`` and
-    ``logits_output`` are None."""
+    (:func:`final_hidden_states`; the dense engine takes the token ids without a batch,
+    ``DenseEngine.score``): nothing decodes after it, so ``batch`` and ``logits_output`` are None."""
+    lengths = [len(s) for s in seqs]
+    hidden_states = None if engine is None else engine.score(seqs)
+    if hidden_states is not None:
+        return Forward(None, None, lengths, hidden_states, model_runner.model.lm_head)
     forward_batch = compat.forward_batch_of(model_runner, extend_batch(model_runner, seqs))
     hidden_states, lm_head = final_hidden_states(model_runner, forward_batch, engine=engine, keep_kv=False)
-    return Forward(None, None, [len(s) for s in seqs], hidden_states, lm_head)
+    return Forward(None, None, lengths, hidden_states, lm_head)
 
 
 def decode(model_runner, batch, next_ids: torch.Tensor) -> Forward:

@@ -157,7 +157,8 @@ class PrefillGraphs:
         self.graphs[key] = entry
         entry.input_ids.copy_(input_ids)
         entry.positions.copy_(positions)
-        entry.plan.out_cache_loc.copy_(prefill.out_cache_loc)
+        if prefill.write_kv:
+            entry.plan.out_cache_loc.copy_(prefill.out_cache_loc)
         entry.graph.replay()
         return entry.output.clone()
 

@@ -45,7 +45,7 @@ import torch
 
 from sglang.overlay import compat, inputs, quiet
 from sglang.overlay.config import RunnerConfig, SettingError, make_server_args
-from sglang.overlay.dense import DenseEngine
+from sglang.overlay.dense import DenseEngine, to_device
 from sglang.overlay.forward import decode, prefill, score, target_logprobs
 from sglang.overlay.graphs import enable_graphs
 
@@ -230,8 +230,7 @@ class StandaloneRunner:
             rows.extend(range(start + len(prompt) - 1, start + len(prompt) - 1 + len(target)))
             start += length
         hidden = fwd.every_hidden_state()
-        ids = torch.tensor([t for target in targets for t in target], device=hidden.device)
-        rows = torch.tensor(rows, device=hidden.device)
+        rows, ids = to_device([rows, [t for target in targets for t in target]], hidden.device)
         logprobs = target_logprobs(hidden[rows], fwd.lm_head, self.vocab_size, ids)
         return list(torch.split(logprobs, [len(t) for t in targets]))
 

@@ -133,10 +133,12 @@ class MeZO:
         placement = self.placements.get(name)
         return full if placement is None else params.local_part(placement, full)
 
-    def _loss(self, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) -> float:
-        """The mean NLL of the batch's target tokens (with data parallelism: over every replica's share)."""
+    def _loss(self, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) -> torch.Tensor | float:
+        """The mean NLL of the batch's target tokens: a 0-dim tensor not read back yet, so that the
+        host queues the next pass and forward before it waits for this one (with data parallelism:
+        over every replica's share, read back by the all-reduce)."""
         if self.dp is None:
-            return self.runner.loss(prompts, targets).item()
+            return self.runner.loss(prompts, targets)
         prompts, targets = self.dp.share(prompts), self.dp.share(targets)
         nll = -torch.cat(self.runner.token_logprobs(prompts, targets)) if prompts else torch.zeros(0)
         return self.dp.mean(nll.sum().item(), nll.numel())
@@ -169,6 +171,7 @@ class MeZO:
             loss_plus = self._loss(prompts, targets)
             self.perturb(seed, -2.0)
             loss_minus = self._loss(prompts, targets)
+            loss_plus, loss_minus = float(loss_plus), float(loss_minus)  # the step's one wait for the GPU
             if not (math.isfinite(loss_plus) and math.isfinite(loss_minus)):
                 self.perturb(seed, 1.0)
                 raise FloatingPointError(
