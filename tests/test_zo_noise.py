@@ -123,6 +123,22 @@ def test_a_pass_is_one_fp32_expression_with_decay_only_where_asked() -> None:
         assert torch.allclose(w[name], want, atol=1e-6)
 
 
+def _interpreted(script: str, arg: int):
+    """What ``script`` prints after ``RESULT `` (as JSON), run with ``arg`` under Triton's interpreter in a
+    subprocess (TRITON_INTERPRET is read when Triton is imported)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(arg)],
+        cwd=REPO,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
 KERNEL_CHECK = r"""
 import json, sys, torch
 from sglang.overlay.mezo import noise as zo_noise
@@ -158,18 +174,7 @@ def test_the_triton_kernel_computes_the_definition(layout: int) -> None:
     (transcendentals differ in the last bit), fp16 the same after rounding except where fp32 differed at a
     rounding boundary. (bf16 is checked on the GPU: the interpreter rounds fp32 to bf16 by truncation, not
     to nearest even as the GPU does.)"""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-c", KERNEL_CHECK, str(layout)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-4000:]
-    result = json.loads(lines[-1][len("RESULT ") :])
+    result = _interpreted(KERNEL_CHECK, layout)
     for name, (max_diff, _) in result["torch.float32"].items():
         assert max_diff <= 1e-6, (name, result)
     for name, (max_diff, differ) in result["torch.float16"].items():
@@ -192,15 +197,5 @@ def test_the_fast_kernels_algebra_is_z(fast: int) -> None:
     log u by a polynomial in u - 1 above 3/4) against the definition, under Triton's interpreter, which
     computes the hardware's functions precisely: the reduction and the polynomial are z but for rounding
     (the hardware functions themselves are checked on the GPU). 2^14 offsets hold about 2,000 u above 3/4."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-c", FAST_CHECK, str(fast)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert float(lines[-1].split()[1]) <= 2e-6, lines[-1]
+    max_diff = _interpreted(FAST_CHECK, fast)
+    assert max_diff <= 2e-6, max_diff
