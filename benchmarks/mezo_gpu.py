@@ -181,7 +181,15 @@ def main() -> None:
         "--prefill-graphs",
         type=int,
         default=None,
-        help="RunnerConfig.prefill_graphs (default: the runner's, on for OPT on CUDA; 0: off)",
+        help="RunnerConfig.prefill_graphs (default: the runner's, on where the dense engine takes the model; 0: off)",
+    )
+    ap.add_argument(
+        "--dense-engine",
+        type=int,
+        choices=(0, 1),
+        default=1,
+        help="RunnerConfig.dense_engine: 1 scores through the dense engine where it takes the model (OPT, "
+        "Llama, Mistral, Qwen2, Qwen3), 0 through ModelRunner.forward and the attention backend",
     )
     ap.add_argument(
         "--server-arg",
@@ -230,6 +238,7 @@ def main() -> None:
         z_layout=NoisePass.LAYOUT,
         z_block=NoisePass.BLOCK,
         prefill_graphs=a.prefill_graphs,
+        dense_engine=bool(a.dense_engine),
         server_args=server_args,
     )
 
@@ -246,11 +255,13 @@ def main() -> None:
         a.dtype,
         max_total_tokens=a.kv_tokens,
         mem_fraction_static=a.mem_fraction,
-        prefill_graphs=a.prefill_graphs,
+        prefill_graphs=a.prefill_graphs if a.dense_engine else 0,
+        dense_engine=bool(a.dense_engine),
         **load,
         **server_args,
     ) as r:
         trainer = MeZO(r, cfg)
+        row["sgl_engine"] = None if r.engine is None else type(r.engine).__name__
         row["sgl_graphs"] = r.engine is not None and r.engine.graphs is not None
         r.fit_prefill_graphs([[len(p) + len(t) for p, t in zip(prompts, targets)]])
         assert trainer.noise.uses_kernel(), "the Triton pass kernel is not used"
@@ -375,6 +386,10 @@ def report(a, row: dict, weight_bytes: int) -> None:
     log(
         f"roofline: {row['roofline_steps_per_s']:.2f} steps/s (2 loss forwards at {row['matmul_peak_tflops']:.0f} TFLOP/s "
         f"+ 2 weight passes at {row['copy_tb_s']:.2f} TB/s); SGLang at {row['fraction_of_roofline']:.1%} of it"
+    )
+    log(
+        f"SGLang scoring path: {row['sgl_engine'] or 'ModelRunner.forward (attention backend)'}, "
+        f"prefill graphs {'on' if row['sgl_graphs'] else 'off'}"
     )
     log(
         f"SGLang step {1e3 / row['sgl_steps_per_s']:.2f} ms: loss forward {row['sgl_loss_ms']:.2f} ms x 2, "

@@ -259,10 +259,12 @@ def runner(
     cuda_graphs: bool = False,
     cuda_graph_batch_sizes=None,
     graph_bucket: int = 8,
+    dense_engine: bool = True,
     **server_args: Any,
 ):
     """A StandaloneRunner on the GPU (triton attention; decode CUDA graphs off unless ``cuda_graphs``,
-    the engine's prefill graphs off unless ``prefill_graphs``)."""
+    the engine's prefill graphs off unless ``prefill_graphs``; ``dense_engine=False``: every forward
+    through ModelRunner.forward)."""
     from sglang.overlay import RunnerConfig, StandaloneRunner
 
     return StandaloneRunner(
@@ -274,6 +276,7 @@ def runner(
             max_total_tokens=max_total_tokens,
             mem_fraction_static=mem_fraction_static,
             distributed=distributed,
+            dense_engine=dense_engine,
             prefill_graphs=prefill_graphs,
             graph_bucket=graph_bucket,
             cuda_graphs=cuda_graphs,

@@ -1,4 +1,6 @@
 """The runner on every family it serves beside OPT (tests/gpu/test_opt_gpu.py), on the GPU in fp16 and bf16,
+through its default scoring path (the dense engine for Llama, Mistral, Qwen2 and Qwen3: ragged lengths and
+grouped-query heads in flash's variable-length kernel; ModelRunner.forward for Gemma and GPT-2),
 against HuggingFace on the same saved weights: the logits at every position of 4 token sets (2,048 tokens each)
 through one fp32 head on both sides. SGLang's error against HF fp32 must be no larger than HF's own half
 precision forward's, relatively (1.1x) and absolutely (5e-4); in fp16, SGLang's distance from HF's half precision
@@ -17,6 +19,8 @@ import pytest
 from gpu_shared import common
 
 FAMILIES = [f for f in os.environ.get("FAMILY_GPU", ",".join(common.SMALL_FAMILIES)).split(",") if f]
+# The families the dense engine scores (sglang.overlay.dense_llama); the others go through ModelRunner.forward.
+ENGINE_FAMILIES = ("llama", "llama3", "qwen2", "qwen3", "mistral")
 DTYPES = ["float16", "bfloat16"]
 SETS = 2
 
@@ -33,7 +37,9 @@ def test_family_parity_all_positions(family, dtype):
     path = common.family_checkpoint(family)
     sets = common.token_sets(SETS, vocab=30000)
     with common.runner(path, dtype) as r:
+        engine = None if r.engine is None else type(r.engine).__name__
         sgl = torch.cat([common.sgl_logits(r, seqs)[0] for seqs in sets])
+    assert engine == ("LlamaEngine" if family in ENGINE_FAMILIES else None), (family, engine)
     common.free_cuda()
     hf = torch.cat(common.hf_logits_per_set(path, dtype, sets))
     ref32 = torch.cat(common.hf_logits_per_set(path, "float32", sets))
@@ -43,6 +49,7 @@ def test_family_parity_all_positions(family, dtype):
     row = dict(
         family=family,
         dtype=dtype,
+        scoring=engine or "ModelRunner.forward",
         rel_vs_hf=rel,
         rel_sgl_vs_fp32=rel32_sgl,
         rel_hf_vs_fp32=rel32_hf,

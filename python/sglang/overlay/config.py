@@ -43,7 +43,13 @@ class RunnerConfig:
     the device's default: on CPU fp32, the ``torch_native`` attention backend
     and a small KV pool; on CUDA the checkpoint's dtype, ``triton`` attention
     and 30% of GPU memory. ``server_args`` passes further ServerArgs fields.
-    ``prefill_graphs`` > 0 (CUDA, the models the dense scoring engine takes: OPT)
+    ``dense_engine`` (the default) scores through the dense scoring engine
+    where it takes the model (``sglang.overlay.dense``: CUDA, half precision,
+    one TP and PP rank; OPT, Llama, Mistral, Qwen2, Qwen3): the decoder on the
+    model's own modules, with torch's flash attention and no batch objects;
+    False sends every forward through ``ModelRunner.forward`` and the
+    attention backend (benchmarks compare the two).
+    ``prefill_graphs`` > 0 (CUDA, the models the dense scoring engine takes)
     keeps up to that many CUDA graphs of the decoder for scoring batches whose
     lengths repeat; None (the default): 8 where the engine takes the model on
     CUDA, else none; 0: off. While graphs are on, a scoring batch's sequences
@@ -76,6 +82,7 @@ class RunnerConfig:
     max_running_requests: int = 64
     distributed: str = "fresh"
     random_seed: int = 0
+    dense_engine: bool = True
     prefill_graphs: Optional[int] = None
     graph_bucket: int = 8
     server_args: dict = field(default_factory=dict)
@@ -151,6 +158,12 @@ class RunnerConfig:
             raise ValueError(f"prefill_graphs must be >= 0 or None (the device's default), got {self.prefill_graphs}")
         if self.prefill_graphs and cpu:
             raise ValueError("prefill_graphs are CUDA graphs: use device='cuda' or prefill_graphs=0")
+        if not isinstance(self.dense_engine, bool):
+            raise ValueError(f"dense_engine must be True or False, got {self.dense_engine!r}")
+        if self.prefill_graphs and not self.dense_engine:
+            raise ValueError(
+                "prefill_graphs are the dense engine's CUDA graphs: use dense_engine=True or prefill_graphs=0"
+            )
         if not isinstance(self.graph_bucket, int) or self.graph_bucket < 0:
             raise ValueError(f"graph_bucket must be an int >= 0 (0: no padding), got {self.graph_bucket!r}")
         if self.cuda_graphs and cpu:

@@ -3,7 +3,7 @@
 ``prefill`` / ``decode`` go through ``ModelRunner.forward`` and keep the K/V
 (generation). ``score`` is a scoring forward: nothing decodes after it, so it
 keeps no K/V and, where the model has a dense scoring engine
-(``sglang.overlay.dense``: the native OPT on the GPU), runs the decoder there,
+(``sglang.overlay.dense``: OPT and the Llama-style families on the GPU), runs the decoder there,
 without the attention backend's metadata or the LogitsProcessor. Every batch
 starts from empty KV pools.
 """

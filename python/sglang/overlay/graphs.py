@@ -187,7 +187,7 @@ class PrefillGraphs:
                 output = engine.run(static_ids, static_positions, plan)
         except RuntimeError as e:
             raise RuntimeError(
-                f"capturing the OPT prefill CUDA graph for lengths {prefill.lens} "
+                f"capturing the prefill CUDA graph of {type(engine.model).__name__} for lengths {prefill.lens} "
                 f"failed: {e}; run without prefill graphs (RunnerConfig(prefill_graphs=0))"
             ) from e
         return _PrefillGraph(graph, static_ids, static_positions, plan, output)

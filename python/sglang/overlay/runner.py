@@ -46,6 +46,8 @@ import torch
 from sglang.overlay import compat, inputs, quiet
 from sglang.overlay.config import RunnerConfig, SettingError, make_server_args
 from sglang.overlay.dense import DenseEngine, to_device
+from sglang.overlay.dense_llama import LlamaEngine
+from sglang.overlay.dense_opt import OPTEngine
 from sglang.overlay.forward import decode, prefill, score, target_logprobs
 from sglang.overlay.graphs import enable_graphs
 
@@ -127,7 +129,7 @@ class StandaloneRunner:
             max_requests=runner.req_to_token_pool.size,
             page_size=compat.page_size(runner),
         )
-        self.engine = DenseEngine.attach(self.runner.model)
+        self.engine = attach_engine(self.runner.model) if self.config.dense_engine else None
         graphs = self.config.prefill_graphs
         if graphs is None:  # the default: on where the engine takes the model, on CUDA
             graphs = DEFAULT_PREFILL_GRAPHS if self.engine is not None and self.config.device == "cuda" else 0
@@ -135,8 +137,9 @@ class StandaloneRunner:
             if self.engine is None:
                 self.close()
                 raise ValueError(
-                    f"{type(self.runner.model).__name__} has no prefill CUDA graphs (the dense engine takes the "
-                    "native OPT without quantization): build with prefill_graphs=0"
+                    f"{type(self.runner.model).__name__} has no prefill CUDA graphs here: they are the dense "
+                    "engine's, which takes OPT, Llama, Mistral, Qwen2 and Qwen3 without quantization on one "
+                    "tensor-parallel rank (and dense_engine=True); build with prefill_graphs=0"
                 )
             enable_graphs(self.engine, graphs)
 
@@ -293,6 +296,15 @@ class StandaloneRunner:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def attach_engine(model: torch.nn.Module) -> Optional[DenseEngine]:
+    """The dense scoring engine of the family that takes ``model`` (sglang.overlay.dense), or None."""
+    for family in (OPTEngine, LlamaEngine):
+        engine = family.attach(model)
+        if engine is not None:
+            return engine
+    return None
 
 
 def _destroy(groups: bool, world: bool) -> None:
