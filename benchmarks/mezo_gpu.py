@@ -72,6 +72,38 @@ def peak_of(fn) -> int:
     return torch.cuda.max_memory_allocated()
 
 
+def overlap_probe(r, trainer, prompts, targets) -> dict:
+    """Milliseconds of a step's two loss forwards alone, its two weight passes alone (1 z and 2 z, zero
+    coefficients: the weights are rewritten unchanged), and both at once on two streams."""
+    from bench_opt import cuda_time
+    from sglang.overlay.mezo.noise import Stream
+
+    side = torch.cuda.Stream()
+
+    def forwards():
+        r.loss(prompts, targets)
+        r.loss(prompts, targets)
+
+    def passes():
+        trainer.noise([Stream(1, 0.0, 0.0), Stream(2, 0.0, 0.0)])
+        trainer.noise([Stream(2, 0.0, 0.0)])
+
+    def both():
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            passes()
+        forwards()
+        torch.cuda.current_stream().wait_stream(side)
+
+    out = {name: cuda_time(fn, 10) * 1e3 for name, fn in (("forwards", forwards), ("passes", passes), ("both", both))}
+    log(
+        f"overlap: 2 loss forwards {out['forwards']:.2f} ms, 2 passes {out['passes']:.2f} ms, both on two streams "
+        f"{out['both']:.2f} ms (one after the other: {out['forwards'] + out['passes']:.2f}; the longer alone: "
+        f"{max(out['forwards'], out['passes']):.2f})"
+    )
+    return out
+
+
 def flops_per_token(cfg, seq: int) -> float:
     """Matmul FLOPs a token costs in a forward of ``seq`` tokens: 2 per weight of every linear layer (the head
     included, at every position), and causal attention's 2 x layers x width x seq (scores and values, half
@@ -178,6 +210,13 @@ def main() -> None:
         help="also profile one loss forward and one step (GPU kernel time by category, the top kernels)",
     )
     ap.add_argument(
+        "--overlap",
+        action="store_true",
+        help="also time a step's two loss forwards and two weight passes on two streams at once, against each "
+        "alone (the passes with zero coefficients: they rewrite the weights unchanged): what running the passes "
+        "beside the forwards could save",
+    )
+    ap.add_argument(
         "--prefill-graphs",
         type=int,
         default=None,
@@ -278,6 +317,8 @@ def main() -> None:
         two = cuda_time(lambda: trainer.noise([Stream(1, 0.0, 0.0), Stream(2, 0.0, 0.0)]), 10) * 1e3
         row["sgl_pass_ms"], row["sgl_fold_pass_ms"] = one, two
         row["sgl_perturb_share"] = (one + two) / 1e3 / t
+        if a.overlap:
+            row["overlap"] = overlap_probe(r, trainer, prompts, targets)
         if a.profile:
             row["profile_loss"] = kernel_summary(lambda: r.loss(prompts, targets).item(), "loss forward", top=16)
             row["profile_step"] = kernel_summary(
