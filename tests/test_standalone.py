@@ -231,6 +231,8 @@ def test_runners_leave_the_callers_own_world_alive(tiny_opt: Path) -> None:
         (dict(distributed="share"), "distributed must be 'fresh' or 'reuse'"),
         (dict(prefill_graphs=-1), "prefill_graphs must be >= 0"),
         (dict(device="cpu", prefill_graphs=2), "prefill_graphs are CUDA graphs"),
+        (dict(dense_engine="no"), "dense_engine must be True or False, got 'no'"),
+        (dict(dense_engine=False, prefill_graphs=2), r"prefill_graphs are the dense engine's .* dense_engine=True"),
     ],
 )
 def test_invalid_configs_say_what_is_wrong(tiny_opt: Path, fields: dict, message: str) -> None:

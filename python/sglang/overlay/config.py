@@ -156,14 +156,14 @@ class RunnerConfig:
             raise ValueError(f"max_running_requests must be >= 1, got {self.max_running_requests}")
         if self.prefill_graphs is not None and self.prefill_graphs < 0:
             raise ValueError(f"prefill_graphs must be >= 0 or None (the device's default), got {self.prefill_graphs}")
-        if self.prefill_graphs and cpu:
-            raise ValueError("prefill_graphs are CUDA graphs: use device='cuda' or prefill_graphs=0")
         if not isinstance(self.dense_engine, bool):
             raise ValueError(f"dense_engine must be True or False, got {self.dense_engine!r}")
         if self.prefill_graphs and not self.dense_engine:
             raise ValueError(
                 "prefill_graphs are the dense engine's CUDA graphs: use dense_engine=True or prefill_graphs=0"
             )
+        if self.prefill_graphs and cpu:
+            raise ValueError("prefill_graphs are CUDA graphs: use device='cuda' or prefill_graphs=0")
         if not isinstance(self.graph_bucket, int) or self.graph_bucket < 0:
             raise ValueError(f"graph_bucket must be an int >= 0 (0: no padding), got {self.graph_bucket!r}")
         if self.cuda_graphs and cpu:
