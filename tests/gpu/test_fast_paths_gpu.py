@@ -117,16 +117,24 @@ def test_prefill_graphs_replay_eager(shape):
         assert torch.equal(out, eager), f"after the assignment, run {i}: max diff {(out - eager).abs().max().item()}"
 
 
+def _model(name: str):
+    """An OPT shape's checkpoint, or a family's small one (tests/gpu/test_families_gpu.py): the dense engine
+    of OPT (dense_opt) or of the Llama-style families (dense_llama: llama3 with GQA and rope scaling, qwen3
+    with q/k norms)."""
+    return common.family_checkpoint(name) if name in common.SMALL_FAMILY_SHAPES else common.checkpoint(name)
+
+
+@pytest.mark.parametrize("model", ["opt-125m", "llama3", "qwen3"])
 @pytest.mark.parametrize("graphs", [0, 4])
-def test_scoring_path_keeps_or_skips_the_kv(graphs):
+def test_scoring_path_keeps_or_skips_the_kv(graphs, model):
     import torch
 
     from sglang.overlay import compat, forward
 
-    path = common.checkpoint("opt-125m")
+    path = _model(model)
     g = torch.Generator().manual_seed(13)
-    equal = [[2] + torch.randint(3, 50000, (199,), generator=g).tolist() for _ in range(3)]
-    ragged = [[2] + torch.randint(3, 50000, (n - 1,), generator=g).tolist() for n in (90, 1, 257)]
+    equal = [[2] + torch.randint(3, 30000, (199,), generator=g).tolist() for _ in range(3)]
+    ragged = [[2] + torch.randint(3, 30000, (n - 1,), generator=g).tolist() for n in (90, 1, 257)]
     with common.runner(path, "float16", prefill_graphs=graphs) as r:
         runner, engine = r.runner, r.engine
         for seqs in (equal, ragged):
@@ -156,18 +164,19 @@ def test_scoring_path_keeps_or_skips_the_kv(graphs):
             assert not key[fb.out_cache_loc].any(), "score wrote K/V"
 
 
+@pytest.mark.parametrize("model", ["opt-125m", "llama3"])
 @pytest.mark.parametrize("graphs,bucket", [(0, 0), (4, 0), (4, 8)])  # bucket 0: ragged lengths
-def test_loss_is_queued_without_waiting_for_the_gpu(graphs, bucket):
+def test_loss_is_queued_without_waiting_for_the_gpu(graphs, bucket, model):
     """A scoring call queues its work and returns: MeZO's trainer queues a weight pass and the next
     forward while the GPU still runs the last one, and reads the two losses back once. torch's sync
     debug mode raises on any operation that waits for the GPU (a ScheduleBatch's preparation, a copy
     from pageable memory, ``.item()``)."""
     import torch
 
-    path = common.checkpoint("opt-125m")
+    path = _model(model)
     g = torch.Generator().manual_seed(17)
-    prompts = [[2] + torch.randint(3, 50000, (n,), generator=g).tolist() for n in (47, 30, 47, 12)]
-    targets = [[int(t)] for t in torch.randint(3, 50000, (4,), generator=g)]
+    prompts = [[2] + torch.randint(3, 30000, (n,), generator=g).tolist() for n in (47, 30, 47, 12)]
+    targets = [[int(t)] for t in torch.randint(3, 30000, (4,), generator=g)]
     with common.runner(path, "bfloat16", prefill_graphs=graphs, graph_bucket=bucket) as r:
         expected = [r.loss(prompts, targets) for _ in range(3)]  # eager, then (graphs) capture + replay
         torch.cuda.set_sync_debug_mode("error")
@@ -183,7 +192,7 @@ def test_loss_is_queued_without_waiting_for_the_gpu(graphs, bucket):
 def _plan(engine, forward_batch, runner, write_kv: bool):
     from sglang.overlay.dense import DensePrefill
 
-    weight = engine.decoder.embed_positions.weight
+    weight = engine.decoder.embed_tokens.weight
     plan = DensePrefill.plan(
         forward_batch, engine.attention, weight.dtype, weight.device, runner.token_to_kv_pool, write_kv
     )
