@@ -294,7 +294,7 @@ def main() -> None:
         a.dtype,
         max_total_tokens=a.kv_tokens,
         mem_fraction_static=a.mem_fraction,
-        prefill_graphs=a.prefill_graphs if a.dense_engine else 0,
+        prefill_graphs=a.prefill_graphs,
         dense_engine=bool(a.dense_engine),
         **load,
         **server_args,

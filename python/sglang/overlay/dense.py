@@ -80,7 +80,6 @@ class DensePrefill:
         "lens",
         "cu_seqlens",
         "max_len",
-        "equal_lengths",
         "varlen",
         "pool",
         "out_cache_loc",
@@ -98,10 +97,9 @@ class DensePrefill:
     ) -> None:
         self.lens = lens
         self.max_len = max(lens)
-        self.equal_lengths = all(length == self.max_len for length in lens)
         # The variable-length flash kernel, which reads cu_seqlens: for ragged lengths, and for
         # grouped-query attention (fewer K/V heads than query heads), which it takes as it is.
-        self.varlen = varlen or not self.equal_lengths
+        self.varlen = varlen or any(length != self.max_len for length in lens)
         self.cu_seqlens = cu_seqlens
         self.pool = pool
         self.out_cache_loc = out_cache_loc
@@ -188,7 +186,7 @@ class DensePrefill:
         v = v.view(-1, kv_heads, head_dim)
         if self.write_kv:
             self.pool.set_kv_buffer(attn, self.out_cache_loc, k, v)
-        if self.cu_seqlens is None:
+        if not self.varlen:
             # Equal lengths: dense [batch, heads, seq, dim] views, no copies;
             # SDPA picks cuDNN / flash as for HF's OPT (on the CPU, where only
             # tests build a plan, the math kernel, K/V heads repeated for GQA).
