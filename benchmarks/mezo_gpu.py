@@ -200,10 +200,12 @@ def main() -> None:
         "--z-layout",
         type=int,
         default=None,
-        choices=[0, 1],
-        help="the z kernel's block layout (default: NoisePass.LAYOUT): 0 joined, 1 rows of four",
+        choices=[0, 1, 2],
+        help="the z kernel's block layout (default: NoisePass.LAYOUT): 0 joined, 1 rows of four, "
+        "2 vectors of four where the tensors are aligned to 4 elements (rows of four elsewhere)",
     )
     ap.add_argument("--z-block", type=int, default=None, help="offsets per program of the z kernel (NoisePass.BLOCK)")
+    ap.add_argument("--z-warps", type=int, default=None, help="warps per program of the z kernel (NoisePass.WARPS)")
     ap.add_argument(
         "--profile",
         action="store_true",
@@ -258,6 +260,8 @@ def main() -> None:
         NoisePass.LAYOUT = a.z_layout
     if a.z_block is not None:
         NoisePass.BLOCK = a.z_block
+    if a.z_warps is not None:
+        NoisePass.WARPS = a.z_warps
 
     dummy = a.dummy or a.shape in ("opt-13b", "opt-30b", "opt-66b", "llama-3-8b", "qwen2.5-7b")
     path = common.config_only(a.shape) if dummy else common.checkpoint(a.shape)
@@ -276,6 +280,7 @@ def main() -> None:
         z_math=NoisePass.FAST,
         z_layout=NoisePass.LAYOUT,
         z_block=NoisePass.BLOCK,
+        z_warps=NoisePass.WARPS,
         prefill_graphs=a.prefill_graphs,
         dense_engine=bool(a.dense_engine),
         server_args=server_args,

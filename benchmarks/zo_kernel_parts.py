@@ -13,8 +13,8 @@ events (median of 20 after 5 warm-ups), side by side in one run:
 - hardware transcendentals (``fast`` 1: sin / cos, 2: also log with a polynomial near u = 1, 3: the
   hardware log everywhere) against the precise ones, with the largest |z - z| against the precise kernel
   over the model's whole offset range (fp32 zeros plus z);
-- the block layouts (``NoisePass.LAYOUT``: joined, rows of four);
-- the block size (elements per program), with the fast functions;
+- the block layouts (``NoisePass.LAYOUT``: joined, rows of four, vectors of four);
+- the block size (elements per program) and the warps per program, with the fast functions;
 - a device-to-device copy of the same bytes: the memory floor.
 
 Prints a table: ms per pass and the fraction of the copy floor.
@@ -64,7 +64,18 @@ def main() -> None:
     one, two = [Stream(7, 0.0, 0.0)], [Stream(7, 0.0, 0.0), Stream(8, 0.0, 0.0)]
     rows = [("device-to-device copy of the same bytes", floor, "")]
     rows.append(
-        ("pass kernel, no noise (w = k w)", cuda_time(lambda: noise._kernel_pass(one, 1.0, noise=False), 20, 5), "")
+        (
+            "pass kernel, no noise (w = k w), layout 2",
+            cuda_time(lambda: noise._kernel_pass(one, 1.0, noise=False), 20, 5),
+            "",
+        )
+    )
+    rows.append(
+        (
+            "pass kernel, no noise (w = k w), layout 1",
+            cuda_time(lambda: noise._kernel_pass(one, 1.0, noise=False, layout=1), 20, 5),
+            "",
+        )
     )
     variants = [  # (label, _kernel_pass arguments); rounds 7 only times a cheaper Philox: its values are not z
         ("joined, Philox 0, precise", dict(rounds=0, layout=0)),
@@ -77,6 +88,7 @@ def main() -> None:
         ("rows of four, fast 2", dict(fast=2, layout=1)),
         ("rows of four, fast 2, Philox 7 (not z)", dict(fast=2, layout=1, rounds=7)),
         ("rows of four, fast 2, Philox 0 (not z)", dict(fast=2, layout=1, rounds=0)),
+        ("vectors of four, fast 2", dict(fast=2, layout=2)),
     ]
 
     def z(**kw) -> dict[str, torch.Tensor]:
@@ -93,19 +105,31 @@ def main() -> None:
             if n_label == "1 stream" and kw.get("rounds", 10) == 10:
                 accuracy = f"{max(float((v - exact[k]).abs().max()) for k, v in z(**kw).items()):.2e}"
             rows.append((f"{label}, {n_label}", t, accuracy))
-    for layout in (0, 1):  # the block size, with the fast functions
-        for block in (256, 512, 1024, 2048, 4096) if a.blocks_only else (1024, 4096):
-            sized = NoisePass(tensors, bases)
-            sized.BLOCK = block
-            for n_label, streams in (("1 stream", one), ("2 streams", two)):
-                t = cuda_time(
-                    lambda sized=sized, streams=streams, layout=layout: sized._kernel_pass(
-                        streams, 1.0, fast=2, layout=layout
-                    ),
-                    20,
-                    5,
+    sweep = [
+        (layout, block, 4)
+        for layout in (1, 2)
+        for block in ((256, 512, 1024, 2048, 4096) if a.blocks_only else (1024, 4096))
+    ]
+    sweep += [(2, block, 8) for block in (1024, 2048, 4096, 8192)]
+    for layout, block, warps in sweep:  # the block size and the warps, with the fast functions
+        sized = NoisePass(tensors, bases)
+        sized.BLOCK, sized.WARPS = block, warps
+        for n_label, streams in (("1 stream", one), ("2 streams", two)):
+            t = cuda_time(
+                lambda sized=sized, streams=streams, layout=layout: sized._kernel_pass(
+                    streams, 1.0, fast=2, layout=layout
+                ),
+                20,
+                5,
+            )
+            rows.append(
+                (
+                    f"layout {layout}, fast 2, BLOCK {block}, {warps} warps "
+                    f"(default {NoisePass.LAYOUT}, {NoisePass.BLOCK}, {NoisePass.WARPS}), {n_label}",
+                    t,
+                    "",
                 )
-                rows.append((f"layout {layout}, fast 2, BLOCK {block} (default {NoisePass.BLOCK}), {n_label}", t, ""))
+            )
     print(
         f"z pass over the {a.shape} weights: {len(tensors)} tensors, {nbytes / 1e9:.2f} GB {a.dtype}, "
         f"{torch.cuda.get_device_name(0)}; copy floor {2 * nbytes / floor / 1e12:.2f} TB/s (read + written)"

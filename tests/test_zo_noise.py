@@ -123,6 +123,37 @@ def test_a_pass_is_one_fp32_expression_with_decay_only_where_asked() -> None:
         assert torch.allclose(w[name], want, atol=1e-6)
 
 
+def test_layout_2_takes_only_segments_aligned_to_four_elements() -> None:
+    """NoisePass.LAYOUT 2 reads and writes 4 elements at once, so it may take a segment only where its global
+    offset, its length and its address are multiples of 4 elements; the others go to layout 1, in the
+    same pass. (A wrong choice shows on the GPU as a misaligned access; the interpreter cannot see it.)"""
+    import torch
+
+    from sglang.overlay.mezo.noise import NoisePass
+
+    buffer = torch.zeros(4096)
+    tensors = {
+        "aligned": buffer[:64],
+        "offset": buffer[64:128],  # global offset 2 past a multiple of 4
+        "length": buffer[128:134],  # 6 elements
+        "address": buffer[138:146],  # 2 elements past an aligned address
+        "rows": buffer[256:512].view(16, 16),  # rows of 16 at a stride of 32: aligned rows
+        "odd_rows": buffer[512:560].view(8, 6),  # rows of 6 at a stride of 8
+    }
+    bases = {"aligned": 0, "offset": 1002, "length": 2000, "address": 3000, "rows": 4000, "odd_rows": 8000}
+    rows = {"rows": (16, 32), "odd_rows": (6, 8)}
+    noise = NoisePass(tensors, bases, rows=rows)
+    segments, launches = noise._build_table(2)
+    names = [name for name, *_ in noise.segments]
+    taken = {layout: sorted({names[i] for i in blk_seg.tolist()}) for layout, (blk_seg, _) in launches}
+    assert taken == {2: ["aligned", "rows"], 1: ["address", "length", "odd_rows", "offset"]}
+    for layout in (0, 1):  # a layout asked for takes every block
+        _, only = noise._build_table(layout)
+        assert [lay for lay, _ in only] == [layout] and sorted({names[i] for i in only[0][1][0].tolist()}) == sorted(
+            set(names)
+        )
+
+
 def _interpreted(script: str, arg: int):
     """What ``script`` prints after ``RESULT `` (as JSON), run with ``arg`` under Triton's interpreter in a
     subprocess (TRITON_INTERPRET is read when Triton is imported)."""
@@ -146,13 +177,18 @@ assert zo_noise.triton is not None
 out = {}
 for dtype in (torch.float32, torch.float16):
     g = torch.Generator().manual_seed(1)
-    shapes = {"emb": (37, 24), "qkv": (3000,), "cols": (5, 6), "tiny": (3,), "carry": (50,)}
+    shapes = {"emb": (37, 24), "qkv": (3000,), "cols": (5, 6), "tiny": (3,), "carry": (50,), "rows": (40, 64),
+              "view": (9, 8)}
     base = {"emb": (1 << 33) - 5, "qkv": (1 << 33) + 900, "cols": (1 << 34) + 2, "tiny": 11,
-            "carry": (1 << 34) - 10}  # its Philox counters carry into the high word inside one block
+            "carry": (1 << 34) - 10,  # its Philox counters carry into the high word inside one block
+            "rows": (1 << 35) - 1024, "view": 4096}  # aligned (layout 2 takes them), the first one carrying
+    # "view": offset and length aligned, its address 2 elements past an aligned one (layout 1 takes it, as
+    # it takes "cols", rows of 6 at a stride of 13, and the others)
     rows = {"cols": (6, 13)}
     start = {k: torch.randn(s, generator=g).to(dtype) for k, s in shapes.items()}
     ref = {k: v.clone() for k, v in start.items()}
     ker = {k: v.clone() for k, v in start.items()}
+    ker["view"] = torch.cat([torch.zeros(2, dtype=dtype), start["view"].flatten()])[2:].view(9, 8)
     streams = [zo_noise.Stream(0x123456789ABC, 0.25, -0.5), zo_noise.Stream(1, 0.0, 1e-2)]
     zo_noise.NoisePass(ref, base, decays=["emb"], rows=rows)._torch_pass(streams, 0.75)
     layout = int(sys.argv[1])
@@ -161,13 +197,14 @@ for dtype in (torch.float32, torch.float16):
     for one in (streams[:1],):  # one stream too
         zo_noise.NoisePass(ref, base, rows=rows)._torch_pass(one, 1.0)
         zo_noise.NoisePass(ker, base, rows=rows)._kernel_pass(one, 1.0, layout=layout)
+    assert ker["view"].storage_offset() == 2
     out[str(dtype)] = {k: [float((ker[k].float() - ref[k].float()).abs().max()),
                            float((ker[k] != ref[k]).float().mean())] for k in shapes}
 print("RESULT " + json.dumps(out))
 """
 
 
-@pytest.mark.parametrize("layout", [0, 1], ids=["joined", "rows_of_four"])
+@pytest.mark.parametrize("layout", [0, 1, 2], ids=["joined", "rows_of_four", "vectors_of_four"])
 def test_the_triton_kernel_computes_the_definition(layout: int) -> None:
     """The pass kernel (two streams, decay, a column-sharded tensor, offsets past 2^32) in each block layout
     (NoisePass.LAYOUT) against the torch definition, under Triton's CPU interpreter: fp32 within 1e-6

@@ -222,24 +222,31 @@ def test_generate_matches_stepwise_decode():
     assert generated == stepwise
 
 
-@pytest.mark.parametrize("layout", [0, 1], ids=["joined", "rows_of_four"])
+@pytest.mark.parametrize("layout", [0, 1, 2], ids=["joined", "rows_of_four", "vectors_of_four"])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_zo_noise_kernel_matches_definition(dtype, layout):
     """MeZO's pass kernel (sglang.overlay.mezo.noise, its default functions, each block layout) against the
-    torch definition on the GPU: two streams, decay, a column-sharded tensor, offsets past 2^32; fp32 within
-    2e-6, half precision equal after rounding except where the fp32 results straddle a rounding boundary."""
+    torch definition on the GPU: two streams, decay, a column-sharded tensor, offsets past 2^32, a view whose
+    offset and length are aligned to 4 elements and its address is not (layout 2 must leave it to layout 1:
+    a vector access there is a misaligned address); fp32 within 2e-6, half precision equal after rounding
+    except where the fp32 results straddle a rounding boundary."""
     import torch
 
     from sglang.overlay.mezo.noise import NoisePass, Stream
 
     dt = getattr(torch, dtype)
     g = torch.Generator(device="cuda").manual_seed(3)
-    shapes = {"emb": (5003, 64), "qkv": (3 * 768, 768), "cols": (768, 1536), "bias": (7,)}
-    base = {"emb": (1 << 33) - 5, "qkv": (1 << 34) + 6, "cols": 1 << 35, "bias": 11}
+    shapes = {"emb": (5003, 64), "qkv": (3 * 768, 768), "cols": (768, 1536), "bias": (7,), "view": (64, 96)}
+    shapes["fc"] = (1024, 768)  # aligned, its Philox counters carrying into the high word
+    base = {"emb": (1 << 33) - 5, "qkv": (1 << 34) + 6, "cols": 1 << 35, "bias": 11, "view": (1 << 36) - 4096}
+    base["fc"] = (1 << 34) - 4096
     rows = {"cols": (1536, 3072)}
     start = {k: torch.randn(s, device="cuda", generator=g).to(dt) for k, s in shapes.items()}
     ref = {k: v.clone() for k, v in start.items()}
     ker = {k: v.clone() for k, v in start.items()}
+    unaligned = torch.zeros(2 + start["view"].numel(), device="cuda", dtype=dt)
+    ker["view"] = unaligned[2:].view_as(start["view"])
+    ker["view"].copy_(start["view"])
     streams = [Stream(0x123456789ABC, 0.25, -0.5), Stream(42, 0.0, 1e-2)]
     NoisePass(ref, base, decays=["emb"], rows=rows)._torch_pass(streams, 0.75)
     kernel = NoisePass(ker, base, decays=["emb"], rows=rows)
@@ -255,7 +262,14 @@ def test_zo_noise_kernel_matches_definition(dtype, layout):
             assert differ <= 1e-3 and diff <= 2 * (2**-7 if dtype == "bfloat16" else 2**-10) * 8
 
 
-Z_VARIANTS = [(0, 0, 2e-6), (1, 0, 4e-6), (2, 0, 4e-6), (1, 1, 4e-6), (2, 1, 4e-6)]  # (FAST, LAYOUT, bound)
+Z_VARIANTS = [
+    (0, 0, 2e-6),
+    (1, 0, 4e-6),
+    (2, 0, 4e-6),
+    (1, 1, 4e-6),
+    (2, 1, 4e-6),
+    (2, 2, 4e-6),
+]  # (FAST, LAYOUT, bound)
 
 
 @pytest.mark.parametrize("fast, layout, bound", Z_VARIANTS)

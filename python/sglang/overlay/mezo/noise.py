@@ -171,16 +171,20 @@ class NoisePass:
     # kernel, both).
     # BLOCK: offsets per program (benchmarks/mezo_gpu.py --z-block).
     BLOCK = 1024
-    # FAST, the transcendentals (noise_kernel._normals): 0 the definition's precise ones; 1 the hardware's
+    # FAST, the transcendentals (noise_kernel._pairs): 0 the definition's precise ones; 1 the hardware's
     # sin / cos (z within 4e-6 of the definition); 2 also the hardware's log where u <= 3/4 and a polynomial
     # above (noise_kernel._log), with no loss against 1; 3 (the hardware's log everywhere, 2e-4 off where u
     # is near 1) is for benchmarks only (benchmarks/mezo_gpu.py --z-math).
     FAST = 2
     # LAYOUT, how a program holds its block (noise_kernel.zo_pass_kernel): 0, one tensor in the block's order
     # (the 4 normals of a Philox call interleaved through shared memory); 1, 4 rows of stride 4 (row c:
-    # offsets 4 i + c, z = word c), so that no value moves between threads (benchmarks/mezo_gpu.py
-    # --z-layout).
-    LAYOUT = 1
+    # offsets 4 i + c, z = word c), so that no value moves between threads; 2, rows of 4 consecutive
+    # elements, one thread's and one access each, for the segments aligned to 4 elements (offset, length,
+    # address), and layout 1 for the others, in a second launch (benchmarks/mezo_gpu.py --z-layout).
+    LAYOUT = 2
+    # Warps per program (benchmarks/mezo_gpu.py --z-warps): with BLOCK, how many Philox counters a thread
+    # holds (BLOCK / (128 * WARPS)).
+    WARPS = 4
 
     def __init__(
         self,
@@ -212,7 +216,7 @@ class NoisePass:
         dtypes = {t.dtype for t in tensors.values()}
         self.device = next(iter(devices)) if len(devices) == 1 else None
         self.dtype = next(iter(dtypes)) if len(dtypes) == 1 else None
-        self._table = None
+        self._tables: dict[int, tuple] = {}
 
     def uses_kernel(self) -> bool:
         return (
@@ -268,41 +272,57 @@ class NoisePass:
         layout: Optional[int] = None,
     ) -> None:
         """The Triton pass. ``rounds`` (Philox rounds), ``noise`` (False: only ``k * w``), ``fast`` (hardware
-        transcendentals, see ``noise_kernel._normals``) and ``layout`` (``LAYOUT``) exist for benchmarks/zo_kernel_parts.py,
+        transcendentals, see ``noise_kernel._pairs``) and ``layout`` (``LAYOUT``) exist for benchmarks/zo_kernel_parts.py,
         which times the kernel's parts; z is defined with 10 rounds and precise transcendentals."""
-        if self._table is None:
-            self._table = self._build_table()
-        seg_ptr, seg_len, seg_base, seg_decay, blk_seg, blk_g = self._table
+        layout = self.LAYOUT if layout is None else layout
+        if layout not in self._tables:
+            self._tables[layout] = self._build_table(layout)
+        (seg_ptr, seg_len, seg_base, seg_decay), launches = self._tables[layout]
         second = streams[1] if len(streams) == 2 else Stream(0, 0.0, 0.0)
         from .noise_kernel import TL_DTYPES, zo_pass_kernel
 
-        zo_pass_kernel[(blk_seg.numel(),)](
-            blk_seg,
-            blk_g,
-            seg_ptr,
-            seg_len,
-            seg_base,
-            seg_decay,
-            streams[0].seed,
-            float(streams[0].a),
-            float(streams[0].b),
-            second.seed,
-            float(second.a),
-            float(second.b),
-            float(keep),
-            DTYPE=TL_DTYPES[self.dtype],
-            TWO=len(streams) == 2,
-            BLOCK=self.BLOCK,
-            ROUNDS=rounds,
-            NOISE=noise,
-            FAST=-fast if _INTERPRETED else fast,
-            LAYOUT=self.LAYOUT if layout is None else layout,
-        )
+        decay = keep != 1.0 and bool(self.decays)
+        for kernel_layout, (blk_seg, blk_g) in launches:
+            zo_pass_kernel[(blk_seg.numel(),)](
+                blk_seg,
+                blk_g,
+                seg_ptr,
+                seg_len,
+                seg_base,
+                seg_decay,
+                streams[0].seed,
+                float(streams[0].a),
+                float(streams[0].b),
+                second.seed,
+                float(second.a),
+                float(second.b),
+                float(keep),
+                DTYPE=TL_DTYPES[self.dtype],
+                TWO=len(streams) == 2,
+                BLOCK=self.BLOCK,
+                ROUNDS=rounds,
+                NOISE=noise,
+                FAST=-fast if _INTERPRETED else fast,
+                LAYOUT=kernel_layout,
+                DECAY=decay,
+                ALIGN=4 * self.dtype.itemsize,
+                num_warps=self.WARPS,
+            )
 
-    def _build_table(self):
-        """Per segment: element pointer, length, global offset, decays; per block: segment, first global offset."""
+    def _aligned(self, name: str, start: int, n: int, g: int) -> bool:
+        """Whether layout 2 can take the segment: its global offset, length and address are multiples of 4
+        elements, so that each Philox call's 4 offsets are one aligned access of the segment's, or none."""
+        tensor = self.tensors[name]
+        address = tensor.data_ptr() + start * tensor.element_size()
+        return g % 4 == 0 and n % 4 == 0 and address % (4 * tensor.element_size()) == 0
+
+    def _build_table(self, layout: int):
+        """Per segment: element pointer, length, global offset, decays; and the launches: (kernel layout,
+        (per block: segment, first global offset)). Layout 2 launches the aligned segments' blocks as
+        layout 2 and the others' as layout 1; layouts 0 and 1 launch every block as themselves."""
         block = self.BLOCK
-        ptr, length, base, decay, blk_seg, blk_g = [], [], [], [], [], []
+        ptr, length, base, decay = [], [], [], []
+        blocks: dict[int, tuple[list[int], list[int]]] = {}
         for i, (name, start, n, g) in enumerate(self.segments):
             if n >= 2**31 - block:
                 raise ValueError(
@@ -316,14 +336,19 @@ class NoisePass:
             decay.append(1 if name in self.decays else 0)
             first = g & ~3  # blocks start on a multiple of 4: one Philox call serves 4 offsets
             count = math.ceil((g + n - first) / block)
+            kernel_layout = layout if layout != 2 or self._aligned(name, start, n, g) else 1
+            blk_seg, blk_g = blocks.setdefault(kernel_layout, ([], []))
             blk_seg += [i] * count
             blk_g += [first + j * block for j in range(count)]
         as_tensor = lambda values, dtype: torch.tensor(values, dtype=dtype, device=self.device)  # noqa: E731
-        return (
+        segments = (
             as_tensor(ptr, torch.int64),
             as_tensor(length, torch.int64),
             as_tensor(base, torch.int64),
             as_tensor(decay, torch.int32),
-            as_tensor(blk_seg, torch.int32),
-            as_tensor(blk_g, torch.int64),
         )
+        launches = [
+            (kernel_layout, (as_tensor(blk_seg, torch.int32), as_tensor(blk_g, torch.int64)))
+            for kernel_layout, (blk_seg, blk_g) in sorted(blocks.items(), reverse=True)
+        ]
+        return segments, launches

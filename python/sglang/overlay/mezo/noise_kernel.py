@@ -13,13 +13,16 @@ TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat1
 
 
 @triton.jit
-def _normals(seed, c0, c1, ROUNDS: tl.constexpr, FAST: tl.constexpr):
-    """The four normals of Philox counter (c0, c1, 0, 0) under seed: offsets 4q .. 4q + 3, q = c1:c0.
+def _pairs(seed, c0, c1, ROUNDS: tl.constexpr, FAST: tl.constexpr):
+    """The Box-Muller pairs of Philox counter (c0, c1, 0, 0) under seed: (r01, cos01, sin01, r23, cos23, sin23),
+    where the normals of offsets 4q .. 4q + 3 (q = c1:c0) are _sign(FAST) * (r01 cos01, r01 sin01, r23 cos23,
+    r23 sin23). The sign is the caller's to fold into its coefficient (a scalar), and r its to scale once per
+    pair: no multiply per normal is spent on either.
 
     FAST = 0: precise log / sin / cos (the definition); 1: hardware sin / cos of the argument
-    reduced to [-pi, pi) (sin(2 pi u) = -sin(2 pi (u - 1/2))); 2: also the log of ``_log``; 3: also the
-    hardware log everywhere (benchmarks only). Negative: Triton's interpreter (its |FAST|, with precise
-    functions where the hardware's would run)."""
+    reduced to [-pi, pi) (sin(2 pi u) = -sin(2 pi (u - 1/2)), hence the sign); 2: also the log of ``_log``;
+    3: also the hardware log everywhere (benchmarks only). Negative: Triton's interpreter (its |FAST|, with
+    precise functions where the hardware's would run)."""
     seed = seed.to(tl.int64)  # below 2^31 a seed arrives as int32 (never a constexpr: do_not_specialize)
     c2 = c0 * 0
     c3 = c0 * 0
@@ -35,49 +38,76 @@ def _normals(seed, c0, c1, ROUNDS: tl.constexpr, FAST: tl.constexpr):
         c3 = p0.to(tl.uint32)
         k0 = k0 + 0x9E3779B9
         k1 = k1 + 0xBB67AE85
-    u0 = _uniform_tl(c0)
-    u1 = _uniform_tl(c1)
-    u2 = _uniform_tl(c2)
-    u3 = _uniform_tl(c3)
-    r01 = tl.sqrt(-2.0 * _log(tl.maximum(u0, 1e-7), FAST))
-    r23 = tl.sqrt(-2.0 * _log(tl.maximum(u2, 1e-7), FAST))
+    # r = sqrt(-2 log u): _log_times gives -2 log u with the -2 in its constants (exact: a power of two).
+    r01 = tl.sqrt(_log_times(tl.maximum(_uniform_tl(c0), 1e-7), -2.0, FAST))
+    r23 = tl.sqrt(_log_times(tl.maximum(_uniform_tl(c2), 1e-7), -2.0, FAST))
     if FAST == 0:
-        t01 = 6.283185307179586 * u1
-        t23 = 6.283185307179586 * u3
-        return r01 * tl.cos(t01), r01 * tl.sin(t01), r23 * tl.cos(t23), r23 * tl.sin(t23)
-    t01 = 6.283185307179586 * (u1 - 0.5)
-    t23 = 6.283185307179586 * (u3 - 0.5)
+        t01 = 6.283185307179586 * _uniform_tl(c1)
+        t23 = 6.283185307179586 * _uniform_tl(c3)
+        return r01, tl.cos(t01), tl.sin(t01), r23, tl.cos(t23), tl.sin(t23)
+    t01 = 6.283185307179586 * (_uniform_tl(c1) - 0.5)
+    t23 = 6.283185307179586 * (_uniform_tl(c3) - 0.5)
     if FAST < 0:  # Triton's interpreter, which has no hardware functions: the reduced angle's algebra alone
-        return -r01 * tl.cos(t01), -r01 * tl.sin(t01), -r23 * tl.cos(t23), -r23 * tl.sin(t23)
+        return r01, tl.cos(t01), tl.sin(t01), r23, tl.cos(t23), tl.sin(t23)
     return (
-        -r01 * libdevice.fast_cosf(t01),
-        -r01 * libdevice.fast_sinf(t01),
-        -r23 * libdevice.fast_cosf(t23),
-        -r23 * libdevice.fast_sinf(t23),
+        r01,
+        libdevice.fast_cosf(t01),
+        libdevice.fast_sinf(t01),
+        r23,
+        libdevice.fast_cosf(t23),
+        libdevice.fast_sinf(t23),
     )
 
 
 @triton.jit
-def _log(u, FAST: tl.constexpr):
-    """log u, u in [1e-7, 1). |FAST| < 2: precise. 2: above 3/4, a polynomial in t = u - 1 (exact there;
-    relative error 1.2e-7, so r = sqrt(-2 log u) keeps its precision where it is small); at or below, the
-    hardware's log (absolute error about 1e-7, where r >= 0.75). 3: the hardware's everywhere (2e-4 off in
-    z where u is near 1). Under the interpreter (FAST < 0) the polynomial is computed as on the GPU and
+def _sign(FAST: tl.constexpr):
+    """The sign of _pairs' normals: -1 where the angle is reduced to [-pi, pi) (FAST != 0)."""
+    if FAST == 0:
+        return 1.0
+    return -1.0
+
+
+@triton.jit
+def _normals(seed, c0, c1, ROUNDS: tl.constexpr, FAST: tl.constexpr):
+    """The four normals of Philox counter (c0, c1, 0, 0) under seed: offsets 4q .. 4q + 3, q = c1:c0."""
+    r01, cos01, sin01, r23, cos23, sin23 = _pairs(seed, c0, c1, ROUNDS, FAST)
+    r01 = _sign(FAST) * r01
+    r23 = _sign(FAST) * r23
+    return r01 * cos01, r01 * sin01, r23 * cos23, r23 * sin23
+
+
+@triton.jit
+def _add_noise(w0, w1, w2, w3, seed, c0, c1, f, ROUNDS: tl.constexpr, FAST: tl.constexpr):
+    """w_c + f * z_c for the four normals of each counter: f (a scalar) folded into r, once per pair."""
+    r01, cos01, sin01, r23, cos23, sin23 = _pairs(seed, c0, c1, ROUNDS, FAST)
+    f = f * _sign(FAST)
+    r01 = f * r01
+    r23 = f * r23
+    return w0 + r01 * cos01, w1 + r01 * sin01, w2 + r23 * cos23, w3 + r23 * sin23
+
+
+@triton.jit
+def _log_times(u, c: tl.constexpr, FAST: tl.constexpr):
+    """c * log u, u in [1e-7, 1), c a power of two (folded into the constants: the product is exact, so this is
+    c times the log below, bit for bit). |FAST| < 2: precise. 2: above 3/4, a polynomial in t = u - 1 (exact
+    there; relative error 1.2e-7, so r = sqrt(-2 log u) keeps its precision where it is small); at or below, the
+    hardware's log2 times ln 2 (absolute error about 1e-7, where r >= 0.75). 3: the hardware's everywhere (2e-4
+    off in z where u is near 1). Under the interpreter (FAST < 0) the polynomial is computed as on the GPU and
     the hardware's log is the precise one."""
     if FAST == 3:
-        return libdevice.fast_logf(u)
+        return libdevice.fast_log2f(u) * (c * 0.6931471805599453)
     if FAST != 2 and FAST != -2:
-        return tl.log(u)
+        return c * tl.log(u)
     t = u - 1.0
-    p = 0.33390906 * t - 0.08952039
-    p = p * t + 0.21425246
-    p = p * t - 0.24869019
-    p = p * t + 0.33338976
-    p = p * t - 0.49999911
-    p = p * t + 1.0
+    p = (c * 0.33390906) * t - (c * 0.08952039)
+    p = p * t + (c * 0.21425246)
+    p = p * t - (c * 0.24869019)
+    p = p * t + (c * 0.33338976)
+    p = p * t - (c * 0.49999911)
+    p = p * t + c
     if FAST < 0:
-        return tl.where(u > 0.75, p * t, tl.log(u))
-    return tl.where(u > 0.75, p * t, libdevice.fast_logf(u))
+        return tl.where(u > 0.75, p * t, c * tl.log(u))
+    return tl.where(u > 0.75, p * t, libdevice.fast_log2f(u) * (c * 0.6931471805599453))
 
 
 @triton.jit
@@ -133,40 +163,56 @@ def zo_pass_kernel(
     NOISE: tl.constexpr,
     FAST: tl.constexpr,
     LAYOUT: tl.constexpr,
+    DECAY: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
+    """One program a block of BLOCK global offsets (blk_seg, blk_g: its segment and first offset, a multiple
+    of 4). DECAY = 0: no tensor decays in this pass (k = 1, no multiply). ALIGN: LAYOUT 2's access width
+    in bytes (4 elements)."""
     pid = tl.program_id(0)
     seg = tl.load(blk_seg + pid)
     g0 = tl.load(blk_g + pid)
     n = tl.load(seg_len + seg).to(tl.int32)  # a segment has fewer than 2^31 elements (_build_table)
     start = (g0 - tl.load(seg_base + seg)).to(tl.int32)  # the block's first element, -3 .. n
     ptr = tl.load(seg_ptr + seg).to(tl.pointer_type(DTYPE))
-    k = tl.where(tl.load(seg_decay + seg) != 0, keep, 1.0)
-    if LAYOUT == 1:
-        _rows_of_four(ptr, start, n, g0, k, seed0, a0, b0, seed1, a1, b1, DTYPE, TWO, BLOCK, ROUNDS, NOISE, FAST)
+    if LAYOUT == 2:  # hints where the values are made: Triton drops them on a function's arguments
+        start = tl.multiple_of(start, 4)
+        ptr = tl.multiple_of(ptr, ALIGN)
+    if DECAY:
+        k = tl.where(tl.load(seg_decay + seg) != 0, keep, 1.0)
     else:
-        local = start + tl.arange(0, BLOCK)
-        mask = (local >= 0) & (local < n)
-        out = k * tl.load(ptr + local, mask=mask, other=0.0).to(tl.float32)
+        k = 1.0
+    f0 = k * a0 + b0
+    f1 = k * a1 + b1
+    if LAYOUT == 0:
+        _joined(ptr, start, n, g0, k, seed0, f0, seed1, f1, DTYPE, TWO, BLOCK, ROUNDS, NOISE, FAST)
+    elif LAYOUT == 1:
+        w0, w1, w2, w3, ptrs, mask = _load_rows(ptr, start, n, k, BLOCK)
         if NOISE:
-            out += (k * a0 + b0) * _noise_block(seed0, g0, BLOCK, ROUNDS, FAST)
+            c0, c1 = _counters(g0, BLOCK // 4)
+            w0, w1, w2, w3 = _add_noise(w0, w1, w2, w3, seed0, c0, c1, f0, ROUNDS, FAST)
             if TWO:
-                out += (k * a1 + b1) * _noise_block(seed1, g0, BLOCK, ROUNDS, FAST)
-        _store(ptr + local, out, mask, DTYPE)
+                w0, w1, w2, w3 = _add_noise(w0, w1, w2, w3, seed1, c0, c1, f1, ROUNDS, FAST)
+        m0, m1, m2, m3 = mask
+        _store(ptrs, w0, m0, DTYPE)
+        _store(ptrs + 1, w1, m1, DTYPE)
+        _store(ptrs + 2, w2, m2, DTYPE)
+        _store(ptrs + 3, w3, m3, DTYPE)
+    else:
+        _vectors(ptr, start, n, g0, k, seed0, f0, seed1, f1, DTYPE, TWO, BLOCK, ROUNDS, NOISE, FAST, ALIGN)
 
 
 @triton.jit
-def _rows_of_four(
+def _joined(
     ptr,
     start,
     n,
     g0,
     k,
     seed0,
-    a0,
-    b0,
+    f0,
     seed1,
-    a1,
-    b1,
+    f1,
     DTYPE: tl.constexpr,
     TWO: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -174,9 +220,23 @@ def _rows_of_four(
     NOISE: tl.constexpr,
     FAST: tl.constexpr,
 ):
+    """LAYOUT 0: one tensor of the block's offsets in order (the four normals of a Philox call interleaved
+    by _noise_block)."""
+    local = start + tl.arange(0, BLOCK)
+    mask = (local >= 0) & (local < n)
+    out = k * tl.load(ptr + local, mask=mask, other=0.0).to(tl.float32)
+    if NOISE:
+        out += f0 * _noise_block(seed0, g0, BLOCK, ROUNDS, FAST)
+        if TWO:
+            out += f1 * _noise_block(seed1, g0, BLOCK, ROUNDS, FAST)
+    _store(ptr + local, out, mask, DTYPE)
+
+
+@triton.jit
+def _load_rows(ptr, start, n, k, BLOCK: tl.constexpr):
     """LAYOUT 1: the block as 4 rows of stride 4. Each thread's Philox call gives the normals of 4
     consecutive offsets, row c takes word c, and nothing is exchanged between threads. The loads come
-    first, so that they are in flight while Philox runs."""
+    first, so that they are in flight while Philox runs. Any segment: a row masks its own elements."""
     local = start + 4 * tl.arange(0, BLOCK // 4)
     m0 = (local >= 0) & (local < n)
     m1 = (local >= -1) & (local < n - 1)
@@ -186,25 +246,52 @@ def _rows_of_four(
     w1 = k * tl.load(ptr + local + 1, mask=m1, other=0.0).to(tl.float32)
     w2 = k * tl.load(ptr + local + 2, mask=m2, other=0.0).to(tl.float32)
     w3 = k * tl.load(ptr + local + 3, mask=m3, other=0.0).to(tl.float32)
+    return w0, w1, w2, w3, ptr + local, (m0, m1, m2, m3)
+
+
+@triton.jit
+def _vectors(
+    ptr,
+    start,
+    n,
+    g0,
+    k,
+    seed0,
+    f0,
+    seed1,
+    f1,
+    DTYPE: tl.constexpr,
+    TWO: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ROUNDS: tl.constexpr,
+    NOISE: tl.constexpr,
+    FAST: tl.constexpr,
+    ALIGN: tl.constexpr,
+):
+    """LAYOUT 2: the block as [BLOCK / 4, 4], a row the 4 consecutive elements of one Philox call, held by one
+    thread and read and written in one access of ALIGN bytes; the normals are joined into the row in the
+    thread's registers. Only for segments whose global offset, length and address are multiples of 4
+    elements (NoisePass._build_table): a row is then wholly in the segment or wholly out of it."""
+    rows = start + 4 * tl.arange(0, BLOCK // 4)
+    ptrs = ptr + (rows[:, None] + tl.arange(0, 4)[None, :])
+    mask = ((rows >= 0) & (rows < n))[:, None]
+    w = k * tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     if NOISE:
         c0, c1 = _counters(g0, BLOCK // 4)
-        z0, z1, z2, z3 = _normals(seed0, c0, c1, ROUNDS, FAST)
-        f = k * a0 + b0
-        w0 += f * z0
-        w1 += f * z1
-        w2 += f * z2
-        w3 += f * z3
+        w += _row_of_noise(seed0, c0, c1, f0, BLOCK, ROUNDS, FAST)
         if TWO:
-            z0, z1, z2, z3 = _normals(seed1, c0, c1, ROUNDS, FAST)
-            f = k * a1 + b1
-            w0 += f * z0
-            w1 += f * z1
-            w2 += f * z2
-            w3 += f * z3
-    _store(ptr + local, w0, m0, DTYPE)
-    _store(ptr + local + 1, w1, m1, DTYPE)
-    _store(ptr + local + 2, w2, m2, DTYPE)
-    _store(ptr + local + 3, w3, m3, DTYPE)
+            w += _row_of_noise(seed1, c0, c1, f1, BLOCK, ROUNDS, FAST)
+    _store(ptrs, w, mask, DTYPE)
+
+
+@triton.jit
+def _row_of_noise(seed, c0, c1, f, BLOCK: tl.constexpr, ROUNDS: tl.constexpr, FAST: tl.constexpr):
+    """f * z of each counter's 4 offsets as the rows of a [BLOCK / 4, 4] tile (f folded into r)."""
+    r01, cos01, sin01, r23, cos23, sin23 = _pairs(seed, c0, c1, ROUNDS, FAST)
+    f = f * _sign(FAST)
+    r01 = f * r01
+    r23 = f * r23
+    return tl.reshape(tl.join(tl.join(r01 * cos01, r23 * cos23), tl.join(r01 * sin01, r23 * sin23)), [BLOCK // 4, 4])
 
 
 @triton.jit
