@@ -44,6 +44,11 @@ def main() -> None:
         action="store_true",
         help="only the block-size sweep (each layout, fast 2, BLOCK 256 to 4096), not the variants",
     )
+    ap.add_argument(
+        "--once",
+        action="store_true",
+        help="only the default pass, 1 stream then 2, twice each (for a profiler: ncu -k regex:zo_pass_kernel)",
+    )
     a = ap.parse_args()
     from transformers import OPTConfig, OPTForCausalLM
 
@@ -60,6 +65,12 @@ def main() -> None:
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
     noise = NoisePass(tensors, bases)
     assert noise.uses_kernel()
+    if a.once:
+        for _ in range(2):
+            noise([Stream(7, 1e-3, 0.0)])
+            noise([Stream(7, 1e-3, 0.0), Stream(8, 1e-3, 0.0)])
+        torch.cuda.synchronize()
+        return
     floor = 2 * nbytes / copy_bandwidth(nbytes)  # a device-to-device copy of the same bytes
     one, two = [Stream(7, 0.0, 0.0)], [Stream(7, 0.0, 0.0), Stream(8, 0.0, 0.0)]
     rows = [("device-to-device copy of the same bytes", floor, "")]

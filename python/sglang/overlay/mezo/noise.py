@@ -165,12 +165,12 @@ class NoisePass:
     """
 
     # The kernel's variant, measured side by side over the opt-1.3b weights (2.63 GB bf16) on an H100
-    # (benchmarks/zo_kernel_parts.py, benchmarks/NOTES.md "2026-12-07, third session"), ms for 1 / 2 streams
-    # against a 1.744 ms copy: joined, FAST 1, BLOCK 2048 (the earlier default) 2.923 / 4.775; rows of four,
-    # FAST 2, BLOCK 1024 (these defaults) 2.540 / 4.012, with the same z (3.46e-6 at most from the precise
-    # kernel, both).
+    # (benchmarks/zo_kernel_parts.py, benchmarks/NOTES.md "2026-12-07, sixth session"), ms for 1 / 2 streams
+    # against a 1.746 ms copy: rows of four, FAST 2, BLOCK 1024, 4 warps (the earlier default) 2.537 / 3.644;
+    # vectors of four (layout 2), BLOCK 4096, 8 warps (these defaults) 1.977 / 3.291, with the same z (3.46e-6
+    # at most from the precise kernel, all).
     # BLOCK: offsets per program (benchmarks/mezo_gpu.py --z-block).
-    BLOCK = 1024
+    BLOCK = 4096
     # FAST, the transcendentals (noise_kernel._pairs): 0 the definition's precise ones; 1 the hardware's
     # sin / cos (z within 4e-6 of the definition); 2 also the hardware's log where u <= 3/4 and a polynomial
     # above (noise_kernel._log), with no loss against 1; 3 (the hardware's log everywhere, 2e-4 off where u
@@ -184,7 +184,7 @@ class NoisePass:
     LAYOUT = 2
     # Warps per program (benchmarks/mezo_gpu.py --z-warps): with BLOCK, how many Philox counters a thread
     # holds (BLOCK / (128 * WARPS)).
-    WARPS = 4
+    WARPS = 8
 
     def __init__(
         self,
