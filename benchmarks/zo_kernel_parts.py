@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument(
         "--blocks-only",
         action="store_true",
-        help="only the block-size sweep (each layout, fast 2, BLOCK 256 to 4096), not the variants",
+        help="only layout 2's sweep (BLOCK 2048 / 4096, 4 / 8 warps, no cap / 48 / 40 registers), not the variants",
     )
     ap.add_argument(
         "--once",
@@ -116,15 +116,14 @@ def main() -> None:
             if n_label == "1 stream" and kw.get("rounds", 10) == 10:
                 accuracy = f"{max(float((v - exact[k]).abs().max()) for k, v in z(**kw).items()):.2e}"
             rows.append((f"{label}, {n_label}", t, accuracy))
-    sweep = [
-        (layout, block, 4)
-        for layout in (1, 2)
-        for block in ((256, 512, 1024, 2048, 4096) if a.blocks_only else (1024, 4096))
-    ]
-    sweep += [(2, block, 8) for block in (1024, 2048, 4096, 8192)]
-    for layout, block, warps in sweep:  # the block size and the warps, with the fast functions
+    if a.blocks_only:  # layout 2: the block, the warps and a register cap (occupancy against spills)
+        sweep = [(2, b, w, r) for b in (2048, 4096) for w in (4, 8) for r in (None, 48, 40)]
+    else:
+        sweep = [(layout, block, 4, None) for layout in (1, 2) for block in (1024, 4096)]
+        sweep += [(2, block, 8, None) for block in (1024, 2048, 4096, 8192)]
+    for layout, block, warps, maxnreg in sweep:  # with the fast functions
         sized = NoisePass(tensors, bases)
-        sized.BLOCK, sized.WARPS = block, warps
+        sized.BLOCK, sized.WARPS, sized.MAXNREG = block, warps, maxnreg
         for n_label, streams in (("1 stream", one), ("2 streams", two)):
             t = cuda_time(
                 lambda sized=sized, streams=streams, layout=layout: sized._kernel_pass(
@@ -133,14 +132,9 @@ def main() -> None:
                 20,
                 5,
             )
-            rows.append(
-                (
-                    f"layout {layout}, fast 2, BLOCK {block}, {warps} warps "
-                    f"(default {NoisePass.LAYOUT}, {NoisePass.BLOCK}, {NoisePass.WARPS}), {n_label}",
-                    t,
-                    "",
-                )
-            )
+            cap = "" if maxnreg is None else f", at most {maxnreg} registers"
+            default = f"default {NoisePass.LAYOUT}, {NoisePass.BLOCK}, {NoisePass.WARPS}"
+            rows.append((f"layout {layout}, fast 2, BLOCK {block}, {warps} warps{cap} ({default}), {n_label}", t, ""))
     print(
         f"z pass over the {a.shape} weights: {len(tensors)} tensors, {nbytes / 1e9:.2f} GB {a.dtype}, "
         f"{torch.cuda.get_device_name(0)}; copy floor {2 * nbytes / floor / 1e12:.2f} TB/s (read + written)"

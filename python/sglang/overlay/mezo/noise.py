@@ -185,6 +185,8 @@ class NoisePass:
     # Warps per program (benchmarks/mezo_gpu.py --z-warps): with BLOCK, how many Philox counters a thread
     # holds (BLOCK / (128 * WARPS)).
     WARPS = 8
+    # A cap on the kernel's registers per thread (None: the compiler's choice; benchmarks/zo_kernel_parts.py).
+    MAXNREG: Optional[int] = None
 
     def __init__(
         self,
@@ -307,6 +309,7 @@ class NoisePass:
                 DECAY=decay,
                 ALIGN=4 * self.dtype.itemsize,
                 num_warps=self.WARPS,
+                **({} if self.MAXNREG is None else {"maxnreg": self.MAXNREG}),
             )
 
     def _aligned(self, name: str, start: int, n: int, g: int) -> bool:
