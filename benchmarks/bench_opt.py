@@ -144,7 +144,7 @@ def sgl_fns(runner, engine, fb, last_rows, rows, targets) -> dict:
     }
 
 
-FAST_PATHS = ("dense_prefill", "fc1_relu", "add_layer_norm", "split_qkv", "prefill_graphs")
+FAST_PATHS = ("dense_prefill", "fc1_relu", "add_layer_norm", "prefill_graphs")
 
 
 @contextlib.contextmanager
@@ -157,20 +157,19 @@ def fast_paths_off(engine, off: set):
     from sglang.srt.layers import add_layernorm
 
     plan, triton = dense.DensePrefill.__dict__["plan"], add_layernorm.triton
-    fused, split = engine.fuse_fc1_relu, engine.split_qkv
+    fused = engine.fuse_fc1_relu
     max_graphs = 0 if engine.graphs is None else engine.graphs.max_graphs
     if "dense_prefill" in off:
         dense.DensePrefill.plan = classmethod(lambda cls, *a: None)
     if "add_layer_norm" in off:
         add_layernorm.triton = None
     engine.fuse_fc1_relu = fused and "fc1_relu" not in off
-    engine.split_qkv = split and "split_qkv" not in off
     enable_graphs(engine, 0 if "prefill_graphs" in off else max_graphs)
     try:
         yield
     finally:
         dense.DensePrefill.plan, add_layernorm.triton = plan, triton
-        engine.fuse_fc1_relu, engine.split_qkv = fused, split
+        engine.fuse_fc1_relu = fused
         enable_graphs(engine, max_graphs)
 
 

@@ -3,8 +3,11 @@ measured on the H100 / H200 (benchmarks/NOTES.md):
 
 - fc1 + ReLU as one cuBLASLt GEMM with a bias+ReLU epilogue (every OPT
   checkpoint uses ReLU): one pass less over the widest activation;
-- from hidden size 2048 on, the QKV projection as three ``[h, h]`` GEMMs on
-  slices of the fused weight (faster in cuBLAS than one ``[3h, h]`` GEMM);
+- the QKV projection as one ``[3h, h]`` GEMM (round 2 split it into three
+  ``[h, h]`` GEMMs from hidden size 2048 on, +2.2% per 1.3b prefill on 0.5.17's
+  stack; on 0.5.23's, torch 2.11 on the H100, the fused GEMM is the faster at
+  1.3b: 0.0289 ms against 3 x 0.0151 at 784 rows, 0.1365 against 3 x 0.0535
+  at 4096; benchmarks/gemm_small_m.py, NOTES "sixth session");
 - the residual adds fused into the LayerNorms (``AddLayerNorm``, as the model).
 """
 
@@ -17,10 +20,6 @@ from torch import nn
 
 from sglang.overlay.dense import DenseEngine, DensePrefill
 
-# From this hidden size on, the QKV projection runs as three GEMMs (measured on
-# the H100: 1.3b +2.2% per prefill; benchmarks/NOTES.md, "Round 2").
-SPLIT_QKV_FROM_HIDDEN = 2048
-
 
 class OPTEngine(DenseEngine):
     """The decoder of one native ``OPTForCausalLM`` for scoring batches."""
@@ -29,7 +28,6 @@ class OPTEngine(DenseEngine):
         decoder = model.model.decoder
         layers = [decoder.layers[i] for i in range(decoder.start_layer, decoder.end_layer)]
         super().__init__(model, decoder, [layer.self_attn.attn for layer in layers])
-        self.split_qkv = model.config.hidden_size >= SPLIT_QKV_FROM_HIDDEN
         self.fuse_fc1_relu = model.config.enable_bias and all(
             isinstance(layer.activation_fn, nn.ReLU) for layer in layers
         )
@@ -87,22 +85,8 @@ class OPTEngine(DenseEngine):
         return hidden_states
 
     def _attention(self, self_attn, hidden_states: torch.Tensor, plan: DensePrefill) -> torch.Tensor:
-        proj = self_attn.qkv_proj
-        # A module with hooks (MeZO's LoRA on qkv_proj) runs as a module.
-        if self.split_qkv and not (proj._forward_hooks or proj._forward_pre_hooks):
-            size = self_attn.q_size
-            bias = proj.bias
-            q, k, v = (
-                torch.nn.functional.linear(
-                    hidden_states,
-                    proj.weight[i * size : (i + 1) * size],
-                    None if bias is None else bias[i * size : (i + 1) * size],
-                )
-                for i in range(3)
-            )
-        else:
-            qkv, _ = proj(hidden_states)
-            q, k, v = qkv.chunk(chunks=3, dim=-1)
+        qkv, _ = self_attn.qkv_proj(hidden_states)
+        q, k, v = qkv.chunk(chunks=3, dim=-1)
         output, _ = self_attn.out_proj(plan(self_attn.attn, q, k, v))
         return output
 
