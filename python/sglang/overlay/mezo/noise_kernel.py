@@ -184,8 +184,15 @@ def zo_pass_kernel(
         k = 1.0
     f0 = k * a0 + b0
     f1 = k * a1 + b1
-    if LAYOUT == 0:
-        _joined(ptr, start, n, g0, k, seed0, f0, seed1, f1, DTYPE, TWO, BLOCK, ROUNDS, NOISE, FAST)
+    if LAYOUT == 0:  # one tensor of the block's offsets in order (_noise_block interleaves the 4 normals)
+        local = start + tl.arange(0, BLOCK)
+        mask = (local >= 0) & (local < n)
+        out = k * tl.load(ptr + local, mask=mask, other=0.0).to(tl.float32)
+        if NOISE:
+            out += f0 * _noise_block(seed0, g0, BLOCK, ROUNDS, FAST)
+            if TWO:
+                out += f1 * _noise_block(seed1, g0, BLOCK, ROUNDS, FAST)
+        _store(ptr + local, out, mask, DTYPE)
     elif LAYOUT == 1:
         w0, w1, w2, w3, ptrs, mask = _load_rows(ptr, start, n, k, BLOCK)
         if NOISE:
@@ -200,36 +207,6 @@ def zo_pass_kernel(
         _store(ptrs + 3, w3, m3, DTYPE)
     else:
         _vectors(ptr, start, n, g0, k, seed0, f0, seed1, f1, DTYPE, TWO, BLOCK, ROUNDS, NOISE, FAST, ALIGN)
-
-
-@triton.jit
-def _joined(
-    ptr,
-    start,
-    n,
-    g0,
-    k,
-    seed0,
-    f0,
-    seed1,
-    f1,
-    DTYPE: tl.constexpr,
-    TWO: tl.constexpr,
-    BLOCK: tl.constexpr,
-    ROUNDS: tl.constexpr,
-    NOISE: tl.constexpr,
-    FAST: tl.constexpr,
-):
-    """LAYOUT 0: one tensor of the block's offsets in order (the four normals of a Philox call interleaved
-    by _noise_block)."""
-    local = start + tl.arange(0, BLOCK)
-    mask = (local >= 0) & (local < n)
-    out = k * tl.load(ptr + local, mask=mask, other=0.0).to(tl.float32)
-    if NOISE:
-        out += f0 * _noise_block(seed0, g0, BLOCK, ROUNDS, FAST)
-        if TWO:
-            out += f1 * _noise_block(seed1, g0, BLOCK, ROUNDS, FAST)
-    _store(ptr + local, out, mask, DTYPE)
 
 
 @triton.jit
