@@ -173,7 +173,7 @@ class NoisePass:
     BLOCK = 4096
     # FAST, the transcendentals (noise_kernel._pairs): 0 the definition's precise ones; 1 the hardware's
     # sin / cos (z within 4e-6 of the definition); 2 also the hardware's log where u <= 3/4 and a polynomial
-    # above (noise_kernel._log), with no loss against 1; 3 (the hardware's log everywhere, 2e-4 off where u
+    # above (noise_kernel._log_times), with no loss against 1; 3 (the hardware's log everywhere, 2e-4 off where u
     # is near 1) is for benchmarks only (benchmarks/mezo_gpu.py --z-math).
     FAST = 2
     # LAYOUT, how a program holds its block (noise_kernel.zo_pass_kernel): 0, one tensor in the block's order
