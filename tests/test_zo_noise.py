@@ -190,9 +190,9 @@ for dtype in (torch.float32, torch.float16):
     ker = {k: v.clone() for k, v in start.items()}
     ker["view"] = torch.cat([torch.zeros(2, dtype=dtype), start["view"].flatten()])[2:].view(9, 8)
     streams = [zo_noise.Stream(0x123456789ABC, 0.25, -0.5), zo_noise.Stream(1, 0.0, 1e-2)]
-    zo_noise.NoisePass(ref, base, decays=["emb"], rows=rows)._torch_pass(streams, 0.75)
+    zo_noise.NoisePass(ref, base, decays=["emb", "rows"], rows=rows)._torch_pass(streams, 0.75)
     layout = int(sys.argv[1])
-    p = zo_noise.NoisePass(ker, base, decays=["emb"], rows=rows)
+    p = zo_noise.NoisePass(ker, base, decays=["emb", "rows"], rows=rows)
     p._kernel_pass(streams, 0.75, layout=layout)
     for one in (streams[:1],):  # one stream too
         zo_noise.NoisePass(ref, base, rows=rows)._torch_pass(one, 1.0)

@@ -248,8 +248,8 @@ def test_zo_noise_kernel_matches_definition(dtype, layout):
     ker["view"] = unaligned[2:].view_as(start["view"])
     ker["view"].copy_(start["view"])
     streams = [Stream(0x123456789ABC, 0.25, -0.5), Stream(42, 0.0, 1e-2)]
-    NoisePass(ref, base, decays=["emb"], rows=rows)._torch_pass(streams, 0.75)
-    kernel = NoisePass(ker, base, decays=["emb"], rows=rows)
+    NoisePass(ref, base, decays=["emb", "fc"], rows=rows)._torch_pass(streams, 0.75)
+    kernel = NoisePass(ker, base, decays=["emb", "fc"], rows=rows)
     assert kernel.uses_kernel()
     kernel._kernel_pass(streams, 0.75, fast=NoisePass.FAST, layout=layout)
     for name in shapes:
