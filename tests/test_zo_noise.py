@@ -181,7 +181,8 @@ for dtype in (torch.float32, torch.float16):
               "view": (9, 8)}
     base = {"emb": (1 << 33) - 5, "qkv": (1 << 33) + 900, "cols": (1 << 34) + 2, "tiny": 11,
             "carry": (1 << 34) - 10,  # its Philox counters carry into the high word inside one block
-            "rows": (1 << 35) - 1024, "view": 4096}  # aligned (layout 2 takes them), the first one carrying
+            "rows": (1 << 35) - 1024, "view": 4096}
+    # "rows" and "qkv" are aligned (layout 2 takes them; "rows" carries into the high word and decays).
     # "view": offset and length aligned, its address 2 elements past an aligned one (layout 1 takes it, as
     # it takes "cols", rows of 6 at a stride of 13, and the others)
     rows = {"cols": (6, 13)}

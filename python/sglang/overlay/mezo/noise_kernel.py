@@ -68,22 +68,21 @@ def _sign(FAST: tl.constexpr):
 
 
 @triton.jit
-def _normals(seed, c0, c1, ROUNDS: tl.constexpr, FAST: tl.constexpr):
-    """The four normals of Philox counter (c0, c1, 0, 0) under seed: offsets 4q .. 4q + 3, q = c1:c0."""
+def _normals(seed, c0, c1, f, ROUNDS: tl.constexpr, FAST: tl.constexpr):
+    """f times the four normals of Philox counter (c0, c1, 0, 0) under seed: offsets 4q .. 4q + 3, q = c1:c0.
+    f (a scalar) and _pairs' sign are folded into r, once per pair (f = 1.0: z itself, the same bits)."""
     r01, cos01, sin01, r23, cos23, sin23 = _pairs(seed, c0, c1, ROUNDS, FAST)
-    r01 = _sign(FAST) * r01
-    r23 = _sign(FAST) * r23
+    f = f * _sign(FAST)
+    r01 = f * r01
+    r23 = f * r23
     return r01 * cos01, r01 * sin01, r23 * cos23, r23 * sin23
 
 
 @triton.jit
 def _add_noise(w0, w1, w2, w3, seed, c0, c1, f, ROUNDS: tl.constexpr, FAST: tl.constexpr):
-    """w_c + f * z_c for the four normals of each counter: f (a scalar) folded into r, once per pair."""
-    r01, cos01, sin01, r23, cos23, sin23 = _pairs(seed, c0, c1, ROUNDS, FAST)
-    f = f * _sign(FAST)
-    r01 = f * r01
-    r23 = f * r23
-    return w0 + r01 * cos01, w1 + r01 * sin01, w2 + r23 * cos23, w3 + r23 * sin23
+    """w_c + f * z_c for the four normals of each counter (layout 1's rows)."""
+    z0, z1, z2, z3 = _normals(seed, c0, c1, f, ROUNDS, FAST)
+    return w0 + z0, w1 + z1, w2 + z2, w3 + z3
 
 
 @triton.jit
@@ -135,7 +134,7 @@ def _noise_block(seed, g0, BLOCK: tl.constexpr, ROUNDS: tl.constexpr, FAST: tl.c
     slower: Triton spreads the 4 columns over threads and each computes the row's Philox and
     Box-Muller again.)"""
     c0, c1 = _counters(g0, BLOCK // 4)
-    z0, z1, z2, z3 = _normals(seed, c0, c1, ROUNDS, FAST)
+    z0, z1, z2, z3 = _normals(seed, c0, c1, 1.0, ROUNDS, FAST)
     return tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), [BLOCK])
 
 
@@ -263,12 +262,9 @@ def _vectors(
 
 @triton.jit
 def _row_of_noise(seed, c0, c1, f, BLOCK: tl.constexpr, ROUNDS: tl.constexpr, FAST: tl.constexpr):
-    """f * z of each counter's 4 offsets as the rows of a [BLOCK / 4, 4] tile (f folded into r)."""
-    r01, cos01, sin01, r23, cos23, sin23 = _pairs(seed, c0, c1, ROUNDS, FAST)
-    f = f * _sign(FAST)
-    r01 = f * r01
-    r23 = f * r23
-    return tl.reshape(tl.join(tl.join(r01 * cos01, r23 * cos23), tl.join(r01 * sin01, r23 * sin23)), [BLOCK // 4, 4])
+    """f * z of each counter's 4 offsets as the rows of a [BLOCK / 4, 4] tile (layout 2)."""
+    z0, z1, z2, z3 = _normals(seed, c0, c1, f, ROUNDS, FAST)
+    return tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), [BLOCK // 4, 4])
 
 
 @triton.jit
