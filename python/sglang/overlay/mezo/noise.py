@@ -312,13 +312,6 @@ class NoisePass:
                 **({} if self.MAXNREG is None else {"maxnreg": self.MAXNREG}),
             )
 
-    def _aligned(self, name: str, start: int, n: int, g: int) -> bool:
-        """Whether layout 2 can take the segment: its global offset, length and address are multiples of 4
-        elements, so that each Philox call's 4 offsets are one aligned access of the segment's, or none."""
-        tensor = self.tensors[name]
-        address = tensor.data_ptr() + start * tensor.element_size()
-        return g % 4 == 0 and n % 4 == 0 and address % (4 * tensor.element_size()) == 0
-
     def _build_table(self, layout: int):
         """Per segment: element pointer, length, global offset, decays; and the launches: (kernel layout,
         (per block: segment, first global offset)). Layout 2 launches the aligned segments' blocks as
@@ -333,13 +326,17 @@ class NoisePass:
                     f"(fewer than {2**31 - block}): split it into row segments (rows=)"
                 )
             tensor = self.tensors[name]
-            ptr.append(tensor.data_ptr() + start * tensor.element_size())
+            address = tensor.data_ptr() + start * tensor.element_size()
+            ptr.append(address)
             length.append(n)
             base.append(g)
             decay.append(1 if name in self.decays else 0)
             first = g & ~3  # blocks start on a multiple of 4: one Philox call serves 4 offsets
             count = math.ceil((g + n - first) / block)
-            kernel_layout = layout if layout != 2 or self._aligned(name, start, n, g) else 1
+            # Layout 2 takes a segment whose global offset, length and address are multiples of 4 elements:
+            # each Philox call's 4 offsets are then one aligned access of the segment's, or none of it.
+            aligned = g % 4 == 0 and n % 4 == 0 and address % (4 * tensor.element_size()) == 0
+            kernel_layout = layout if layout != 2 or aligned else 1
             blk_seg, blk_g = blocks.setdefault(kernel_layout, ([], []))
             blk_seg += [i] * count
             blk_g += [first + j * block for j in range(count)]
