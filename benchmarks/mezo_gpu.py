@@ -307,7 +307,7 @@ def main() -> None:
         trainer = MeZO(r, cfg)
         row["sgl_engine"] = None if r.engine is None else type(r.engine).__name__
         row["sgl_graphs"] = r.engine is not None and r.engine.graphs is not None
-        r.fit_prefill_graphs([[len(p) + len(t) for p, t in zip(prompts, targets)]])
+        r.fit_prefill_graphs([list(map(r.scored_length, prompts, targets))])
         assert trainer.noise.uses_kernel(), "the Triton pass kernel is not used"
         weight_bytes = sum(w.numel() * w.element_size() for w in trainer.weights.values())
         row["weight_bytes"], row["weight_tensors"] = weight_bytes, len(trainer.weights)

@@ -100,6 +100,8 @@ def main() -> None:
         ("rows of four, fast 2, Philox 7 (not z)", dict(fast=2, layout=1, rounds=7)),
         ("rows of four, fast 2, Philox 0 (not z)", dict(fast=2, layout=1, rounds=0)),
         ("vectors of four, fast 2", dict(fast=2, layout=2)),
+        ("vectors of four, fast 2, Philox 7 (not z)", dict(fast=2, layout=2, rounds=7)),
+        ("vectors of four, fast 2, Philox 0 (not z)", dict(fast=2, layout=2, rounds=0)),
     ]
 
     def z(**kw) -> dict[str, torch.Tensor]:

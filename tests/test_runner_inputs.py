@@ -124,6 +124,31 @@ def test_the_limits_themselves_are_valid_input(pair) -> None:
     assert runner.generate([full[:120]], CONTEXT - 120) == hf_greedy(hf, [full[:120]], CONTEXT - 120)
 
 
+def test_scoring_runs_every_token_but_the_targets_last(pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    """token_logprobs and loss run prompt + target[:-1] (the last target token's position would only predict
+    what follows the target: a 16 x (48 + 1) batch is 768 rows, not 784) and still give HF's answers on the
+    whole sequences, one-token targets and ragged ones included."""
+    import torch
+
+    from sglang.overlay import runner as runner_module
+
+    runner, hf = pair
+    real, ran = runner_module.score, []
+
+    def recording(model_runner, seqs, **kwargs):
+        ran.append([list(s) for s in seqs])
+        return real(model_runner, seqs, **kwargs)
+
+    monkeypatch.setattr(runner_module, "score", recording)
+    prompts, targets = [[2, 11, 12, 13], [2, 40], [2, 7, 8]], [[5], [6, 7, 9], [3, 4]]
+    assert close(runner.token_logprobs(prompts, targets), hf_logprobs(hf, prompts, targets), atol=1e-4)
+    assert ran == [[p + t[:-1] for p, t in zip(prompts, targets)]]
+    assert [runner.scored_length(p, t) for p, t in zip(prompts, targets)] == [4, 4, 4]
+    want = torch.cat(hf_logprobs(hf, prompts, targets)).mean().neg().item()
+    assert abs(runner.loss(prompts, targets).item() - want) < 1e-5
+    assert len(ran) == 2 and ran[1] == ran[0]
+
+
 def test_a_sequence_larger_than_the_pool_says_which_field_to_raise(pair, tmp_path: Path) -> None:
     from sglang.overlay import RunnerConfig, StandaloneRunner
     from tests.support.runtime import make_tiny_opt

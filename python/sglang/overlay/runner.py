@@ -185,10 +185,17 @@ class StandaloneRunner:
             out += [row[: len(seqs[i])] for i, row in zip(part, logits)]
         return out
 
+    @staticmethod
+    def scored_length(prompt: Sequence[int], target: Sequence[int]) -> int:
+        """The tokens a forward runs to score ``target`` after ``prompt`` (``token_logprobs``, ``loss``): all but
+        the target's last, whose position would only predict what follows the target."""
+        return len(prompt) + len(target) - 1
+
     def fit_prefill_graphs(self, batches: Sequence[Sequence[int]]) -> None:
-        """Keep enough prefill graphs for scoring batches of these sequence lengths (one list per batch, as they
-        will be scored), each padded to its bucket: a trainer that cycles through its data replays a graph a
-        step instead of capturing one. Nothing where prefill graphs are off; at most MAX_PREFILL_GRAPHS."""
+        """Keep enough prefill graphs for forwards of these sequence lengths (one list per batch, as they will
+        run: ``scored_length`` for scoring), each padded to its bucket: a trainer that cycles through its data
+        replays a graph a step instead of capturing one. Nothing where prefill graphs are off; at most
+        MAX_PREFILL_GRAPHS."""
         if self.engine is None or self.engine.graphs is None:
             return
         shapes = {(len(lengths), self._bucketed(max(lengths))) for lengths in batches if lengths}
@@ -217,7 +224,8 @@ class StandaloneRunner:
         seqs = [p + t for p, t in zip(prompts, targets)]
         inputs.within_context([len(s) for s in seqs], "prompts + targets", self.limits)
         self._sync_weights()
-        seqs = self._padded(seqs)
+        # The last target token is never an input: its position would predict what follows the target.
+        seqs = self._padded([s[:-1] for s in seqs])
         out: list[torch.Tensor] = []
         for part in self._batches([len(s) for s in seqs], "prompts + targets"):
             out += self._token_logprobs([prompts[i] for i in part], [targets[i] for i in part], [seqs[i] for i in part])
@@ -226,7 +234,8 @@ class StandaloneRunner:
     def _token_logprobs(
         self, prompts: list[list[int]], targets: list[list[int]], seqs: list[list[int]]
     ) -> list[torch.Tensor]:
-        """The targets' log-probs from one forward of ``seqs`` (each prompt + target, maybe padded after)."""
+        """The targets' log-probs from one forward of ``seqs`` (each prompt + target but its last token, maybe
+        padded after)."""
         fwd = score(self.runner, seqs, engine=self.engine)
         rows, start = [], 0
         for prompt, target, length in zip(prompts, targets, fwd.lengths):

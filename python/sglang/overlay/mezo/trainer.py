@@ -209,7 +209,7 @@ class MeZO:
             raise ValueError(
                 f"train needs steps >= 0 and at least one batch; got steps={steps}, {len(batches)} batches"
             )
-        lengths = [[len(p) + len(t) for p, t in zip(prompts, targets)] for prompts, targets in batches]
+        lengths = [list(map(self.runner.scored_length, prompts, targets)) for prompts, targets in batches]
         self.runner.fit_prefill_graphs([self.dp.share(x) if self.dp is not None else x for x in lengths])
         bar = Progress(steps, progress)
         results = []
