@@ -207,6 +207,9 @@ def main() -> None:
     ap.add_argument("--z-block", type=int, default=None, help="offsets per program of the z kernel (NoisePass.BLOCK)")
     ap.add_argument("--z-warps", type=int, default=None, help="warps per program of the z kernel (NoisePass.WARPS)")
     ap.add_argument(
+        "--z-rounds", type=int, default=None, help="MeZOConfig.z_rounds, Philox rounds of z (default: the config's)"
+    )
+    ap.add_argument(
         "--profile",
         action="store_true",
         help="also profile one loss forward and one step (GPU kernel time by category, the top kernels)",
@@ -269,7 +272,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(11)
     prompts = [[2] + torch.randint(3, 50000, (a.prompt - 1,), generator=g).tolist() for _ in range(a.batch)]
     targets = [torch.randint(3, 50000, (a.target,), generator=g).tolist() for _ in range(a.batch)]
-    cfg = MeZOConfig(lr=1e-6, eps=1e-3, seed=0)
+    cfg = MeZOConfig(lr=1e-6, eps=1e-3, seed=0, **({} if a.z_rounds is None else {"z_rounds": a.z_rounds}))
     row = dict(
         shape=a.shape,
         dtype=a.dtype,
@@ -281,6 +284,7 @@ def main() -> None:
         z_layout=NoisePass.LAYOUT,
         z_block=NoisePass.BLOCK,
         z_warps=NoisePass.WARPS,
+        z_rounds=cfg.z_rounds,
         prefill_graphs=a.prefill_graphs,
         dense_engine=bool(a.dense_engine),
         server_args=server_args,
@@ -409,7 +413,8 @@ def report(a, row: dict, weight_bytes: int) -> None:
     gib = 2**30
     log(
         f"MeZO {a.shape} {a.dtype}, batch {a.batch} x {a.prompt}+{a.target} tokens, median of {a.steps} steps; "
-        f"{row['weight_tensors']} weight tensors, {weight_bytes / 1e9:.2f} GB"
+        f"{row['weight_tensors']} weight tensors, {weight_bytes / 1e9:.2f} GB; z: Philox4x32-{row['z_rounds']}, "
+        f"layout {row['z_layout']}, BLOCK {row['z_block']}, {row['z_warps']} warps, math {row['z_math']}"
     )
     log("| side | steps/s | tokens/s | peak GiB (step) | peak GiB (inference) | step/inference | mean loss 1st step |")
     log("|---|---|---|---|---|---|---|")

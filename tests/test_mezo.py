@@ -22,7 +22,7 @@ FULL_VARIANTS = {
     "pre_ln": (dict(), dict(lr=1e-4, eps=1e-2, seed=5)),
     "post_ln_project_in_out_untied_padded_vocab": (
         dict(do_layer_norm_before=False, word_embed_proj_dim=32, tie_word_embeddings=False, vocab_size=500),
-        dict(lr=3e-4, eps=1e-2, seed=6, weight_decay=0.5),
+        dict(lr=3e-4, eps=1e-2, seed=6, weight_decay=0.5, z_rounds=7),
     ),
 }
 
@@ -214,6 +214,7 @@ def test_unmapped_or_mismatched_parameters_are_refused(build, tiny_opt: Path) ->
         (dict(lora_rank=4, lora_alpha=0.0), "lora_alpha must be a finite number > 0"),
         (dict(lora_targets=("o_proj",)), "lora_targets must be distinct names among"),
         (dict(lora_targets=()), "lora_targets must be distinct names among"),
+        (dict(z_rounds=6), r"z_rounds must be an int >= 7 and <= 10, got 6"),
     ],
 )
 def test_invalid_configs_say_what_is_wrong(fields: dict, message: str) -> None:

@@ -121,6 +121,7 @@ def test_resume_refuses_other_settings_and_a_fresh_run_refuses_an_out_with_check
         (dict(seed=4), {}, r"seed: checkpoint 3, this run 4"),
         (dict(lora_rank=2), {}, r"lora_rank: checkpoint None, this run 2"),
         (dict(n_samples=2), {}, r"n_samples: checkpoint 1, this run 2"),
+        (dict(z_rounds=7), {}, r"z_rounds: checkpoint 10, this run 7"),
         ({}, dict(batch_size=4), r"batch_size: checkpoint 2, this run 4"),
         ({}, dict(data_sha256="bb"), r"data_sha256: checkpoint 'aa', this run 'bb'"),
     ]
@@ -129,6 +130,14 @@ def test_resume_refuses_other_settings_and_a_fresh_run_refuses_an_out_with_check
             plan_resume(out, True, asdict(replace(config, **fields)), {**run, **facts})
     with pytest.raises(ValueError, match=r"already holds checkpoints of a run \(step-000001\): pass --resume"):
         plan_resume(out, False, asdict(config), run)
+    # A checkpoint from before z_rounds was a setting drew z with 10 rounds: it resumes as 10, not as 7.
+    state_file = out / "checkpoints" / "step-000001" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["mezo_config"]["z_rounds"]
+    state_file.write_text(json.dumps(state))
+    assert plan_resume(out, True, asdict(config), run).name == "step-000001"
+    with pytest.raises(ValueError, match=r"z_rounds: checkpoint 10, this run 7"):
+        plan_resume(out, True, asdict(replace(config, z_rounds=7)), run)
     with runner(tiny_opt) as r, pytest.raises(ValueError, match=r"lr: checkpoint 0.0001, this run 0.0002"):
         MeZO(r, replace(config, lr=2e-4)).load_checkpoint(out / "checkpoints" / "step-000001")
 

@@ -27,6 +27,17 @@ def test_philox_matches_random123_known_answers() -> None:
     seed = 0xA4093822 | (0x299F31D0 << 32)
     words = philox4x32(seed, torch.tensor([q - (1 << 64)]), 0x13198A2E, 0x03707344)
     assert [int(w) for w in words] == [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
+    # Philox4x32-7 (MeZOConfig.z_rounds = 7), the same file's vectors
+    assert [int(w) for w in philox4x32(0, torch.tensor([0]), rounds=7)] == [
+        0x5F6FB709,
+        0x0D893F64,
+        0x4F121F81,
+        0x4F730A48,
+    ]
+    words = philox4x32(seed, torch.tensor([q - (1 << 64)]), 0x13198A2E, 0x03707344, rounds=7)
+    assert [int(w) for w in words] == [0x4DFCCABA, 0x190A87F0, 0xC47362BA, 0xB6B5242A]
+    words = philox4x32((1 << 64) - 1, torch.tensor([-1]), 0xFFFFFFFF, 0xFFFFFFFF, rounds=7)
+    assert [int(w) for w in words] == [0x5207DDC2, 0x45165E59, 0x4D8EE751, 0x8C52F662]
 
 
 def test_normal_is_standard_normal_and_decorrelated() -> None:
@@ -41,9 +52,13 @@ def test_normal_is_standard_normal_and_decorrelated() -> None:
     assert torch.equal(z[5:9], normal(12345, torch.arange(5, 9) + (1 << 40)))  # a function of the offset
 
 
-def test_z_is_normal_with_no_short_period_and_no_lag_correlation() -> None:
-    """Over 2^20 offsets: no correlation at lags 1 to 8 (one Philox call's four words and its neighbours),
-    at 2^k up to 2^16, or between two seeds (|r| < 4e-3, 4 sigma); the Kolmogorov-Smirnov distance to the
+@pytest.mark.parametrize("rounds", [10, 7])
+def test_z_is_normal_with_no_short_period_and_no_lag_correlation(rounds: int) -> None:
+    """Over 2^20 offsets, for z of 10 and of 7 Philox rounds (MeZOConfig.z_rounds): the moments of a standard
+    normal (mean, variance, skewness, excess kurtosis within 5 standard errors), its tails (|z| > 3 and > 4 as
+    often as they should be, within 5 sigma of the binomial count); no correlation at lags 1 to 8 (one
+    Philox call's four words and its neighbours), at 2^k up to 2^16, between two seeds or between
+    neighbouring seeds' squares (|r| < 4e-3, 4 sigma); the Kolmogorov-Smirnov distance to the
     standard normal below its 1% critical value (a short period, repeated pairs or a wrong Box-Muller
     branch fail one of these)."""
     import math
@@ -53,12 +68,21 @@ def test_z_is_normal_with_no_short_period_and_no_lag_correlation() -> None:
     from sglang.overlay.mezo.noise import normal
 
     n = 1 << 20
-    z = normal(777, torch.arange(n) + (3 << 36)).double()
+    z = normal(777, torch.arange(n) + (3 << 36), rounds).double()
+    moments = [z.mean(), (z**2).mean() - 1, (z**3).mean(), (z**4).mean() - 3]
+    errors = [1, math.sqrt(2), math.sqrt(15), math.sqrt(96)]  # standard deviations of z, z^2, z^3, z^4
+    for k, (moment, sd) in enumerate(zip(moments, errors), 1):
+        assert abs(moment.item()) < 5 * sd / math.sqrt(n), (k, moment.item())
+    for cut in (3.0, 4.0):
+        p = math.erfc(cut / math.sqrt(2))
+        count = int((z.abs() > cut).sum())
+        assert abs(count - n * p) < 5 * math.sqrt(n * p * (1 - p)), (cut, count, n * p)
     for lag in [*range(1, 9), *(1 << k for k in range(4, 17))]:
         r = (z[:-lag] * z[lag:]).mean().item()
         assert abs(r) < 4e-3, (lag, r)
-    other = normal(778, torch.arange(n) + (3 << 36)).double()
+    other = normal(778, torch.arange(n) + (3 << 36), rounds).double()
     assert abs((z * other).mean().item()) < 4e-3
+    assert abs(((z**2 - 1) * (other**2 - 1)).mean().item() / 2) < 4e-3  # magnitudes too, not only signs
     ecdf = torch.arange(1, n + 1, dtype=torch.float64) / n
     cdf = 0.5 * (1 + torch.erf(z.sort().values / math.sqrt(2)))
     distance = max((ecdf - cdf).abs().max().item(), (cdf - (ecdf - 1 / n)).abs().max().item())
@@ -154,11 +178,11 @@ def test_layout_2_takes_only_segments_aligned_to_four_elements() -> None:
         )
 
 
-def _interpreted(script: str, arg: int):
-    """What ``script`` prints after ``RESULT `` (as JSON), run with ``arg`` under Triton's interpreter in a
+def _interpreted(script: str, *args: int):
+    """What ``script`` prints after ``RESULT `` (as JSON), run with ``args`` under Triton's interpreter in a
     subprocess (TRITON_INTERPRET is read when Triton is imported)."""
     proc = subprocess.run(
-        [sys.executable, "-c", script, str(arg)],
+        [sys.executable, "-c", script, *map(str, args)],
         cwd=REPO,
         env={**os.environ, "TRITON_INTERPRET": "1"},
         capture_output=True,
@@ -191,13 +215,13 @@ for dtype in (torch.float32, torch.float16):
     ker = {k: v.clone() for k, v in start.items()}
     ker["view"] = torch.cat([torch.zeros(2, dtype=dtype), start["view"].flatten()])[2:].view(9, 8)
     streams = [zo_noise.Stream(0x123456789ABC, 0.25, -0.5), zo_noise.Stream(1, 0.0, 1e-2)]
-    zo_noise.NoisePass(ref, base, decays=["emb", "rows"], rows=rows)._torch_pass(streams, 0.75)
-    layout = int(sys.argv[1])
-    p = zo_noise.NoisePass(ker, base, decays=["emb", "rows"], rows=rows)
+    layout, rounds = int(sys.argv[1]), int(sys.argv[2])
+    zo_noise.NoisePass(ref, base, decays=["emb", "rows"], rows=rows, rounds=rounds)._torch_pass(streams, 0.75)
+    p = zo_noise.NoisePass(ker, base, decays=["emb", "rows"], rows=rows, rounds=rounds)
     p._kernel_pass(streams, 0.75, layout=layout)
     for one in (streams[:1],):  # one stream too
-        zo_noise.NoisePass(ref, base, rows=rows)._torch_pass(one, 1.0)
-        zo_noise.NoisePass(ker, base, rows=rows)._kernel_pass(one, 1.0, layout=layout)
+        zo_noise.NoisePass(ref, base, rows=rows, rounds=rounds)._torch_pass(one, 1.0)
+        zo_noise.NoisePass(ker, base, rows=rows, rounds=rounds)._kernel_pass(one, 1.0, layout=layout)
     assert ker["view"].storage_offset() == 2
     out[str(dtype)] = {k: [float((ker[k].float() - ref[k].float()).abs().max()),
                            float((ker[k] != ref[k]).float().mean())] for k in shapes}
@@ -205,14 +229,19 @@ print("RESULT " + json.dumps(out))
 """
 
 
-@pytest.mark.parametrize("layout", [0, 1, 2], ids=["joined", "rows_of_four", "vectors_of_four"])
-def test_the_triton_kernel_computes_the_definition(layout: int) -> None:
+@pytest.mark.parametrize(
+    "layout, rounds",
+    [(0, 10), (1, 10), (2, 10), (2, 7)],
+    ids=["joined", "rows_of_four", "vectors_of_four", "vectors_of_four_philox7"],
+)
+def test_the_triton_kernel_computes_the_definition(layout: int, rounds: int) -> None:
     """The pass kernel (two streams, decay, a column-sharded tensor, offsets past 2^32) in each block layout
-    (NoisePass.LAYOUT) against the torch definition, under Triton's CPU interpreter: fp32 within 1e-6
+    (NoisePass.LAYOUT), and with z of 7 Philox rounds (MeZOConfig.z_rounds), against the torch definition,
+    under Triton's CPU interpreter: fp32 within 1e-6
     (transcendentals differ in the last bit), fp16 the same after rounding except where fp32 differed at a
     rounding boundary. (bf16 is checked on the GPU: the interpreter rounds fp32 to bf16 by truncation, not
     to nearest even as the GPU does.)"""
-    result = _interpreted(KERNEL_CHECK, layout)
+    result = _interpreted(KERNEL_CHECK, layout, rounds)
     for name, (max_diff, _) in result["torch.float32"].items():
         assert max_diff <= 1e-6, (name, result)
     for name, (max_diff, differ) in result["torch.float16"].items():

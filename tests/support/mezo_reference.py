@@ -35,9 +35,10 @@ class ReferenceMeZO:
         weight_decay: float = 0.0,
         lora_rank: Optional[int] = None,
         lora_alpha: float = 16.0,
+        z_rounds: int = 10,
     ) -> None:
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        self.lr, self.eps, self.seed, self.weight_decay = lr, eps, seed, weight_decay
+        self.lr, self.eps, self.seed, self.weight_decay, self.z_rounds = lr, eps, seed, weight_decay, z_rounds
         self.step_index = 0
         self.lora_scale = lora_alpha / lora_rank if lora_rank else 0.0
         self.lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -82,7 +83,7 @@ class ReferenceMeZO:
 
         base = 0
         for name, p in self.params:
-            yield name, p, normal(seed, torch.arange(base, base + p.numel())).view(p.shape)
+            yield name, p, normal(seed, torch.arange(base, base + p.numel()), self.z_rounds).view(p.shape)
             base += p.numel()
 
     def _perturb(self, seed: int, scale: float) -> None:

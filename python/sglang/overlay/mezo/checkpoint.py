@@ -128,10 +128,15 @@ def read_state(directory: str | Path) -> dict:
     return state
 
 
+# MeZOConfig fields newer than some checkpoints, with the value those checkpoints were made with.
+ADDED_SETTINGS = {"z_rounds": 10}
+
+
 def check_compatible(state: dict, config: dict, facts: Optional[dict], run: Optional[dict], where: str | Path) -> None:
     """ValueError listing every MeZOConfig field, trainer fact and run fact that differs from the
     checkpoint's (``facts`` / ``run`` None: not compared)."""
-    sections = [(state.get("mezo_config", {}), config), (state.get("facts", {}), facts), (state.get("run", {}), run)]
+    theirs_config = {**ADDED_SETTINGS, **state.get("mezo_config", {})}
+    sections = [(theirs_config, config), (state.get("facts", {}), facts), (state.get("run", {}), run)]
     diffs = []
     for theirs, ours in sections:
         if ours is None:

@@ -147,6 +147,13 @@ class MeZOConfig:
     lora_alpha: float = setting(16.0, "LoRA scale alpha (the adapters add alpha/r·B A)", above=0)
     lora_targets: tuple[str, ...] = setting(LORA_TARGETS, f"the projections that get LoRA adapters, among {QKV}")
     n_samples: int = setting(1, "n-SPSA: perturbations per step, projected gradients averaged", minimum=1)
+    z_rounds: int = setting(
+        10,
+        "Philox4x32 rounds of z (7 to 10): 7, the fewest that pass BigCrush, makes z cheaper to draw on the GPU; "
+        "each value is its own z, so a run resumes with the rounds it started with",
+        minimum=7,
+        maximum=10,
+    )
     lr_schedule: str = setting(
         "constant", "linear: lr decays to 0 at total_steps (the command line: --steps)", choices=LR_SCHEDULES
     )

@@ -7,8 +7,8 @@ repeated; LoRA's A/B tensors have an order of their own). It does not depend on
 how SGLang stores p (fused QKV, padded vocabulary, tensor-parallel shards) or
 on the device, so every layout, every rank and the HF reference draw the same z.
 
-``normal(seed, o)``: Philox4x32-10 with key ``(seed mod 2^32, seed >> 32 mod
-2^32)`` and counter ``(q mod 2^32, q >> 32, 0, 0)``, ``q = o >> 2``, gives four
+``normal(seed, o)``: Philox4x32-R (R = 10 rounds, or MeZOConfig.z_rounds: 7 to 10) with key ``(seed mod 2^32,
+seed >> 32 mod 2^32)`` and counter ``(q mod 2^32, q >> 32, 0, 0)``, ``q = o >> 2``, gives four
 uint32 words; each becomes a uniform ``u`` in [0, 1) (bit-cast to int32, ``~x``
 where negative, times 4.6566127342e-10, in fp32), and the Box-Muller pairs
 ``(u0, u1)``, ``(u2, u3)`` give the normals of offsets ``4q .. 4q + 3``
@@ -77,11 +77,12 @@ def _xor(a, b):
     return a
 
 
-def _philox(seed: int, c0, c1, c2=0, c3=0) -> tuple:
-    """Philox4x32-10 of counters (c0, c1, c2, c3) under ``seed``; each word an int64 tensor of uint32 values or
-    a Python int (the same for every counter: the words it reaches stay ints for the first rounds)."""
+def _philox(seed: int, c0, c1, c2=0, c3=0, rounds: int = 10) -> tuple:
+    """Philox4x32 (``rounds`` rounds) of counters (c0, c1, c2, c3) under ``seed``; each word an int64 tensor of
+    uint32 values or a Python int (the same for every counter: the words it reaches stay ints for the first
+    rounds)."""
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
-    for _ in range(10):
+    for _ in range(rounds):
         hi_b, lo_b = _hi_lo(c2, _ROUND_B)
         hi_a, lo_a = _hi_lo(c0, _ROUND_A)
         c0, c1, c2, c3 = _xor(_xor(hi_b, c1), k0), lo_b, _xor(_xor(hi_a, c3), k1), lo_a
@@ -89,10 +90,10 @@ def _philox(seed: int, c0, c1, c2=0, c3=0) -> tuple:
     return c0, c1, c2, c3
 
 
-def philox4x32(seed: int, q: torch.Tensor, c2: int = 0, c3: int = 0) -> tuple[torch.Tensor, ...]:
-    """Philox4x32-10 of counters ``(q lo, q hi, c2, c3)`` under ``seed``: four int64 tensors of uint32 words
-    (z uses c2 = c3 = 0; the others are for Random123's known-answer vectors)."""
-    words = _philox(seed, q & _MASK32, (q >> 32) & _MASK32, c2, c3)
+def philox4x32(seed: int, q: torch.Tensor, c2: int = 0, c3: int = 0, rounds: int = 10) -> tuple[torch.Tensor, ...]:
+    """Philox4x32 (``rounds`` rounds) of counters ``(q lo, q hi, c2, c3)`` under ``seed``: four int64 tensors of
+    uint32 words (z uses c2 = c3 = 0; the others are for Random123's known-answer vectors)."""
+    words = _philox(seed, q & _MASK32, (q >> 32) & _MASK32, c2, c3, rounds)
     return tuple(w if isinstance(w, torch.Tensor) else torch.full_like(q, w) for w in words)
 
 
@@ -117,11 +118,16 @@ def _four_normals(words: tuple) -> torch.Tensor:
     return z
 
 
-def normal(seed: int, offsets: torch.Tensor) -> torch.Tensor:
-    """z at the given global element offsets (int64 tensor), fp32: the definition (module docstring)."""
-    z = _four_normals(philox4x32(seed, offsets >> 2))
+def normal(seed: int, offsets: torch.Tensor, rounds: int = 10) -> torch.Tensor:
+    """z at the given global element offsets (int64 tensor), fp32: the definition (module docstring), with
+    ``rounds`` Philox rounds."""
+    z = _four_normals(philox4x32(seed, offsets >> 2, rounds=rounds))
     return z.gather(-1, (offsets & 3).unsqueeze(-1)).squeeze(-1)
 
+
+# Philox4x32's rounds that z may take (MeZOConfig.z_rounds): Salmon et al. (SC'11, "Parallel random numbers: as
+# easy as 1, 2, 3") find 7 the fewest that pass TestU01's BigCrush, and recommend 10, the default, for margin.
+PHILOX_ROUNDS = (7, 8, 9, 10)
 
 # Counters per block of normal_range: 2^16 (2^18 offsets) keeps a block's temporaries (2 MiB each) in
 # the CPU's caches; 2^14 or fewer spends more on torch's per-op overhead (measured: 3.3M offsets in
@@ -129,7 +135,9 @@ def normal(seed: int, offsets: torch.Tensor) -> torch.Tensor:
 RANGE_BLOCK = 1 << 16
 
 
-def normal_range(seed: int, start: int, count: int, device=None) -> Iterator[tuple[int, torch.Tensor]]:
+def normal_range(
+    seed: int, start: int, count: int, device=None, rounds: int = 10
+) -> Iterator[tuple[int, torch.Tensor]]:
     """z of global offsets ``start .. start + count - 1``, in order, in blocks: (first offset, z of the
     block) pairs. Equal to ``normal`` of those offsets; each Philox counter is computed once (it gives 4
     consecutive offsets) and the high counter word is a Python int within a block."""
@@ -138,7 +146,7 @@ def normal_range(seed: int, start: int, count: int, device=None) -> Iterator[tup
     while 4 * q < end:
         last = min((end - 1) >> 2, q + RANGE_BLOCK - 1, q | _MASK32)  # a block keeps q's high word
         counters = torch.arange(q & _MASK32, (last & _MASK32) + 1, dtype=torch.int64, device=device)
-        z = _four_normals(_philox(seed, counters, q >> 32)).view(-1)
+        z = _four_normals(_philox(seed, counters, q >> 32, rounds=rounds)).view(-1)
         lo, hi = max(start, 4 * q), min(end, 4 * last + 4)
         yield lo, z[lo - 4 * q : hi - 4 * q]
         q = last + 1
@@ -195,7 +203,11 @@ class NoisePass:
         decays: Sequence[str] = (),
         rows: Optional[dict[str, tuple[int, int]]] = None,
         transposed: Sequence[str] = (),
+        rounds: int = 10,
     ) -> None:
+        if rounds not in PHILOX_ROUNDS:
+            raise ValueError(f"z takes Philox4x32 with {PHILOX_ROUNDS[0]} to {PHILOX_ROUNDS[-1]} rounds, got {rounds}")
+        self.rounds = rounds
         rows = rows or {}
         self.tensors = tensors
         self.decays = frozenset(decays)
@@ -246,7 +258,7 @@ class NoisePass:
             out = tensor.float() * k if k != 1.0 else tensor.to(torch.float32, copy=True)
             hf_shape = (tensor.numel() // tensor.shape[0], tensor.shape[0])
             for s in streams:
-                z = torch.cat([z for _, z in normal_range(s.seed, base, tensor.numel(), tensor.device)])
+                z = torch.cat([z for _, z in normal_range(s.seed, base, tensor.numel(), tensor.device, self.rounds)])
                 out += z.view(hf_shape).T.reshape(tensor.shape).mul_(k * s.a + s.b)
             tensor.copy_(out)
 
@@ -255,7 +267,7 @@ class NoisePass:
         for name, start, length, base in self.segments:
             flat = self.tensors[name].view(-1)[start : start + length]
             k = keep if name in self.decays else 1.0
-            blocks = [normal_range(s.seed, base, length, flat.device) for s in streams]
+            blocks = [normal_range(s.seed, base, length, flat.device, self.rounds) for s in streams]
             for parts in zip(*blocks):
                 lo = parts[0][0] - base
                 part = flat[lo : lo + parts[0][1].numel()]
@@ -268,14 +280,15 @@ class NoisePass:
         self,
         streams: Sequence[Stream],
         keep: float,
-        rounds: int = 10,
+        rounds: Optional[int] = None,
         noise: bool = True,
         fast: int = 0,
         layout: Optional[int] = None,
     ) -> None:
-        """The Triton pass. ``rounds`` (Philox rounds), ``noise`` (False: only ``k * w``), ``fast`` (hardware
-        transcendentals, see ``noise_kernel._pairs``) and ``layout`` (``LAYOUT``) exist for benchmarks/zo_kernel_parts.py,
-        which times the kernel's parts; z is defined with 10 rounds and precise transcendentals."""
+        """The Triton pass. ``rounds`` (Philox rounds, default the pass's own), ``noise`` (False: only ``k * w``),
+        ``fast`` (hardware transcendentals, see ``noise_kernel._pairs``) and ``layout`` (``LAYOUT``) exist for
+        benchmarks/zo_kernel_parts.py, which times the kernel's parts; z is defined with the pass's rounds and
+        precise transcendentals."""
         layout = self.LAYOUT if layout is None else layout
         if layout not in self._tables:
             self._tables[layout] = self._build_table(layout)
@@ -302,7 +315,7 @@ class NoisePass:
                 DTYPE=TL_DTYPES[self.dtype],
                 TWO=len(streams) == 2,
                 BLOCK=self.BLOCK,
-                ROUNDS=rounds,
+                ROUNDS=self.rounds if rounds is None else rounds,
                 NOISE=noise,
                 FAST=-fast if _INTERPRETED else fast,
                 LAYOUT=kernel_layout,

@@ -77,7 +77,7 @@ class MeZO:
                 f"{shifted[0]} is stored with a constant added, so weight decay on it would decay that "
                 "too: train with weight_decay=0"
             )
-        self.noise = NoisePass(self._trainables, bases, decays, rows, transposed)
+        self.noise = NoisePass(self._trainables, bases, decays, rows, transposed, config.z_rounds)
         runner.register_weight_sync(self.sync)
 
     @property
