@@ -24,8 +24,8 @@ resumed run stays exact); "constant" uses lr.
 Determinism. Step k (0-based) of a trainer with ``MeZOConfig.seed`` S uses
 ``derive_seed(S, "step", k)`` (63 bits of SHA-256); with q > 1 samples,
 sample i uses ``derive_seed(S, "step", k, "sample", i)``. z of element i of HF
-parameter p is ``noise.normal(seed, base(p) + i)`` (counter-based Philox,
-``base(p)``: the elements of the parameters before p in HF
+parameter p is ``noise.normal(seed, base(p) + i, z_rounds)`` (counter-based Philox4x32 with
+``MeZOConfig.z_rounds`` rounds, 10 unless set; ``base(p)``: the elements of the parameters before p in HF
 ``OPTForCausalLM.named_parameters()`` order), the same on every device and
 layout: ``params.place`` maps each HF parameter onto this rank's view of
 the SGLang parameter holding it (row thirds of the fused ``qkv_proj``, the
