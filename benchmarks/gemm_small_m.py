@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("--shape", default="opt-1.3b")
     ap.add_argument("--tokens", default="784,4096", help="row counts M, comma-separated")
     a = ap.parse_args()
-    from bench_opt import cuda_time, matmul_peak_tflops
+    from measure import cuda_time, matmul_peak_tflops
 
     cfg = common.SHAPES[a.shape]
     h, ffn = cfg["hidden_size"], cfg["ffn_dim"]

@@ -75,7 +75,7 @@ def peak_of(fn) -> int:
 def overlap_probe(r, trainer, prompts, targets) -> dict:
     """Milliseconds of a step's two loss forwards alone, its two weight passes alone (1 z and 2 z, zero
     coefficients: the weights are rewritten unchanged), and both at once on two streams."""
-    from bench_opt import cuda_time
+    from measure import cuda_time
     from sglang.overlay.mezo.noise import Stream
 
     side = torch.cuda.Stream()
@@ -290,7 +290,7 @@ def main() -> None:
         server_args=server_args,
     )
 
-    from bench_opt import copy_bandwidth, cuda_time, kernel_summary, matmul_peak_tflops
+    from measure import copy_bandwidth, cuda_time, kernel_summary, matmul_peak_tflops
     from sglang.overlay.mezo.noise import Stream
 
     row["matmul_peak_tflops"] = matmul_peak_tflops()

@@ -52,7 +52,7 @@ def main() -> None:
     a = ap.parse_args()
     from transformers import OPTConfig, OPTForCausalLM
 
-    from bench_opt import copy_bandwidth, cuda_time
+    from measure import copy_bandwidth, cuda_time
     from sglang.overlay.mezo.noise import NoisePass, Stream
 
     dtype = getattr(torch, a.dtype)
