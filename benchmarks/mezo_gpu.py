@@ -76,6 +76,7 @@ def overlap_probe(r, trainer, prompts, targets) -> dict:
     """Milliseconds of a step's two loss forwards alone, its two weight passes alone (1 z and 2 z, zero
     coefficients: the weights are rewritten unchanged), and both at once on two streams."""
     from measure import cuda_time
+
     from sglang.overlay.mezo.noise import Stream
 
     side = torch.cuda.Stream()
@@ -291,6 +292,7 @@ def main() -> None:
     )
 
     from measure import copy_bandwidth, cuda_time, kernel_summary, matmul_peak_tflops
+
     from sglang.overlay.mezo.noise import Stream
 
     row["matmul_peak_tflops"] = matmul_peak_tflops()

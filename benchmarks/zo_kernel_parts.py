@@ -50,9 +50,9 @@ def main() -> None:
         help="only the default pass, 1 stream then 2, twice each (for a profiler: ncu -k regex:zo_pass_kernel)",
     )
     a = ap.parse_args()
+    from measure import copy_bandwidth, cuda_time
     from transformers import OPTConfig, OPTForCausalLM
 
-    from measure import copy_bandwidth, cuda_time
     from sglang.overlay.mezo.noise import NoisePass, Stream
 
     dtype = getattr(torch, a.dtype)
