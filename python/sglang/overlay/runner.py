@@ -221,11 +221,11 @@ class StandaloneRunner:
         targets = inputs.sequences(targets, "targets", self.limits)
         if len(prompts) != len(targets):
             raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets: give one target per prompt")
-        seqs = [p + t for p, t in zip(prompts, targets)]
-        inputs.within_context([len(s) for s in seqs], "prompts + targets", self.limits)
+        inputs.within_context([len(p) + len(t) for p, t in zip(prompts, targets)], "prompts + targets", self.limits)
         self._sync_weights()
-        # The last target token is never an input: its position would predict what follows the target.
-        seqs = self._padded([s[:-1] for s in seqs])
+        # scored_length tokens each: the target's last is never an input (its position would predict what
+        # follows the target).
+        seqs = self._padded([p + t[:-1] for p, t in zip(prompts, targets)])
         out: list[torch.Tensor] = []
         for part in self._batches([len(s) for s in seqs], "prompts + targets"):
             out += self._token_logprobs([prompts[i] for i in part], [targets[i] for i in part], [seqs[i] for i in part])
