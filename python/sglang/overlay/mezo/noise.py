@@ -54,6 +54,12 @@ _UNIFORM_SCALE = 4.6566127342e-10
 _TWO_PI = 6.283185307179586
 
 
+# Philox4x32's rounds that z may take (MeZOConfig.z_rounds): Salmon et al. (SC'11, "Parallel random numbers: as
+# easy as 1, 2, 3") find 7 the fewest that pass TestU01's BigCrush, and recommend 10, the default, for margin.
+PHILOX_ROUNDS = (7, 8, 9, 10)
+ROUNDS = 10  # z's definition where no other is asked for
+
+
 def _hi_lo(c, r: int):
     """(high, low) 32-bit words of ``c * r``, ``c`` a uint32 word (an int64 tensor, or a Python int where the
     word is the same for every counter). The product is below 2^64: int64 arithmetic wraps, and its 64 bits
@@ -77,7 +83,7 @@ def _xor(a, b):
     return a
 
 
-def _philox(seed: int, c0, c1, c2=0, c3=0, rounds: int = 10) -> tuple:
+def _philox(seed: int, c0, c1, c2=0, c3=0, rounds: int = ROUNDS) -> tuple:
     """Philox4x32 (``rounds`` rounds) of counters (c0, c1, c2, c3) under ``seed``; each word an int64 tensor of
     uint32 values or a Python int (the same for every counter: the words it reaches stay ints for the first
     rounds)."""
@@ -90,7 +96,7 @@ def _philox(seed: int, c0, c1, c2=0, c3=0, rounds: int = 10) -> tuple:
     return c0, c1, c2, c3
 
 
-def philox4x32(seed: int, q: torch.Tensor, c2: int = 0, c3: int = 0, rounds: int = 10) -> tuple[torch.Tensor, ...]:
+def philox4x32(seed: int, q: torch.Tensor, c2: int = 0, c3: int = 0, rounds: int = ROUNDS) -> tuple[torch.Tensor, ...]:
     """Philox4x32 (``rounds`` rounds) of counters ``(q lo, q hi, c2, c3)`` under ``seed``: four int64 tensors of
     uint32 words (z uses c2 = c3 = 0; the others are for Random123's known-answer vectors)."""
     words = _philox(seed, q & _MASK32, (q >> 32) & _MASK32, c2, c3, rounds)
@@ -118,16 +124,12 @@ def _four_normals(words: tuple) -> torch.Tensor:
     return z
 
 
-def normal(seed: int, offsets: torch.Tensor, rounds: int = 10) -> torch.Tensor:
+def normal(seed: int, offsets: torch.Tensor, rounds: int = ROUNDS) -> torch.Tensor:
     """z at the given global element offsets (int64 tensor), fp32: the definition (module docstring), with
     ``rounds`` Philox rounds."""
     z = _four_normals(philox4x32(seed, offsets >> 2, rounds=rounds))
     return z.gather(-1, (offsets & 3).unsqueeze(-1)).squeeze(-1)
 
-
-# Philox4x32's rounds that z may take (MeZOConfig.z_rounds): Salmon et al. (SC'11, "Parallel random numbers: as
-# easy as 1, 2, 3") find 7 the fewest that pass TestU01's BigCrush, and recommend 10, the default, for margin.
-PHILOX_ROUNDS = (7, 8, 9, 10)
 
 # Counters per block of normal_range: 2^16 (2^18 offsets) keeps a block's temporaries (2 MiB each) in
 # the CPU's caches; 2^14 or fewer spends more on torch's per-op overhead (measured: 3.3M offsets in
@@ -136,7 +138,7 @@ RANGE_BLOCK = 1 << 16
 
 
 def normal_range(
-    seed: int, start: int, count: int, device=None, rounds: int = 10
+    seed: int, start: int, count: int, device=None, rounds: int = ROUNDS
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """z of global offsets ``start .. start + count - 1``, in order, in blocks: (first offset, z of the
     block) pairs. Equal to ``normal`` of those offsets; each Philox counter is computed once (it gives 4
@@ -203,7 +205,7 @@ class NoisePass:
         decays: Sequence[str] = (),
         rows: Optional[dict[str, tuple[int, int]]] = None,
         transposed: Sequence[str] = (),
-        rounds: int = 10,
+        rounds: int = ROUNDS,
     ) -> None:
         if rounds not in PHILOX_ROUNDS:
             raise ValueError(f"z takes Philox4x32 with {PHILOX_ROUNDS[0]} to {PHILOX_ROUNDS[-1]} rounds, got {rounds}")
